@@ -1,0 +1,102 @@
+"""Settings, validated once at start.
+
+Every setting has a default and an environment variable (MCP_AUTHZ_*); the CLI
+overrides them with flags. `Settings.from_env` refuses unsafe or malformed
+values with a ConfigError that names the variable and never echoes a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from authz_server.crypto.keys import Argon2Params
+from authz_server.errors import ConfigError
+
+_HEADER_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-type", "content-length", "x-user-id", "x-user-type", "x-user-team", "x-user-roles", "x-request-id"}
+)
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}.")
+    return host.strip("[]"), int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    store_url: str = "sqlite:///mcp-authz.db"
+    listen: str = "127.0.0.1:9001"  # gRPC: ext_authz Check and health
+    key_header: str = "x-api-key"  # custom header a gateway key may come in
+    path_keys: bool = True  # accept a key as a path segment (MCPGate URL form)
+    poll_interval: float = 0.1  # seconds between change-log polls
+    argon2: Argon2Params = field(default_factory=Argon2Params)
+    argon2_workers: int = 2  # threads for first-use verification
+    argon2_queue: int = 256  # first-use verifications waiting at most; beyond: 503 overloaded
+    negative_cache_size: int = 100_000
+    negative_cache_ttl: float = 300.0
+    last_used_flush: float = 5.0  # seconds between last_used_at writes
+    audit_queue: int = 10_000
+    signature_header: str = "x-mcp-authz-signature"
+    timestamp_header: str = "x-mcp-authz-timestamp"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        text = {
+            "store_url": "MCP_AUTHZ_STORE",
+            "listen": "MCP_AUTHZ_LISTEN",
+            "key_header": "MCP_AUTHZ_KEY_HEADER",
+            "log_level": "MCP_AUTHZ_LOG_LEVEL",
+        }
+        for name, var in text.items():
+            if env.get(var):
+                values[name] = env[var]
+        if env.get("MCP_AUTHZ_PATH_KEYS"):
+            values["path_keys"] = _bool(env["MCP_AUTHZ_PATH_KEYS"], "MCP_AUTHZ_PATH_KEYS")
+        numbers = {
+            "poll_interval": ("MCP_AUTHZ_POLL_INTERVAL", float),
+            "argon2_workers": ("MCP_AUTHZ_ARGON2_WORKERS", int),
+            "last_used_flush": ("MCP_AUTHZ_LAST_USED_FLUSH", float),
+        }
+        for name, (var, kind) in numbers.items():
+            if env.get(var):
+                try:
+                    values[name] = kind(env[var])
+                except ValueError:
+                    raise ConfigError(f"{var} must be a number, got {env[var]!r}.") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values).validated()
+
+    def validated(self) -> Settings:
+        parse_hostport(self.listen, "The listen address")
+        if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
+            raise ConfigError("The store URL must start with sqlite://, postgresql:// or memory://.")
+        header = self.key_header.lower()
+        if not _HEADER_RE.match(header) or header in _RESERVED_HEADERS or header == "authorization":
+            raise ConfigError(
+                f"The key header {self.key_header!r} is not allowed: use a lowercase custom header such as x-api-key."
+            )
+        if not 0.01 <= self.poll_interval <= 60:
+            raise ConfigError("The poll interval must be between 0.01 and 60 seconds.")
+        if not 1 <= self.argon2_workers <= 64:
+            raise ConfigError("Argon2 workers must be between 1 and 64.")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError("The log level must be DEBUG, INFO, WARNING or ERROR.")
+        return replace(self, key_header=header, log_level=self.log_level.upper())
+
+
+def _bool(text: str, var: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{var} must be true or false, got {text!r}.")

@@ -1,0 +1,1 @@
+"""All cryptography of mcp-authz: gateway keys (keys.py) and credentials at rest (cipher.py)."""

@@ -1,0 +1,116 @@
+"""Gateway keys: `mgw_` + 32 base62 characters.
+
+Layout of the 32 characters, all drawn from `secrets`:
+
+    KKKKKKK SSSSSSSSSSSSSSSSSSS CCCCCC
+    key id  secret              checksum
+    7 chars 19 chars (~113 bits) CRC32 of "mgw_" + id + secret, base62, 6 chars
+
+The key id is public: it is logged, shown in listings and used to find the
+stored Argon2id hash. The checksum lets a typo or a foreign string be refused
+before any lookup or hashing, as GitHub's tokens do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import string
+import zlib
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from authz_server.errors import Denied, Reason
+from authz_server.models import Secret
+
+PREFIX = "mgw_"
+ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
+KEY_ID_LEN = 7
+SECRET_LEN = 19
+CHECKSUM_LEN = 6
+BODY_LEN = KEY_ID_LEN + SECRET_LEN + CHECKSUM_LEN
+KEY_LEN = len(PREFIX) + BODY_LEN
+_BASE62 = frozenset(ALPHABET)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A presented key that is well-formed and whose checksum matches."""
+
+    key_id: str
+    digest: bytes  # SHA-256 of the whole key: the verified-cache and negative-cache index
+
+
+def _base62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def _checksum(head: str) -> str:
+    return _base62(zlib.crc32(head.encode("ascii")), CHECKSUM_LEN)
+
+
+def _random(n: int) -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(n))
+
+
+def generate() -> tuple[str, Secret]:
+    """A fresh key: (key id, the key). The key is shown once and never stored."""
+    key_id = _random(KEY_ID_LEN)
+    head = PREFIX + key_id + _random(SECRET_LEN)
+    return key_id, Secret(head + _checksum(head))
+
+
+def looks_like_key(text: str) -> bool:
+    """Cheap shape test, used to find a key among path segments."""
+    return len(text) == KEY_LEN and text.startswith(PREFIX)
+
+
+def parse(presented: str) -> ParsedKey:
+    """Check format and checksum without touching any store. Raises Denied."""
+    if len(presented) != KEY_LEN or not presented.startswith(PREFIX):
+        raise Denied(Reason.KEY_MALFORMED)
+    body = presented[len(PREFIX) :]
+    if not _BASE62.issuperset(body):
+        raise Denied(Reason.KEY_MALFORMED)
+    key_id = body[:KEY_ID_LEN]
+    if _checksum(presented[: -CHECKSUM_LEN]) != body[-CHECKSUM_LEN:]:
+        raise Denied(Reason.KEY_CHECKSUM, key_id=key_id)
+    return ParsedKey(key_id, hashlib.sha256(presented.encode("ascii")).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Params:
+    """Argon2id cost. Gateway keys carry 113 random bits, so the cost guards a
+    stolen database, not a guessable password: the default is OWASP's minimum
+    profile (19 MiB, t=2, p=1), cheap enough for first-use verification."""
+
+    time_cost: int = 2
+    memory_cost_kib: int = 19 * 1024
+    parallelism: int = 1
+
+
+class KeyHasher:
+    """Argon2id hashing of whole gateway keys."""
+
+    def __init__(self, params: Argon2Params = Argon2Params()) -> None:
+        self._ph = PasswordHasher(
+            time_cost=params.time_cost,
+            memory_cost=params.memory_cost_kib,
+            parallelism=params.parallelism,
+        )
+
+    def hash(self, key: Secret) -> str:
+        return self._ph.hash(key.reveal())
+
+    def verify(self, stored_hash: str, presented: str) -> bool:
+        """True when `presented` matches. A corrupt hash is a mismatch, never an exception."""
+        try:
+            return self._ph.verify(stored_hash, presented)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False

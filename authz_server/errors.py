@@ -1,0 +1,168 @@
+"""The one error tree of mcp-authz.
+
+    AuthzError                      base: every error has a `reason` and a safe `message`
+    ├── Denied                      a request refused by Check; `reason` is a `Reason`
+    │                               (status, metric label and audit event come from REASONS)
+    ├── ConfigError                 unsafe or invalid settings: the sidecar refuses to start
+    │   └── MasterKeyError          master key missing, malformed, unreadable or wrong for the store
+    ├── InvalidInput                bad arguments to a management operation (CLI or admin API)
+    ├── NotFound                    a management operation named something that does not exist
+    ├── Conflict                    it would create something that exists already
+    ├── PermissionDenied            the caller's role does not allow the operation
+    └── StoreError                  the store is unreachable, or a row cannot be read
+        └── CorruptRow              a row exists but does not decode (bad JSON, bad ciphertext)
+
+`Check` never raises: the servicer turns every `Denied` into a denial response
+through `REASONS`, and anything unexpected into `Reason.INTERNAL` (503).
+No message in this module, or built by its callers, may contain a secret.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Reason(str, enum.Enum):
+    """Why a request was refused. The value is the metric label and the audit outcome."""
+
+    KEY_MISSING = "key_missing"
+    KEY_MALFORMED = "key_malformed"
+    KEY_CHECKSUM = "key_checksum"
+    KEY_UNKNOWN = "key_unknown"
+    KEY_INVALID = "key_invalid"
+    KEY_REVOKED = "key_revoked"
+    KEY_EXPIRED = "key_expired"
+    PRINCIPAL_DISABLED = "principal_disabled"
+    TEAM_DISABLED = "team_disabled"
+    SERVER_UNMAPPED = "server_unmapped"
+    SERVER_UNKNOWN = "server_unknown"
+    SCOPE_SERVER = "scope_server"
+    SCOPE_TOOL = "scope_tool"
+    CREDENTIAL_MISSING = "credential_missing"
+    RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonInfo:
+    status: int
+    message: str
+    hint: str
+
+
+_KEY_HINT = "Send a gateway key as 'Authorization: Bearer mgw_…', in the x-api-key header, or as a path segment."
+
+REASONS: dict[Reason, ReasonInfo] = {
+    Reason.KEY_MISSING: ReasonInfo(401, "No gateway key was presented.", _KEY_HINT),
+    Reason.KEY_MALFORMED: ReasonInfo(
+        401, "The gateway key is malformed.", "A gateway key is 'mgw_' followed by 32 letters and digits."
+    ),
+    Reason.KEY_CHECKSUM: ReasonInfo(
+        401, "The gateway key's checksum does not match.", "Check the key for a typo or a truncated copy."
+    ),
+    Reason.KEY_UNKNOWN: ReasonInfo(401, "The gateway key is not recognised.", "Ask an administrator for a key."),
+    Reason.KEY_INVALID: ReasonInfo(401, "The gateway key is not recognised.", "Ask an administrator for a key."),
+    Reason.KEY_REVOKED: ReasonInfo(
+        401, "The gateway key has been revoked.", "Use the key that replaced it, or ask for a new one."
+    ),
+    Reason.KEY_EXPIRED: ReasonInfo(401, "The gateway key has expired.", "Ask for a new key."),
+    Reason.PRINCIPAL_DISABLED: ReasonInfo(
+        401, "The account that owns this key is disabled.", "Ask an administrator to enable it."
+    ),
+    Reason.TEAM_DISABLED: ReasonInfo(
+        401, "The team that owns this key is disabled.", "Ask an administrator to enable the team."
+    ),
+    Reason.SERVER_UNMAPPED: ReasonInfo(
+        403,
+        "This route is not mapped to an MCP server.",
+        "The Envoy route needs check_settings.context_extensions.mcp_server.",
+    ),
+    Reason.SERVER_UNKNOWN: ReasonInfo(
+        403, "The MCP server for this route is not registered.", "An administrator adds it with 'mcp-authz servers add'."
+    ),
+    Reason.SCOPE_SERVER: ReasonInfo(
+        403, "This gateway key is not allowed to use this MCP server.", "Use a key scoped to this server."
+    ),
+    Reason.SCOPE_TOOL: ReasonInfo(
+        403, "This gateway key is not allowed to call this tool.", "Use a key scoped to this tool."
+    ),
+    Reason.CREDENTIAL_MISSING: ReasonInfo(
+        403,
+        "This MCP server needs your own credential, and none is configured.",
+        "Add it with 'mcp-authz overrides set'.",
+    ),
+    Reason.RATE_LIMITED: ReasonInfo(429, "Too many requests for this account.", "Retry after the indicated delay."),
+    Reason.OVERLOADED: ReasonInfo(503, "The authorization service is busy.", "Retry shortly."),
+    Reason.INTERNAL: ReasonInfo(503, "The authorization service failed.", "Retry shortly; operators see the log."),
+}
+
+
+class AuthzError(Exception):
+    """Base of every mcp-authz error. `message` is safe to show to any caller."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Denied(AuthzError):
+    """A request refused by the decision pipeline.
+
+    `message` and `hint` default to the REASONS entry; a stage may give more
+    specific ones (naming the server, say), never containing a secret.
+    `key_id` is set once a key id could be parsed, for the audit trail.
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str | None = None,
+        *,
+        hint: str | None = None,
+        key_id: str = "",
+        retry_after: int | None = None,
+    ) -> None:
+        info = REASONS[reason]
+        super().__init__(message or info.message)
+        self.reason = reason.value
+        self.code = reason
+        self.status = info.status
+        self.hint = hint or info.hint
+        self.key_id = key_id
+        self.retry_after = retry_after
+
+
+class ConfigError(AuthzError):
+    reason = "config"
+
+
+class MasterKeyError(ConfigError):
+    reason = "master_key"
+
+
+class InvalidInput(AuthzError):
+    reason = "invalid_input"
+
+
+class NotFound(AuthzError):
+    reason = "not_found"
+
+
+class Conflict(AuthzError):
+    reason = "conflict"
+
+
+class PermissionDenied(AuthzError):
+    reason = "permission_denied"
+
+
+class StoreError(AuthzError):
+    reason = "store"
+
+
+class CorruptRow(StoreError):
+    reason = "corrupt_row"

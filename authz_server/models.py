@@ -1,0 +1,218 @@
+"""Plain domain records shared by the store, the pipeline and the admin layer.
+
+Everything here is a frozen dataclass with no I/O and no protobuf. Stored
+secrets travel as `Sealed` ciphertext; decrypted values are wrapped in
+`Secret` so that a stray repr or log line never shows them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+"""Names of teams, principals and servers: lowercase, URL- and header-safe."""
+
+PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Z][A-Z0-9_]*)\s*\}\}")
+"""`{{API_KEY}}` in a header template."""
+
+
+class Role(str, enum.Enum):
+    ADMIN = "admin"
+    MANAGER = "manager"
+    USER = "user"
+
+
+class PrincipalKind(str, enum.Enum):
+    USER = "user"
+    SERVICE = "service"  # a virtual account: an app or an automation
+
+
+class AuthMode(str, enum.Enum):
+    NONE = "none"
+    SHARED = "shared"
+    INDIVIDUAL = "individual"
+
+
+class OverrideStatus(str, enum.Enum):
+    CONFIGURED = "configured"
+    MISSING = "missing"
+    INVALID = "invalid"
+    EXPIRED = "expired"
+
+
+class Secret:
+    """A secret string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def masked(self) -> str:
+        """`ghp_…9xQa`: enough to recognise a value, never enough to use it."""
+        return mask(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def mask(value: str) -> str:
+    """Show at most the first 4 and last 4 characters, and only of long values."""
+    if len(value) >= 16:
+        return f"{value[:4]}…{value[-4:]}"
+    if len(value) >= 8:
+        return f"…{value[-2:]}"
+    return "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """An AES-256-GCM ciphertext as stored: master key version, nonce and ciphertext+tag."""
+
+    key_version: int
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    disabled: bool = False
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    id: str
+    name: str
+    kind: PrincipalKind
+    team: str
+    roles: tuple[Role, ...]
+    disabled: bool = False
+    rate_limit_per_minute: int | None = None  # None: no per-principal limit
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderTemplate:
+    """One upstream header, e.g. name='Authorization', template='Bearer {{API_KEY}}'."""
+
+    name: str
+    template: str
+
+    def placeholders(self) -> tuple[str, ...]:
+        return tuple(PLACEHOLDER_RE.findall(self.template))
+
+
+@dataclass(frozen=True, slots=True)
+class Placeholder:
+    name: str
+    required: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class McpServer:
+    name: str
+    mode: AuthMode
+    headers: tuple[HeaderTemplate, ...] = ()
+    placeholders: tuple[Placeholder, ...] = ()
+    shared_values: dict[str, Sealed] = field(default_factory=dict)
+    # Masks are computed when a value is set, so listings never decrypt anything.
+    shared_masks: dict[str, str] = field(default_factory=dict)
+    signing_secret: Sealed | None = None
+    description: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKey:
+    """A stored gateway key: never the key itself, only its id and Argon2id hash."""
+
+    key_id: str
+    principal_id: str
+    hash: str
+    label: str = ""
+    created_at: datetime | None = None
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    # The key stops working at revoked_at; a time in the future is a grace period.
+    revoked_at: datetime | None = None
+    # Empty: every server. Otherwise entries "server" or "server:tool".
+    scope: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A principal's own values for a server's placeholders."""
+
+    principal_id: str
+    server: str
+    values: dict[str, Sealed]
+    masks: dict[str, str]  # placeholder -> mask(value), computed when set
+    updated_by: str  # principal id of whoever set it, or "cli" for a local operator
+    updated_at: datetime
+    status: OverrideStatus = OverrideStatus.CONFIGURED
+    status_reason: str = ""
+    status_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class Entity(str, enum.Enum):
+    """What a change-log row names; entity_key identifies the row."""
+
+    TEAM = "team"  # key: team name
+    PRINCIPAL = "principal"  # key: principal id
+    SERVER = "server"  # key: server name
+    KEY = "key"  # key: key id
+    OVERRIDE = "override"  # key: "<principal id>/<server name>"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    seq: int
+    entity: Entity
+    entity_key: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: datetime
+    actor: str  # principal id, "cli" for local operator commands, or "-" when unknown
+    action: str  # e.g. "keys.revoke", "authn.failure"
+    target: str
+    outcome: str  # "ok", "denied", "error", or a denial reason
+    request_id: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every row the sidecar needs in memory, as of change-log sequence `seq`."""
+
+    seq: int
+    teams: tuple[Team, ...]
+    principals: tuple[Principal, ...]
+    servers: tuple[McpServer, ...]
+    keys: tuple[GatewayKey, ...]
+    overrides: tuple[Override, ...]
+
+
+def override_key(principal_id: str, server: str) -> str:
+    return f"{principal_id}/{server}"
