@@ -40,6 +40,7 @@ class Reason(str, enum.Enum):
     SCOPE_SERVER = "scope_server"
     SCOPE_TOOL = "scope_tool"
     CREDENTIAL_MISSING = "credential_missing"
+    CREDENTIAL_UNREADABLE = "credential_unreadable"
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
@@ -93,6 +94,11 @@ REASONS: dict[Reason, ReasonInfo] = {
         "This MCP server needs your own credential, and none is configured.",
         "Add it with 'mcp-authz overrides set'.",
     ),
+    Reason.CREDENTIAL_UNREADABLE: ReasonInfo(
+        503,
+        "A stored credential for this MCP server could not be decrypted.",
+        "An operator must check the master key or set the credential again.",
+    ),
     Reason.RATE_LIMITED: ReasonInfo(429, "Too many requests for this account.", "Retry after the indicated delay."),
     Reason.OVERLOADED: ReasonInfo(503, "The authorization service is busy.", "Retry shortly."),
     Reason.INTERNAL: ReasonInfo(503, "The authorization service failed.", "Retry shortly; operators see the log."),
@@ -134,6 +140,9 @@ class Denied(AuthzError):
         self.hint = hint or info.hint
         self.key_id = key_id
         self.retry_after = retry_after
+        # Filled in by the pipeline once known, for metrics and the audit trail.
+        self.principal_id = ""
+        self.server = ""
 
 
 class ConfigError(AuthzError):

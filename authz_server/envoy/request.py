@@ -1,0 +1,42 @@
+"""CheckRequest -> CheckInput. The only place that reads Envoy's request protobuf."""
+
+from __future__ import annotations
+
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+from authz_server.pipeline.types import CheckInput
+
+MCP_FILTER_NAMESPACE = "envoy.filters.http.mcp"
+
+
+def to_input(request: CheckRequest) -> CheckInput:
+    attrs = request.attributes
+    http = attrs.request.http
+    mcp_method, tool = "", ""
+    filter_metadata = attrs.metadata_context.filter_metadata
+    if MCP_FILTER_NAMESPACE in filter_metadata:
+        mcp_method, tool = _mcp_fields(filter_metadata[MCP_FILTER_NAMESPACE])
+    return CheckInput(
+        method=http.method,
+        path=http.path,
+        headers=http.headers,  # a read-only protobuf map with lowercase keys; not copied
+        context_extensions=attrs.context_extensions,
+        request_id=http.id,
+        source_ip=attrs.source.address.socket_address.address,
+        mcp_method=mcp_method,
+        tool=tool,
+    )
+
+
+def _mcp_fields(struct: object) -> tuple[str, str]:
+    """`method` and `params.name` from the MCP filter's metadata, when present."""
+    fields = struct.fields  # type: ignore[attr-defined]
+    method = fields["method"].string_value if "method" in fields else ""
+    tool = ""
+    if "params" in fields:
+        params = fields["params"].struct_value.fields
+        if "name" in params:
+            tool = params["name"].string_value
+    elif "params.name" in fields:
+        tool = fields["params.name"].string_value
+    return method, tool

@@ -1,0 +1,73 @@
+"""Decision / Denied -> CheckResponse. The only place that builds Envoy's response protobuf.
+
+Every header carries `append_action: OVERWRITE_IF_EXISTS_OR_ADD`: since Envoy
+1.37 a header without it may be appended, which would let a client-sent value
+survive next to ours.
+"""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse, DeniedHttpResponse, OkHttpResponse
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+from google.rpc import code_pb2, status_pb2
+
+from authz_server.errors import Denied
+from authz_server.pipeline.types import Decision
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_RPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 429: code_pb2.RESOURCE_EXHAUSTED}
+_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+METADATA_NAMESPACE = "mcp_authz"  # dynamic metadata lands under this filter namespace in the access log
+
+
+def _header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+def _metadata(values: dict[str, str]) -> Struct:
+    struct = Struct()
+    struct.update(values)
+    return struct
+
+
+def allow(decision: Decision) -> CheckResponse:
+    return CheckResponse(
+        status=_OK_STATUS,
+        ok_response=OkHttpResponse(
+            headers=[_header(n, v) for n, v in decision.headers_to_set],
+            headers_to_remove=decision.headers_to_remove,
+        ),
+        dynamic_metadata=_metadata(dict(decision.metadata)),
+    )
+
+
+def deny(denied: Denied, request_id: str, server: str = "") -> CheckResponse:
+    """A JSON denial an MCP client can act on. Nothing in it comes from the request but the request id."""
+    body = {"error": denied.reason, "message": denied.message, "hint": denied.hint, "request_id": request_id}
+    headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
+    if denied.status == 401:
+        challenge = 'Bearer realm="mcp-authz"'
+        if denied.reason != "key_missing":
+            challenge += f', error="invalid_token", error_description="{denied.message}"'
+        headers.append(_header("www-authenticate", challenge))
+    if denied.retry_after is not None:
+        headers.append(_header("retry-after", str(denied.retry_after)))
+    return CheckResponse(
+        status=status_pb2.Status(code=_RPC_CODE.get(denied.status, code_pb2.UNAVAILABLE), message=denied.reason),
+        denied_response=DeniedHttpResponse(
+            status=HttpStatus(code=denied.status), headers=headers, body=json.dumps(body)
+        ),
+        dynamic_metadata=_metadata(
+            {
+                "principal_id": denied.principal_id,
+                "key_id": denied.key_id,
+                "server": denied.server or server,
+                "decision": "deny",
+                "reason": denied.reason,
+            }
+        ),
+    )

@@ -1,0 +1,42 @@
+"""Write-behind of per-key usage: `last_used_at` is recorded on the request path
+in memory only, and flushed to the store every few seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from authz_server.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class LastUsed:
+    def __init__(self, store: Store, interval: float) -> None:
+        self._store = store
+        self._interval = interval
+        self._pending: dict[str, float] = {}
+
+    def mark(self, key_id: str, now: float) -> None:
+        self._pending[key_id] = now
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                await self.flush()
+        except asyncio.CancelledError:
+            await self.flush()
+            raise
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        try:
+            await self._store.touch_keys({k: datetime.fromtimestamp(t, UTC) for k, t in pending.items()})
+        except Exception as exc:  # noqa: BLE001 - retried on the next flush
+            for key_id, t in pending.items():
+                self._pending.setdefault(key_id, t)
+            log.warning("last_used_at flush failed", extra={"error": type(exc).__name__})

@@ -1,0 +1,187 @@
+"""Stage 1: find the gateway key in the request and authenticate its owner.
+
+Costs, cheapest first, so garbage never reaches Argon2:
+  format and CRC32 checksum  -> 401 key_malformed / key_checksum
+  key id lookup (a dict)      -> 401 key_unknown, key_revoked, key_expired
+  verified-key cache          -> hit: done, no hashing
+  negative cache              -> 401 key_invalid, no hashing
+  Argon2id in a bounded pool, single-flight per presented key; beyond the
+  queue bound -> 503 overloaded, so a flood cannot pile up work.
+Principal and team checks come after, against the live in-memory state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from authz_server.crypto import keys
+from authz_server.crypto.keys import KeyHasher, ParsedKey
+from authz_server.errors import Denied, Reason
+from authz_server.pipeline.types import CheckInput, Identity, PresentedKey
+from authz_server.state import AuthState, KeyEntry
+
+_BEARER = "bearer "
+
+
+class KeyExtractor:
+    """Finds the key: `Authorization: Bearer`, then the custom header, then a path segment."""
+
+    def __init__(self, key_header: str, path_keys: bool) -> None:
+        self.key_header = key_header
+        self.path_keys = path_keys
+
+    def extract(self, inp: CheckInput) -> PresentedKey:
+        # A key-shaped path segment is stripped whichever key is used, so a client
+        # that sends its key twice never leaks the path copy upstream.
+        path_key, stripped = _key_from_path(inp.path) if self.path_keys and keys.PREFIX in inp.path else ("", None)
+        auth = inp.headers.get("authorization", "")
+        bearer_value = auth[len(_BEARER) :].strip() if auth[: len(_BEARER)].lower() == _BEARER else ""
+        if bearer_value.startswith(keys.PREFIX):
+            return PresentedKey(bearer_value, "bearer", stripped)
+        custom = inp.headers.get(self.key_header, "").strip()
+        if custom:
+            return PresentedKey(custom, "header", stripped)
+        if path_key:
+            return PresentedKey(path_key, "path", stripped)
+        if bearer_value:
+            # A bearer token that is not a gateway key: say so, rather than "missing".
+            raise Denied(Reason.KEY_MALFORMED)
+        raise Denied(Reason.KEY_MISSING)
+
+
+def _key_from_path(path: str) -> tuple[str, str | None]:
+    """`/mcp/github/mgw_…/x?q` -> (key, `/mcp/github/x?q`). Only the first such segment is the key,
+    but every key-shaped segment is removed."""
+    raw_path, sep, query = path.partition("?")
+    segments = raw_path.split("/")
+    found = [s for s in segments if s.startswith(keys.PREFIX)]
+    if not found:
+        return "", None
+    rest = "/".join(s for s in segments if not s.startswith(keys.PREFIX)) or "/"
+    return found[0], rest + sep + query
+
+
+class NegativeCache:
+    """Digests of presented keys that failed Argon2, each remembered for `ttl` seconds (LRU-bounded)."""
+
+    def __init__(self, max_size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._max = max_size
+        self._ttl = ttl
+        self._clock = clock
+
+    def __contains__(self, digest: bytes) -> bool:
+        expires = self._entries.get(digest)
+        if expires is None:
+            return False
+        if expires < self._clock():
+            del self._entries[digest]
+            return False
+        return True
+
+    def add(self, digest: bytes) -> None:
+        self._entries[digest] = self._clock() + self._ttl
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Authenticate(Protocol):
+    async def authenticate(self, presented: PresentedKey) -> Identity:
+        """Return the caller's identity, or raise Denied (401, or 503 when overloaded)."""
+
+
+class Authenticator:
+    """The one authenticator, used by Check and by the admin API."""
+
+    def __init__(
+        self,
+        state: AuthState,
+        hasher: KeyHasher,
+        *,
+        workers: int,
+        queue_limit: int,
+        negative: NegativeCache,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._hasher = hasher
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
+        self._queue_limit = queue_limit
+        self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+        self.negative = negative
+        self._clock = clock
+        # Read by the metrics collector; plain ints, bumped on the event loop only.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.negative_hits = 0
+        self.argon2_runs = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def authenticate(self, presented: PresentedKey) -> Identity:
+        parsed = keys.parse(presented.key)
+        entry = self._usable_entry(parsed.key_id)
+        if entry.verified_digest == parsed.digest:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+            await self._verify(entry, parsed, presented.key)
+            entry = self._usable_entry(parsed.key_id)  # it may have been revoked meanwhile
+            if entry.verified_digest != parsed.digest:
+                raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+        principal = self._state.principals.get(entry.principal_id)
+        if principal is None:
+            raise Denied(Reason.KEY_UNKNOWN, key_id=entry.key_id)
+        if principal.disabled:
+            raise Denied(Reason.PRINCIPAL_DISABLED, key_id=entry.key_id)
+        team = self._state.teams.get(principal.team)
+        if team is not None and team.disabled:
+            raise Denied(Reason.TEAM_DISABLED, key_id=entry.key_id)
+        return Identity(principal, entry.key_id, entry.scope, presented)
+
+    def _usable_entry(self, key_id: str) -> KeyEntry:
+        entry = self._state.keys.get(key_id)
+        if entry is None:
+            raise Denied(Reason.KEY_UNKNOWN, key_id=key_id)
+        now = self._clock()
+        if entry.revoked_at is not None and entry.revoked_at <= now:
+            raise Denied(Reason.KEY_REVOKED, key_id=key_id)
+        if entry.expires_at is not None and entry.expires_at <= now:
+            raise Denied(Reason.KEY_EXPIRED, key_id=key_id)
+        return entry
+
+    async def _verify(self, entry: KeyEntry, parsed: ParsedKey, presented: str) -> None:
+        digest = parsed.digest
+        if digest in self.negative:
+            self.negative_hits += 1
+            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+        future = self._inflight.get(digest)
+        if future is None:
+            if len(self._inflight) >= self._queue_limit:
+                raise Denied(Reason.OVERLOADED, key_id=parsed.key_id)
+            self.argon2_runs += 1
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._pool, self._hasher.verify, entry.hash, presented)
+            self._inflight[digest] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(digest, None))
+        ok = await asyncio.shield(future)
+        if not ok:
+            self.negative.add(digest)
+            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+        current = self._state.keys.get(entry.key_id)
+        if current is not None and current.hash == entry.hash:
+            current.verified_digest = digest

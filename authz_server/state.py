@@ -1,0 +1,220 @@
+"""The sidecar's in-memory view of the store, and the follower that keeps it current.
+
+`Check` reads only `AuthState`: plain dicts, decrypted credentials, times as
+epoch floats. `StateFollower` loads a snapshot at start, then applies the
+change log: for each changed entity it re-reads that one row and replaces the
+entry. Everything runs on the event loop, so readers never see a half-applied
+entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
+from authz_server.errors import AuthzError
+from authz_server.models import (
+    AuthMode,
+    Change,
+    Entity,
+    GatewayKey,
+    HeaderTemplate,
+    McpServer,
+    Override,
+    OverrideStatus,
+    Principal,
+    Secret,
+    Snapshot,
+    Team,
+)
+from authz_server.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+@dataclass(slots=True)
+class KeyEntry:
+    """A gateway key as Check needs it. `verified_digest` is the verified-key cache:
+    the SHA-256 of the presented key that last passed Argon2 for this key id."""
+
+    key_id: str
+    principal_id: str
+    hash: str
+    expires_at: float | None
+    revoked_at: float | None
+    scope: tuple[str, ...]
+    verified_digest: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    name: str
+    mode: AuthMode
+    headers: tuple[HeaderTemplate, ...]
+    optional: frozenset[str]
+    shared: dict[str, Secret]
+    signing_secret: bytes
+    corrupt: bool = False  # a sealed value did not open: deny with 503 rather than inject less
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideEntry:
+    values: dict[str, Secret]
+    expires_at: float | None
+    corrupt: bool = False
+
+
+@dataclass(slots=True)
+class AuthState:
+    seq: int = 0
+    loaded: bool = False
+    teams: dict[str, Team] = field(default_factory=dict)
+    principals: dict[str, Principal] = field(default_factory=dict)
+    servers: dict[str, ServerEntry] = field(default_factory=dict)
+    keys: dict[str, KeyEntry] = field(default_factory=dict)
+    overrides: dict[tuple[str, str], OverrideEntry] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "teams": len(self.teams),
+            "principals": len(self.principals),
+            "servers": len(self.servers),
+            "keys": len(self.keys),
+            "overrides": len(self.overrides),
+        }
+
+
+class StateFollower:
+    """Loads the store into an AuthState and follows its change log."""
+
+    def __init__(self, store: Store, keyring: Keyring, state: AuthState, poll_interval: float) -> None:
+        self._store = store
+        self._keyring = keyring
+        self.state = state
+        self._poll = poll_interval
+        self.last_error: str = ""
+        self.last_success: float = 0.0
+
+    async def load(self) -> None:
+        snap: Snapshot = await self._store.snapshot()
+        st = self.state
+        st.teams = {t.name: t for t in snap.teams}
+        st.principals = {p.id: p for p in snap.principals}
+        st.servers = {s.name: self._server_entry(s) for s in snap.servers}
+        st.keys = {k.key_id: _key_entry(k) for k in snap.keys}
+        st.overrides = {(o.principal_id, o.server): self._override_entry(o) for o in snap.overrides}
+        st.seq = snap.seq
+        st.loaded = True
+        self.last_success = asyncio.get_running_loop().time()
+        log.info("state loaded", extra={"seq": snap.seq, **st.counts()})
+
+    async def run(self) -> None:
+        """Apply changes until cancelled. A store outage is logged and retried;
+        Check keeps answering from memory meanwhile."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self.poll_once()
+                self.last_success = loop.time()
+                if self.last_error:
+                    log.info("store reachable again")
+                    self.last_error = ""
+                await self._store.wait_for_changes(self._poll)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any store failure is retried
+                message = exc.message if isinstance(exc, AuthzError) else type(exc).__name__
+                if message != self.last_error:
+                    log.warning("change log poll failed; serving from memory", extra={"error": message})
+                self.last_error = message
+                await asyncio.sleep(min(1.0, self._poll * 5))
+
+    async def poll_once(self) -> int:
+        """Apply every pending change; return how many were read."""
+        total = 0
+        while True:
+            changes = await self._store.changes_since(self.state.seq)
+            if not changes:
+                return total
+            # The log names entities; re-read each changed one once, at its newest state.
+            latest: dict[tuple[Entity, str], Change] = {(c.entity, c.entity_key): c for c in changes}
+            for change in latest.values():
+                await self._apply(change)
+            self.state.seq = changes[-1].seq
+            total += len(changes)
+
+    async def _apply(self, change: Change) -> None:
+        st, store, key = self.state, self._store, change.entity_key
+        if change.entity is Entity.TEAM:
+            team = await store.get_team(key)
+            _put(st.teams, key, team)
+        elif change.entity is Entity.PRINCIPAL:
+            _put(st.principals, key, await store.get_principal(key))
+        elif change.entity is Entity.SERVER:
+            server = await store.get_server(key)
+            _put(st.servers, key, self._server_entry(server) if server else None)
+        elif change.entity is Entity.KEY:
+            record = await store.get_key(key)
+            if record is None:
+                st.keys.pop(key, None)
+                return
+            entry = _key_entry(record)
+            old = st.keys.get(key)
+            if old is not None and old.hash == entry.hash:
+                entry.verified_digest = old.verified_digest  # same secret: keep it verified
+            st.keys[key] = entry
+        elif change.entity is Entity.OVERRIDE:
+            principal_id, _, server_name = key.partition("/")
+            override = await store.get_override(principal_id, server_name)
+            _put(st.overrides, (principal_id, server_name), self._override_entry(override) if override else None)
+
+    def _server_entry(self, server: McpServer) -> ServerEntry:
+        shared: dict[str, Secret] = {}
+        corrupt = False
+        try:
+            for name, sealed in server.shared_values.items():
+                shared[name] = self._keyring.open(sealed, aad_shared(server.name, name))
+            signing = (
+                self._keyring.open(server.signing_secret, aad_signing(server.name)).reveal().encode()
+                if server.signing_secret
+                else b""
+            )
+        except AuthzError as exc:
+            log.error("server credentials unreadable", extra={"server": server.name, "error": exc.message})
+            corrupt, signing = True, b""
+        optional = frozenset(p.name for p in server.placeholders if not p.required)
+        return ServerEntry(server.name, server.mode, server.headers, optional, shared, signing, corrupt)
+
+    def _override_entry(self, override: Override) -> OverrideEntry:
+        values: dict[str, Secret] = {}
+        try:
+            for name, sealed in override.values.items():
+                values[name] = self._keyring.open(sealed, aad_override(override.server, override.principal_id, name))
+        except AuthzError as exc:
+            log.error(
+                "override unreadable",
+                extra={"server": override.server, "principal": override.principal_id, "error": exc.message},
+            )
+            return OverrideEntry({}, None, corrupt=True)
+        expires = _ts(override.expires_at)
+        if override.status is OverrideStatus.EXPIRED and expires is None:
+            expires = 0.0
+        return OverrideEntry(values, expires)
+
+
+def _key_entry(k: GatewayKey) -> KeyEntry:
+    return KeyEntry(k.key_id, k.principal_id, k.hash, _ts(k.expires_at), _ts(k.revoked_at), k.scope)
+
+
+def _put(table: dict, key: object, value: object | None) -> None:  # type: ignore[type-arg]
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value

@@ -1,0 +1,158 @@
+"""Argon2id only on first use: verified cache, single-flight, negative cache, bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from authz_server.crypto import keys
+from authz_server.errors import Denied
+from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
+from authz_server.pipeline.types import PresentedKey
+
+from .world import World
+
+
+class CountingHasher(keys.KeyHasher):
+    """A real Argon2 hasher that counts verifications and can be slowed down."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(keys.Argon2Params(time_cost=1, memory_cost_kib=8, parallelism=1))
+        self.calls = 0
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def verify(self, stored_hash: str, presented: str) -> bool:
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        return super().verify(stored_hash, presented)
+
+
+def _setup(delay: float = 0.0, queue_limit: int = 64) -> tuple[World, CountingHasher, Authenticator, str]:
+    w = World()
+    hasher = CountingHasher(delay)
+    w.hasher = hasher
+    key = w.key(w.principal("alice"))
+    authn = Authenticator(w.state, hasher, workers=2, queue_limit=queue_limit, negative=NegativeCache(100, 60))
+    return w, hasher, authn, key
+
+
+def _p(key: str) -> PresentedKey:
+    return PresentedKey(key, "bearer")
+
+
+async def test_argon2_runs_once_then_cache_hits() -> None:
+    _, hasher, authn, key = _setup()
+    for _ in range(5):
+        identity = await authn.authenticate(_p(key))
+        assert identity.principal.name == "alice"
+    assert hasher.calls == 1
+    assert (authn.cache_misses, authn.cache_hits) == (1, 4)
+
+
+async def test_single_flight_for_concurrent_first_use() -> None:
+    _, hasher, authn, key = _setup(delay=0.05)
+    results = await asyncio.gather(*(authn.authenticate(_p(key)) for _ in range(20)))
+    assert {r.key_id for r in results} == {key[4:11]}
+    assert hasher.calls == 1
+
+
+async def test_wrong_secret_is_negatively_cached() -> None:
+    w, hasher, authn, key = _setup()
+    other = keys.generate()[1].reveal()
+    head = key[:11] + other[11:30]
+    wrong = head + keys._checksum(head)
+    for _ in range(3):
+        with pytest.raises(Denied) as exc:
+            await authn.authenticate(_p(wrong))
+        assert exc.value.reason == "key_invalid"
+    assert hasher.calls == 1 and authn.negative_hits == 2
+    # The real key still works, and a wrong guess never poisons it.
+    await authn.authenticate(_p(key))
+
+
+async def test_garbage_never_reaches_argon2() -> None:
+    _, hasher, authn, key = _setup()
+    garbage = ["mgw_" + "x" * 32, key[:-1] + ("0" if key[-1] != "0" else "1"), keys.generate()[1].reveal(), "", "mgw_"]
+    for g in garbage * 50:
+        with pytest.raises(Denied) as exc:
+            await authn.authenticate(_p(g))
+        assert exc.value.status == 401
+    assert hasher.calls == 0
+
+
+async def test_queue_bound_answers_overloaded_and_valid_cached_keys_still_pass() -> None:
+    w, hasher, authn, key = _setup(delay=0.2, queue_limit=2)
+    await authn.authenticate(_p(key))  # warm
+    newcomers = [w.key(w.principal(f"n{i}")) for i in range(4)]
+    tasks = [asyncio.create_task(authn.authenticate(_p(k))) for k in newcomers]
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert (await authn.authenticate(_p(key))).principal.name == "alice"  # not stuck behind Argon2
+    assert time.monotonic() - started < 0.1
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    overloaded = [o for o in outcomes if isinstance(o, Denied) and o.reason == "overloaded"]
+    assert len(overloaded) == 2 and all(o.status == 503 for o in overloaded)
+
+
+async def test_revocation_evicts_a_cached_key() -> None:
+    w, _, authn, key = _setup()
+    await authn.authenticate(_p(key))
+    entry = w.state.keys[key[4:11]]
+    w.state.keys[entry.key_id] = replace(entry, revoked_at=time.time() - 1, verified_digest=None)
+    with pytest.raises(Denied) as exc:
+        await authn.authenticate(_p(key))
+    assert exc.value.reason == "key_revoked"
+
+
+async def test_disabled_principal_is_refused_even_when_cached() -> None:
+    w, _, authn, key = _setup()
+    await authn.authenticate(_p(key))
+    alice = w.state.principals["p_alice"]
+    w.state.principals[alice.id] = replace(alice, disabled=True)
+    with pytest.raises(Denied) as exc:
+        await authn.authenticate(_p(key))
+    assert exc.value.reason == "principal_disabled"
+
+
+def test_negative_cache_expires_and_is_bounded() -> None:
+    now = [0.0]
+    cache = NegativeCache(max_size=3, ttl=10, clock=lambda: now[0])
+    for d in (b"a", b"b", b"c", b"d"):
+        cache.add(d)
+    assert len(cache) == 3 and b"a" not in cache and b"d" in cache
+    now[0] = 11
+    assert b"d" not in cache
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "source"),
+    [
+        ({"authorization": "Bearer K"}, "/mcp/x", "bearer"),
+        ({"authorization": "bearer K"}, "/mcp/x", "bearer"),
+        ({"x-api-key": "K"}, "/mcp/x", "header"),
+        ({}, "/mcp/x/K", "path"),
+        ({}, "/mcp/x/K?a=b", "path"),
+    ],
+)
+def test_extractor_sources(headers: dict[str, str], path: str, source: str) -> None:
+    from .world import request
+
+    key = keys.generate()[1].reveal()
+    h = {k: v.replace("K", key) for k, v in headers.items()}
+    presented = KeyExtractor("x-api-key", path_keys=True).extract(request(headers=h, path=path.replace("K", key)))
+    assert presented.key == key and presented.source == source
+
+
+def test_path_keys_can_be_turned_off() -> None:
+    from .world import request
+
+    key = keys.generate()[1].reveal()
+    with pytest.raises(Denied) as exc:
+        KeyExtractor("x-api-key", path_keys=False).extract(request(path=f"/mcp/x/{key}"))
+    assert exc.value.reason == "key_missing"

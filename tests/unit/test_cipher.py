@@ -1,0 +1,116 @@
+"""AES-256-GCM keyring: round trip, wrong key, tampering, row swapping, versions, key files."""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import replace
+
+import pytest
+
+from authz_server.crypto import cipher
+from authz_server.crypto.cipher import Keyring, aad_override, aad_shared
+from authz_server.errors import CorruptRow, MasterKeyError
+
+
+@pytest.fixture
+def ring() -> Keyring:
+    return Keyring.from_spec(Keyring.generate_spec())
+
+
+def test_round_trip_and_fresh_nonce(ring: Keyring) -> None:
+    aad = aad_override("github", "p_alice", "API_KEY")
+    a = ring.seal("ghp_secret_value", aad)
+    b = ring.seal("ghp_secret_value", aad)
+    assert a.nonce != b.nonce and len(a.nonce) == 12
+    assert a.ciphertext != b.ciphertext
+    assert b"ghp_secret_value" not in a.ciphertext
+    assert ring.open(a, aad).reveal() == "ghp_secret_value"
+
+
+def test_wrong_master_key_does_not_open(ring: Keyring) -> None:
+    aad = aad_shared("github", "API_KEY")
+    sealed = ring.seal("v", aad)
+    other = Keyring.from_spec(Keyring.generate_spec())
+    with pytest.raises(CorruptRow):
+        other.open(sealed, aad)
+
+
+def test_tampered_ciphertext_does_not_open(ring: Keyring) -> None:
+    aad = aad_shared("github", "API_KEY")
+    sealed = ring.seal("value", aad)
+    flipped = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    with pytest.raises(CorruptRow):
+        ring.open(replace(sealed, ciphertext=flipped), aad)
+    with pytest.raises(CorruptRow):
+        ring.open(replace(sealed, nonce=bytes(12)), aad)
+
+
+@pytest.mark.parametrize(
+    "other_aad",
+    [
+        aad_override("github", "p_bob", "API_KEY"),  # another principal's row
+        aad_override("linear", "p_alice", "API_KEY"),  # another server
+        aad_override("github", "p_alice", "CLIENT_ID"),  # another field
+        aad_shared("github", "API_KEY"),  # the shared default of the same server
+    ],
+)
+def test_ciphertext_swapped_between_rows_does_not_open(ring: Keyring, other_aad: bytes) -> None:
+    sealed = ring.seal("alice-token", aad_override("github", "p_alice", "API_KEY"))
+    with pytest.raises(CorruptRow) as exc:
+        ring.open(sealed, other_aad)
+    assert "alice-token" not in exc.value.message
+
+
+def test_versions_rotate() -> None:
+    old_spec = Keyring.generate_spec(1)
+    new_spec = Keyring.generate_spec(2)
+    old = Keyring.from_spec(old_spec)
+    both = Keyring.from_spec(f"{new_spec},{old_spec}")
+    aad = aad_shared("s", "F")
+    sealed_old = old.seal("x", aad)
+    assert both.active == 2
+    assert both.open(sealed_old, aad).reveal() == "x"
+    assert both.seal("y", aad).key_version == 2
+    with pytest.raises(MasterKeyError, match="version 2"):
+        old.open(both.seal("y", aad), aad)
+
+
+def test_check_values_detect_wrong_key(ring: Keyring) -> None:
+    checks = ring.check_values()
+    ring.verify_check(checks)
+    with pytest.raises(MasterKeyError, match="does not match"):
+        Keyring.from_spec(Keyring.generate_spec()).verify_check(checks)
+    with pytest.raises(MasterKeyError):
+        Keyring.from_spec(Keyring.generate_spec(7)).verify_check(checks)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "not base64!!", base64.b64encode(b"short").decode(), "0:" + base64.b64encode(bytes(32)).decode(), "x:abc"],
+)
+def test_malformed_specs_are_refused_without_echo(spec: str) -> None:
+    with pytest.raises(MasterKeyError) as exc:
+        Keyring.from_spec(spec)
+    if spec:
+        assert spec not in exc.value.message
+
+
+def test_load_from_env_and_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = Keyring.generate_spec()
+    assert cipher.load_keyring({cipher.ENV_KEY: spec}).active == 1
+    path = tmp_path / "master.key"
+    cipher.write_key_file(path, spec)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert cipher.load_keyring({cipher.ENV_KEY_FILE: str(path)}).active == 1
+    with pytest.raises(FileExistsError):
+        cipher.write_key_file(path, spec)
+    os.chmod(path, 0o644)
+    with pytest.raises(MasterKeyError, match="chmod 600"):
+        cipher.load_keyring({cipher.ENV_KEY_FILE: str(path)})
+    with pytest.raises(MasterKeyError, match="No master key"):
+        cipher.load_keyring({})
+    with pytest.raises(MasterKeyError, match="Cannot read"):
+        cipher.load_keyring({cipher.ENV_KEY_FILE: str(tmp_path / "missing")})
+    with pytest.raises(MasterKeyError, match="only one"):
+        cipher.load_keyring({cipher.ENV_KEY: spec, cipher.ENV_KEY_FILE: str(path)})
