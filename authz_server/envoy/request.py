@@ -21,7 +21,8 @@ def to_input(request: CheckRequest) -> CheckInput:
         path=http.path,
         headers=http.headers,  # a read-only protobuf map with lowercase keys; not copied
         context_extensions=attrs.context_extensions,
-        request_id=http.id,
+        # http.id is Envoy's internal stream id; the upstream sees x-request-id, so that is the id we sign and log.
+        request_id=http.headers.get("x-request-id", ""),
         source_ip=attrs.source.address.socket_address.address,
         mcp_method=mcp_method,
         tool=tool,

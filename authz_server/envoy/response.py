@@ -45,9 +45,22 @@ def allow(decision: Decision) -> CheckResponse:
     )
 
 
+# JSON-RPC server-error codes for denials, so MCP clients (which only surface JSON-RPC
+# errors from a failed HTTP response) show the message instead of a generic failure.
+RPC_ERROR_CODE = {401: -32001, 403: -32003, 429: -32029, 503: -32053}
+
+
 def deny(denied: Denied, request_id: str, server: str = "") -> CheckResponse:
-    """A JSON denial an MCP client can act on. Nothing in it comes from the request but the request id."""
-    body = {"error": denied.reason, "message": denied.message, "hint": denied.hint, "request_id": request_id}
+    """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id."""
+    body = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": RPC_ERROR_CODE[denied.status],
+            "message": denied.message,
+            "data": {"reason": denied.reason, "status": denied.status, "hint": denied.hint, "request_id": request_id},
+        },
+    }
     headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
     if denied.status == 401:
         challenge = 'Bearer realm="mcp-authz"'

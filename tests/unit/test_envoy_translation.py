@@ -1,0 +1,86 @@
+"""CheckRequest -> CheckInput and Decision/Denied -> CheckResponse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+from google.protobuf.struct_pb2 import Struct
+from google.rpc import code_pb2
+
+from authz_server.envoy import request as req
+from authz_server.envoy import response as resp
+from authz_server.errors import REASONS, Denied, Reason
+from authz_server.pipeline.types import Decision
+
+
+def _check_request(with_mcp: bool = False) -> CheckRequest:
+    r = CheckRequest()
+    http = r.attributes.request.http
+    http.method = "POST"
+    http.path = "/mcp/github?x=1"
+    http.id = "14281444534026025030"  # Envoy's stream id, not the request id
+    http.headers["x-request-id"] = "rid-7"
+    http.headers["authorization"] = "Bearer mgw_x"
+    r.attributes.context_extensions["mcp_server"] = "github"
+    r.attributes.source.address.socket_address.address = "10.1.2.3"
+    if with_mcp:
+        s = Struct()
+        s.update({"method": "tools/call", "params": {"name": "search"}})
+        r.attributes.metadata_context.filter_metadata[req.MCP_FILTER_NAMESPACE].CopyFrom(s)
+    return r
+
+
+def test_request_translation() -> None:
+    inp = req.to_input(_check_request())
+    assert (inp.method, inp.path, inp.request_id, inp.source_ip) == ("POST", "/mcp/github?x=1", "rid-7", "10.1.2.3")
+    assert inp.headers["authorization"] == "Bearer mgw_x"
+    assert inp.context_extensions["mcp_server"] == "github"
+    assert (inp.mcp_method, inp.tool) == ("", "")
+
+
+def test_request_translation_reads_mcp_filter_metadata() -> None:
+    inp = req.to_input(_check_request(with_mcp=True))
+    assert (inp.mcp_method, inp.tool) == ("tools/call", "search")
+
+
+def test_allow_overwrites_every_header_and_removes() -> None:
+    decision = Decision(
+        headers_to_set=(("authorization", "Bearer up"), (":path", "/mcp/github"), ("x-user-id", "alice")),
+        headers_to_remove=("x-api-key",),
+        metadata={"principal": "alice", "decision": "allow"},
+    )
+    r = resp.allow(decision)
+    assert r.status.code == code_pb2.OK
+    assert [(h.header.key, h.header.value) for h in r.ok_response.headers] == list(decision.headers_to_set)
+    assert all(h.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for h in r.ok_response.headers)
+    assert list(r.ok_response.headers_to_remove) == ["x-api-key"]
+    assert r.dynamic_metadata.fields["principal"].string_value == "alice"
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_every_reason_has_a_json_denial(reason: Reason) -> None:
+    denied = Denied(reason, retry_after=7 if reason is Reason.RATE_LIMITED else None)
+    r = resp.deny(denied, "rid-9", "github")
+    status = r.denied_response.status.code
+    assert status == REASONS[reason].status
+    assert r.status.code != code_pb2.OK
+    headers = {h.header.key: h.header.value for h in r.denied_response.headers}
+    assert all(h.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for h in r.denied_response.headers)
+    body = json.loads(r.denied_response.body)
+    assert body["jsonrpc"] == "2.0" and body["id"] is None
+    assert body["error"]["code"] == resp.RPC_ERROR_CODE[status]
+    assert body["error"]["message"] == REASONS[reason].message
+    assert body["error"]["data"] == {"reason": reason.value, "status": status, "hint": REASONS[reason].hint, "request_id": "rid-9"}
+    assert headers["content-type"] == "application/json"
+    if status == 401:
+        assert headers["www-authenticate"].startswith('Bearer realm="mcp-authz"')
+        assert ("error=" in headers["www-authenticate"]) == (reason is not Reason.KEY_MISSING)
+    else:
+        assert "www-authenticate" not in headers
+    if reason is Reason.RATE_LIMITED:
+        assert headers["retry-after"] == "7"
+    assert r.dynamic_metadata.fields["reason"].string_value == reason.value
+    assert r.dynamic_metadata.fields["server"].string_value == "github"
