@@ -1,0 +1,1057 @@
+"""The management use cases: one layer behind the CLI now and the admin gRPC API later.
+
+`AdminService` owns every rule about *what* may be changed and *how* input is
+validated; the CLI and the API only translate arguments and render results.
+
+Contract of every public coroutine:
+- the first argument is the `Actor` doing it; `_authorize` is the one place
+  that decides whether the actor may, and a refusal raises `PermissionDenied`
+  with the same message whether or not the target exists;
+- exactly one `AuditEvent` is appended per call, with outcome `ok`, `denied`
+  or `error`, and details that never contain a secret;
+- bad input raises `InvalidInput`, a missing target `NotFound`, a duplicate
+  `Conflict`; messages name fields and placeholders, never values;
+- results are small frozen views (`to_json()` gives plain JSON types). A view
+  never carries a hash, a ciphertext or a plaintext secret: one-time secrets
+  (gateway keys, signing secrets) are returned separately as `Secret`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any
+
+from authz_server.crypto import keys as gateway_keys
+from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
+from authz_server.crypto.keys import KeyHasher
+from authz_server.errors import (
+    AuthzError,
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+)
+from authz_server.models import (
+    NAME_RE,
+    PLACEHOLDER_RE,
+    AuditEvent,
+    AuthMode,
+    GatewayKey,
+    HeaderTemplate,
+    McpServer,
+    Override,
+    OverrideStatus,
+    Placeholder,
+    Principal,
+    PrincipalKind,
+    Role,
+    Secret,
+    Team,
+    mask,
+)
+from authz_server.store.base import Store
+
+CLI_ACTOR_ID = "cli"
+MAX_VALUE_BYTES = 8 * 1024
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+MAX_LABEL_LEN = 100
+MAX_DESCRIPTION_LEN = 500
+MAX_HEADERS = 16
+
+# Headers the gateway itself owns, or that would corrupt HTTP framing if a
+# template could set them: identity and signature headers must only ever
+# carry values the sidecar computed.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "x-user-id",
+        "x-user-type",
+        "x-user-team",
+        "x-user-roles",
+        "x-request-id",
+        "x-mcp-authz-signature",
+        "x-mcp-authz-timestamp",
+        "content-length",
+        "transfer-encoding",
+        # hop-by-hop headers: meaningless (or harmful) to inject upstream
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+_HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")
+_PLACEHOLDER_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_KEY_ID_RE = re.compile(rf"^[0-9A-Za-z]{{{gateway_keys.KEY_ID_LEN}}}$")
+# MCP tool names: 1-128 of letters, digits, '_', '-', '.', and '/' for namespaced tools.
+_TOOL_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
+_PRINCIPAL_ID_LEN = 12
+
+# --- actions -------------------------------------------------------------------
+# Keys and overrides belong to a principal: a user may act on their own.
+_OWNED_ACTIONS = frozenset(
+    {
+        "keys.create",
+        "keys.list",
+        "keys.revoke",
+        "keys.regenerate",
+        "overrides.set",
+        "overrides.list",
+        "overrides.delete",
+    }
+)
+_SERVER_READ_ACTIONS = frozenset({"servers.list", "servers.show"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(dt: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a 'Z', or None."""
+    if dt is None:
+        return None
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _as_utc(dt: datetime) -> datetime:
+    # A naive datetime is taken to be UTC: the store only holds aware UTC times.
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+# --- the actor -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who is calling: a principal (remote, authenticated by gateway key) or the local operator."""
+
+    principal_id: str
+    roles: frozenset[Role]
+
+    @classmethod
+    def operator(cls) -> Actor:
+        """The local CLI operator: it holds the master key and the store, so it is an admin."""
+        return cls(CLI_ACTOR_ID, frozenset({Role.ADMIN}))
+
+    @classmethod
+    def of(cls, principal: Principal) -> Actor:
+        return cls(principal.id, frozenset(principal.roles))
+
+
+# --- views -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TeamView:
+    name: str
+    disabled: bool
+    created_at: datetime | None
+
+    @classmethod
+    def of(cls, team: Team) -> TeamView:
+        return cls(team.name, team.disabled, team.created_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "disabled": self.disabled, "created_at": iso(self.created_at)}
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalView:
+    id: str
+    name: str
+    kind: str
+    team: str
+    roles: tuple[str, ...]
+    disabled: bool
+    rate_limit_per_minute: int | None
+    created_at: datetime | None
+
+    @classmethod
+    def of(cls, p: Principal) -> PrincipalView:
+        return cls(
+            p.id,
+            p.name,
+            p.kind.value,
+            p.team,
+            tuple(r.value for r in p.roles),
+            p.disabled,
+            p.rate_limit_per_minute,
+            p.created_at,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "kind": self.kind,
+            "team": self.team,
+            "roles": list(self.roles),
+            "disabled": self.disabled,
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    name: str
+    mode: str
+    headers: tuple[str, ...]  # "Name: template"
+    placeholders: tuple[tuple[str, bool], ...]  # (name, required)
+    shared_masks: tuple[tuple[str, str], ...]  # (placeholder, mask) for shared mode
+    shared_status: str | None  # "configured" / "missing" in shared mode, else None
+    has_signing_secret: bool
+    description: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, s: McpServer) -> ServerView:
+        shared_status = None
+        if s.mode is AuthMode.SHARED:
+            required = {p.name for p in s.placeholders if p.required}
+            shared_status = "configured" if required <= set(s.shared_values) and s.shared_values else "missing"
+        return cls(
+            s.name,
+            s.mode.value,
+            tuple(f"{h.name}: {h.template}" for h in s.headers),
+            tuple((p.name, p.required) for p in s.placeholders),
+            tuple(sorted(s.shared_masks.items())),
+            shared_status,
+            s.signing_secret is not None,
+            s.description,
+            s.created_at,
+            s.updated_at,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "headers": list(self.headers),
+            "placeholders": [{"name": n, "required": r} for n, r in self.placeholders],
+            "shared_values": dict(self.shared_masks),
+            "shared_status": self.shared_status,
+            "has_signing_secret": self.has_signing_secret,
+            "description": self.description,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+def key_status(key: GatewayKey, now: datetime) -> str:
+    """active, revoked or expired. A revocation in the future (a grace period) is still active."""
+    if key.revoked_at is not None and key.revoked_at <= now:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKeyView:
+    key_id: str
+    principal: str  # the principal's name
+    label: str
+    created_at: datetime | None
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    scope: tuple[str, ...]
+    status: str
+
+    @classmethod
+    def of(cls, key: GatewayKey, principal_name: str, now: datetime) -> GatewayKeyView:
+        return cls(
+            key.key_id,
+            principal_name,
+            key.label,
+            key.created_at,
+            key.last_used_at,
+            key.expires_at,
+            key.revoked_at,
+            key.scope,
+            key_status(key, now),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "principal": self.principal,
+            "label": self.label,
+            "created_at": iso(self.created_at),
+            "last_used_at": iso(self.last_used_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "scope": list(self.scope),
+            "status": self.status,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideView:
+    principal: str  # name
+    kind: str  # user / service
+    server: str
+    masks: tuple[tuple[str, str], ...]  # (placeholder, mask)
+    updated_by: str  # a principal's name, or "cli"
+    updated_at: datetime
+    status: str
+    status_reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "kind": self.kind,
+            "server": self.server,
+            "values": dict(self.masks),
+            "updated_by": self.updated_by,
+            "updated_at": iso(self.updated_at),
+            "status": self.status,
+            "status_reason": self.status_reason,
+        }
+
+
+# --- audit ---------------------------------------------------------------------
+
+
+@dataclass
+class _Audit:
+    """Appends exactly one audit event when the operation ends, whatever its outcome.
+
+    The operation fills in `target` and `details` as it learns them. An
+    error while writing the audit row of a *failed* operation is dropped so
+    the caller sees the original error; for a successful one it propagates.
+    """
+
+    store: Store
+    clock: Callable[[], datetime]
+    actor: Actor
+    action: str
+    target: str
+    details: dict[str, str] = field(default_factory=dict)
+
+    async def __aenter__(self) -> _Audit:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, PermissionDenied):
+            outcome = "denied"
+        else:
+            outcome = "error"
+        details = dict(self.details)
+        if isinstance(exc, AuthzError):
+            details["reason"] = exc.reason
+            details["message"] = exc.message  # safe by the error tree's contract
+        elif exc is not None:
+            details["reason"] = "internal"
+        event = AuditEvent(
+            at=self.clock(),
+            actor=self.actor.principal_id,
+            action=self.action,
+            target=self.target,
+            outcome=outcome,
+            details=details,
+        )
+        try:
+            await self.store.append_audit([event])
+        except StoreError:
+            if exc is None:
+                raise
+        return False
+
+
+# --- the service ---------------------------------------------------------------------
+
+
+class AdminService:
+    """Every management use case, against a `Store`, with one role check and one audit trail."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        hasher: KeyHasher,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._hasher = hasher
+        self._clock = clock
+
+    # --- authorization --------------------------------------------------------------
+
+    @staticmethod
+    def _authorize(actor: Actor, action: str, owner_principal_id: str | None) -> None:
+        """The one role check.
+
+        `owner_principal_id` is the principal that owns the target (a key's or
+        an override's principal), or None when the target is not one
+        principal's: a server, a team, a listing of everyone, or a target that
+        does not exist. Callers look the target up, call this, and only then
+        raise NotFound, so a refusal never tells whether the target exists.
+
+        admin: everything. manager: keys and overrides of anyone, and reading
+        servers. user: only their own keys and overrides.
+        """
+        roles = actor.roles
+        if Role.ADMIN in roles:
+            return
+        if action in _OWNED_ACTIONS:
+            if Role.MANAGER in roles:
+                return
+            if Role.USER in roles and owner_principal_id is not None and owner_principal_id == actor.principal_id:
+                return
+        if action in _SERVER_READ_ACTIONS and Role.MANAGER in roles:
+            return
+        raise PermissionDenied(f"You are not allowed to do {action} on this target.")
+
+    def _sees_everyone(self, actor: Actor, action: str) -> bool:
+        try:
+            self._authorize(actor, action, None)
+        except PermissionDenied:
+            return False
+        return True
+
+    def _audit(self, actor: Actor, action: str, target: str) -> _Audit:
+        return _Audit(self._store, self._clock, actor, action, target)
+
+    def _now(self) -> datetime:
+        return _as_utc(self._clock())
+
+    # --- init and master key -------------------------------------------------------------
+
+    async def verify_master_key(self, *, require_initialized: bool = True) -> None:
+        """Raise MasterKeyError unless our keyring opens the store's check values.
+
+        Every command that opens a store calls this first, so a wrong master key
+        stops before anything is written. With `require_initialized`, a store
+        without check values (never initialised) is a ConfigError too: values
+        sealed into it would be bound to a key nobody recorded.
+        """
+        checks = await self._store.get_key_checks()
+        if not checks and require_initialized:
+            raise ConfigError("The store is not initialised: run 'mcp-authz init' first.")
+        self._keyring.verify_check(checks)
+
+    async def initialize(
+        self, actor: Actor, admin_name: str = "admin", team: str = "default"
+    ) -> tuple[Principal, GatewayKeyView, Secret]:
+        """Bind the store to this master key and create the first admin and their key.
+
+        The store must be migrated. Refuses with Conflict when it already holds
+        master key checks (initialised before).
+        """
+        async with self._audit(actor, "init", f"principal:{admin_name}") as op:
+            self._authorize(actor, "init", None)
+            _check_name(admin_name, "admin principal")
+            _check_name(team, "team")
+            if await self._store.get_key_checks():
+                raise Conflict(
+                    "The store is already initialised. Use the existing admin key, or create another with "
+                    "'mcp-authz keys create'."
+                )
+            if await self._store.get_principal_by_name(admin_name) is not None:
+                raise Conflict(f"A principal named {admin_name} exists already.")
+            now = self._now()
+            await self._store.put_key_checks(self._keyring.check_values())
+            await self._store.ensure_team(team, now)
+            principal = await self._store.add_principal(
+                Principal(
+                    id=_new_principal_id(),
+                    name=admin_name,
+                    kind=PrincipalKind.USER,
+                    team=team,
+                    roles=(Role.ADMIN,),
+                    created_at=now,
+                )
+            )
+            key, secret = await self._issue_key(principal.id, "initial admin key", None, (), now)
+            op.details.update({"team": team, "key_id": key.key_id, "key_versions": _versions(self._keyring)})
+            return principal, GatewayKeyView.of(key, principal.name, now), secret
+
+    # --- servers --------------------------------------------------------------------------
+
+    async def add_server(
+        self,
+        actor: Actor,
+        name: str,
+        mode: AuthMode | str,
+        headers: Sequence[str] = (),
+        optional: Iterable[str] = (),
+        description: str = "",
+    ) -> tuple[ServerView, Secret]:
+        """Register an MCP server. Returns its view and its signing secret, shown once."""
+        async with self._audit(actor, "servers.add", f"server:{name}") as op:
+            self._authorize(actor, "servers.add", None)
+            _check_name(name, "server")
+            auth_mode = _parse_mode(mode)
+            templates = _parse_headers(headers)
+            placeholders = _placeholders(auth_mode, templates, set(optional))
+            _check_text(description, "description", MAX_DESCRIPTION_LEN)
+            if await self._store.get_server(name) is not None:
+                raise Conflict(f"A server named {name} exists already.")
+            now = self._now()
+            signing = Secret(secrets.token_urlsafe(32))
+            server = await self._store.add_server(
+                McpServer(
+                    name=name,
+                    mode=auth_mode,
+                    headers=templates,
+                    placeholders=placeholders,
+                    signing_secret=self._keyring.seal(signing.reveal(), aad_signing(name)),
+                    description=description,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            op.details.update({"mode": auth_mode.value, "placeholders": ",".join(p.name for p in placeholders)})
+            return ServerView.of(server), signing
+
+    async def list_servers(self, actor: Actor) -> list[ServerView]:
+        async with self._audit(actor, "servers.list", "servers"):
+            self._authorize(actor, "servers.list", None)
+            return [ServerView.of(s) for s in await self._store.list_servers()]
+
+    async def show_server(self, actor: Actor, name: str) -> ServerView:
+        async with self._audit(actor, "servers.show", f"server:{name}"):
+            self._authorize(actor, "servers.show", None)
+            return ServerView.of(await self._server(name))
+
+    async def set_shared(self, actor: Actor, name: str, values: Mapping[str, str]) -> ServerView:
+        """Replace a shared-mode server's default values (every required placeholder must be given)."""
+        async with self._audit(actor, "servers.set_shared", f"server:{name}") as op:
+            self._authorize(actor, "servers.set_shared", None)
+            server = await self._server(name)
+            if server.mode is not AuthMode.SHARED:
+                raise InvalidInput(
+                    f"Server {name} is in {server.mode.value} mode; only shared servers have default values"
+                    + (
+                        ". Each principal sets their own with 'mcp-authz overrides set'."
+                        if server.mode is AuthMode.INDIVIDUAL
+                        else "."
+                    )
+                )
+            clean = _check_values(server, values)
+            sealed = {f: self._keyring.seal(v, aad_shared(name, f)) for f, v in clean.items()}
+            updated = await self._store.update_server(
+                replace(
+                    server,
+                    shared_values=sealed,
+                    shared_masks={f: mask(v) for f, v in clean.items()},
+                    updated_at=self._now(),
+                )
+            )
+            op.details["fields"] = ",".join(sorted(clean))
+            return ServerView.of(updated)
+
+    async def remove_server(self, actor: Actor, name: str) -> None:
+        """Delete a server and every override for it."""
+        async with self._audit(actor, "servers.remove", f"server:{name}"):
+            self._authorize(actor, "servers.remove", None)
+            await self._server(name)
+            await self._store.remove_server(name)
+
+    async def rotate_signing_secret(self, actor: Actor, name: str) -> Secret:
+        """A new signing secret for the server, shown once; the old one stops signing at once."""
+        async with self._audit(actor, "servers.rotate_signing_secret", f"server:{name}"):
+            self._authorize(actor, "servers.rotate_signing_secret", None)
+            server = await self._server(name)
+            signing = Secret(secrets.token_urlsafe(32))
+            await self._store.update_server(
+                replace(
+                    server,
+                    signing_secret=self._keyring.seal(signing.reveal(), aad_signing(name)),
+                    updated_at=self._now(),
+                )
+            )
+            return signing
+
+    # --- principals and teams ------------------------------------------------------------------
+
+    async def add_principal(
+        self,
+        actor: Actor,
+        name: str,
+        team: str,
+        roles: Iterable[Role | str],
+        kind: PrincipalKind | str = PrincipalKind.USER,
+        rate_limit_per_minute: int | None = None,
+    ) -> PrincipalView:
+        """Create a user or a service account, creating its team when missing."""
+        async with self._audit(actor, "principals.add", f"principal:{name}") as op:
+            self._authorize(actor, "principals.add", None)
+            _check_name(name, "principal")
+            _check_name(team, "team")
+            role_tuple = _parse_roles(roles)
+            principal_kind = _parse_kind(kind)
+            if rate_limit_per_minute is not None and not 1 <= rate_limit_per_minute <= 1_000_000:
+                raise InvalidInput("The rate limit must be between 1 and 1000000 requests per minute.")
+            if await self._store.get_principal_by_name(name) is not None:
+                raise Conflict(f"A principal named {name} exists already.")
+            now = self._now()
+            await self._store.ensure_team(team, now)
+            principal = await self._store.add_principal(
+                Principal(
+                    id=_new_principal_id(),
+                    name=name,
+                    kind=principal_kind,
+                    team=team,
+                    roles=role_tuple,
+                    rate_limit_per_minute=rate_limit_per_minute,
+                    created_at=now,
+                )
+            )
+            op.details.update(
+                {
+                    "id": principal.id,
+                    "team": team,
+                    "kind": principal_kind.value,
+                    "roles": ",".join(r.value for r in role_tuple),
+                }
+            )
+            return PrincipalView.of(principal)
+
+    async def list_principals(self, actor: Actor, team: str | None = None) -> list[PrincipalView]:
+        async with self._audit(actor, "principals.list", f"team:{team}" if team else "principals"):
+            self._authorize(actor, "principals.list", None)
+            if team is not None:
+                _check_name(team, "team")
+            return [PrincipalView.of(p) for p in await self._store.list_principals(team)]
+
+    async def set_principal_disabled(self, actor: Actor, name: str, disabled: bool) -> PrincipalView:
+        """Disabling blocks every key of the principal at once; enabling restores them."""
+        action = "principals.disable" if disabled else "principals.enable"
+        async with self._audit(actor, action, f"principal:{name}"):
+            self._authorize(actor, action, None)
+            principal = await self._principal(name)
+            return PrincipalView.of(await self._store.set_principal_disabled(principal.id, disabled))
+
+    async def list_teams(self, actor: Actor) -> list[TeamView]:
+        async with self._audit(actor, "teams.list", "teams"):
+            self._authorize(actor, "teams.list", None)
+            return [TeamView.of(t) for t in await self._store.list_teams()]
+
+    async def set_team_disabled(self, actor: Actor, name: str, disabled: bool) -> TeamView:
+        """Disabling a team blocks every key of every principal in it."""
+        action = "teams.disable" if disabled else "teams.enable"
+        async with self._audit(actor, action, f"team:{name}"):
+            self._authorize(actor, action, None)
+            _check_name(name, "team")
+            if await self._store.get_team(name) is None:
+                raise NotFound(f"No team named {name}.")
+            return TeamView.of(await self._store.set_team_disabled(name, disabled))
+
+    # --- gateway keys ------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        actor: Actor,
+        principal_name: str,
+        label: str = "",
+        expires_at: datetime | None = None,
+        scope: Iterable[str] = (),
+    ) -> tuple[GatewayKeyView, Secret]:
+        """Issue a key for a principal. The key is returned once and stored only as a hash."""
+        async with self._audit(actor, "keys.create", f"principal:{principal_name}") as op:
+            principal = await self._owned_principal(actor, "keys.create", principal_name)
+            _check_text(label, "label", MAX_LABEL_LEN)
+            now = self._now()
+            expiry = None if expires_at is None else _as_utc(expires_at)
+            if expiry is not None and expiry <= now:
+                raise InvalidInput("The expiry must be in the future.")
+            scope_tuple = await self._check_scope(scope)
+            key, secret = await self._issue_key(principal.id, label, expiry, scope_tuple, now)
+            op.target = f"key:{key.key_id}"
+            op.details.update({"principal": principal.name, "key_id": key.key_id})
+            if scope_tuple:
+                op.details["scope"] = ",".join(scope_tuple)
+            if expiry is not None:
+                op.details["expires_at"] = iso(expiry) or ""
+            return GatewayKeyView.of(key, principal.name, now), secret
+
+    async def list_keys(self, actor: Actor, principal_name: str | None = None) -> list[GatewayKeyView]:
+        """Keys of one principal, or of everyone the actor may see (a user: only their own)."""
+        async with self._audit(actor, "keys.list", f"principal:{principal_name}" if principal_name else "keys"):
+            if principal_name is not None:
+                principal = await self._owned_principal(actor, "keys.list", principal_name)
+                stored = await self._store.list_keys(principal.id)
+                names = {principal.id: principal.name}
+            elif self._sees_everyone(actor, "keys.list"):
+                stored = await self._store.list_keys(None)
+                names = {p.id: p.name for p in await self._store.list_principals()}
+            else:
+                self._authorize(actor, "keys.list", actor.principal_id)
+                me = await self._store.get_principal(actor.principal_id)
+                stored = await self._store.list_keys(actor.principal_id)
+                names = {actor.principal_id: me.name if me else actor.principal_id}
+            now = self._now()
+            return [GatewayKeyView.of(k, names.get(k.principal_id, k.principal_id), now) for k in stored]
+
+    async def revoke_key(self, actor: Actor, key_id: str) -> GatewayKeyView:
+        """Revoke now. An earlier revocation is kept; a pending grace period is cut short."""
+        async with self._audit(actor, "keys.revoke", f"key:{key_id}"):
+            key = await self._owned_key(actor, "keys.revoke", key_id)
+            now = self._now()
+            revoked = await self._store.revoke_key(key.key_id, now)
+            return GatewayKeyView.of(revoked, await self._principal_name(revoked.principal_id), now)
+
+    async def regenerate_key(
+        self, actor: Actor, key_id: str, grace_seconds: int = 0
+    ) -> tuple[GatewayKeyView, Secret]:
+        """Issue a replacement (same principal, label, scope and expiry) and revoke the old key
+        now, or after `grace_seconds` so clients can be switched without downtime."""
+        async with self._audit(actor, "keys.regenerate", f"key:{key_id}") as op:
+            old = await self._owned_key(actor, "keys.regenerate", key_id)
+            if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+                raise InvalidInput("The grace period must be between 0 seconds and 30 days.")
+            now = self._now()
+            if old.revoked_at is not None:
+                raise Conflict(
+                    f"Key {old.key_id} is already revoked or replaced; create a new key with 'mcp-authz keys create'."
+                )
+            if old.expires_at is not None and old.expires_at <= now:
+                raise Conflict(f"Key {old.key_id} has expired; create a new key with 'mcp-authz keys create'.")
+            # The new key is stored before the old one is revoked, so the principal is never without one.
+            new, secret = await self._issue_key(old.principal_id, old.label, old.expires_at, old.scope, now)
+            await self._store.revoke_key(old.key_id, now + timedelta(seconds=grace_seconds))
+            op.details.update({"new_key_id": new.key_id, "grace_seconds": str(grace_seconds)})
+            return GatewayKeyView.of(new, await self._principal_name(new.principal_id), now), secret
+
+    # --- overrides ---------------------------------------------------------------------------
+
+    async def set_override(
+        self, actor: Actor, principal_name: str, server_name: str, values: Mapping[str, str]
+    ) -> OverrideView:
+        """Set (replace) a principal's own values for a server's placeholders."""
+        target = f"override:{principal_name}/{server_name}"
+        async with self._audit(actor, "overrides.set", target) as op:
+            principal = await self._owned_principal(actor, "overrides.set", principal_name)
+            server = await self._server(server_name)
+            if server.mode is AuthMode.NONE:
+                raise InvalidInput(f"Server {server_name} is in none mode: it takes no credentials.")
+            clean = _check_values(server, values)
+            now = self._now()
+            override = await self._store.put_override(
+                Override(
+                    principal_id=principal.id,
+                    server=server.name,
+                    values={
+                        f: self._keyring.seal(v, aad_override(server.name, principal.id, f)) for f, v in clean.items()
+                    },
+                    masks={f: mask(v) for f, v in clean.items()},
+                    updated_by=actor.principal_id,
+                    updated_at=now,
+                    status=OverrideStatus.CONFIGURED,
+                    status_at=now,
+                )
+            )
+            op.details["fields"] = ",".join(sorted(clean))
+            return await self._override_view(override, {principal.id: principal})
+
+    async def list_overrides(
+        self, actor: Actor, server_name: str | None = None, principal_name: str | None = None
+    ) -> list[OverrideView]:
+        """Overrides with masks and status; values are never decrypted. A user sees only their own."""
+        target = "overrides"
+        if server_name or principal_name:
+            target = f"override:{principal_name or '*'}/{server_name or '*'}"
+        async with self._audit(actor, "overrides.list", target):
+            if server_name is not None:
+                _check_name(server_name, "server")
+            if principal_name is not None:
+                principal_id: str | None = (await self._owned_principal(actor, "overrides.list", principal_name)).id
+            elif self._sees_everyone(actor, "overrides.list"):
+                principal_id = None
+            else:
+                self._authorize(actor, "overrides.list", actor.principal_id)
+                principal_id = actor.principal_id
+            stored = await self._store.list_overrides(server_name, principal_id)
+            people = {p.id: p for p in await self._store.list_principals()}
+            return [await self._override_view(o, people) for o in stored]
+
+    async def delete_override(self, actor: Actor, principal_name: str, server_name: str) -> None:
+        """Delete an override: the principal falls back to the server's shared value, if any."""
+        async with self._audit(actor, "overrides.delete", f"override:{principal_name}/{server_name}"):
+            principal = await self._owned_principal(actor, "overrides.delete", principal_name)
+            _check_name(server_name, "server")
+            if await self._store.get_override(principal.id, server_name) is None:
+                raise NotFound(f"{principal_name} has no override for server {server_name}.")
+            await self._store.delete_override(principal.id, server_name)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    async def _issue_key(
+        self,
+        principal_id: str,
+        label: str,
+        expires_at: datetime | None,
+        scope: tuple[str, ...],
+        now: datetime,
+    ) -> tuple[GatewayKey, Secret]:
+        for _ in range(3):
+            key_id, secret = gateway_keys.generate()
+            # Argon2id is deliberately slow: keep it off the event loop.
+            digest = await asyncio.to_thread(self._hasher.hash, secret)
+            try:
+                stored = await self._store.add_key(
+                    GatewayKey(
+                        key_id=key_id,
+                        principal_id=principal_id,
+                        hash=digest,
+                        label=label,
+                        created_at=now,
+                        expires_at=expires_at,
+                        scope=scope,
+                    )
+                )
+            except Conflict:
+                continue  # a key id collision (62^7 ids): draw again
+            return stored, secret
+        raise Conflict("Could not allocate a unique key id; try again.")
+
+    async def _server(self, name: str) -> McpServer:
+        _check_name(name, "server")
+        server = await self._store.get_server(name)
+        if server is None:
+            raise NotFound(f"No server named {name}.")
+        return server
+
+    async def _principal(self, name: str) -> Principal:
+        _check_name(name, "principal")
+        principal = await self._store.get_principal_by_name(name)
+        if principal is None:
+            raise NotFound(f"No principal named {name}.")
+        return principal
+
+    async def _principal_name(self, principal_id: str) -> str:
+        p = await self._store.get_principal(principal_id)
+        return p.name if p else principal_id
+
+    async def _owned_principal(self, actor: Actor, action: str, name: str) -> Principal:
+        """Look the principal up, authorize, then report absence: in that order, so a
+        refused caller cannot probe which names exist."""
+        _check_name(name, "principal")
+        principal = await self._store.get_principal_by_name(name)
+        self._authorize(actor, action, principal.id if principal else None)
+        if principal is None:
+            raise NotFound(f"No principal named {name}.")
+        return principal
+
+    async def _owned_key(self, actor: Actor, action: str, key_id: str) -> GatewayKey:
+        _check_key_id(key_id)
+        key = await self._store.get_key(key_id)
+        self._authorize(actor, action, key.principal_id if key else None)
+        if key is None:
+            raise NotFound(f"No key with id {key_id}.")
+        return key
+
+    async def _check_scope(self, scope: Iterable[str]) -> tuple[str, ...]:
+        out: list[str] = []
+        for i, raw in enumerate(scope, 1):
+            entry = raw.strip()
+            server, sep, tool = entry.partition(":")
+            if not NAME_RE.match(server) or (sep and not _TOOL_RE.match(tool)):
+                raise InvalidInput(
+                    f"Scope entry {i} is not 'server' or 'server:tool' (a server name, then optionally ':' "
+                    "and a tool name of letters, digits, '_', '-', '.' or '/')."
+                )
+            if await self._store.get_server(server) is None:
+                raise InvalidInput(f"The scope names server {server}, which does not exist.")
+            if entry not in out:
+                out.append(entry)
+        return tuple(out)
+
+    async def _override_view(self, o: Override, people: Mapping[str, Principal]) -> OverrideView:
+        owner = people.get(o.principal_id) or await self._store.get_principal(o.principal_id)
+        if o.updated_by == CLI_ACTOR_ID:
+            updated_by = CLI_ACTOR_ID
+        else:
+            by = people.get(o.updated_by) or await self._store.get_principal(o.updated_by)
+            updated_by = by.name if by else o.updated_by
+        return OverrideView(
+            principal=owner.name if owner else o.principal_id,
+            kind=owner.kind.value if owner else "",
+            server=o.server,
+            masks=tuple(sorted(o.masks.items())),
+            updated_by=updated_by,
+            updated_at=o.updated_at,
+            status=o.status.value,
+            status_reason=o.status_reason,
+        )
+
+
+# --- validation (pure) ------------------------------------------------------------------
+
+
+def _new_principal_id() -> str:
+    return "p_" + "".join(secrets.choice(gateway_keys.ALPHABET) for _ in range(_PRINCIPAL_ID_LEN))
+
+
+def _versions(keyring: Keyring) -> str:
+    return ",".join(str(v) for v in keyring.versions)
+
+
+def _check_name(name: str, what: str) -> None:
+    # The rejected text is not echoed: a misplaced secret must not end up in a message.
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(
+            f"The {what} name is invalid: use 1 to 63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit."
+        )
+
+
+def _check_key_id(key_id: str) -> None:
+    if gateway_keys.looks_like_key(key_id):
+        raise InvalidInput(
+            "That is a whole gateway key, not a key id. Pass only the key id shown by 'mcp-authz keys list', "
+            "and never put keys on a command line."
+        )
+    if not _KEY_ID_RE.match(key_id):
+        raise InvalidInput(
+            f"A key id is {gateway_keys.KEY_ID_LEN} letters and digits, as shown by 'mcp-authz keys list'."
+        )
+
+
+def _has_control(text: str) -> bool:
+    # Cc covers C0 (incl. CR, LF, TAB), DEL and C1; Zl/Zp are Unicode line breaks.
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _check_text(text: str, what: str, limit: int) -> None:
+    if len(text) > limit:
+        raise InvalidInput(f"The {what} is longer than {limit} characters.")
+    if _has_control(text):
+        raise InvalidInput(f"The {what} contains a control character or line break.")
+
+
+def _parse_mode(mode: AuthMode | str) -> AuthMode:
+    try:
+        return AuthMode(mode)
+    except ValueError:
+        raise InvalidInput("The mode must be none, shared or individual.") from None
+
+
+def _parse_kind(kind: PrincipalKind | str) -> PrincipalKind:
+    try:
+        return PrincipalKind(kind)
+    except ValueError:
+        raise InvalidInput("The kind must be user or service.") from None
+
+
+def _parse_roles(roles: Iterable[Role | str]) -> tuple[Role, ...]:
+    try:
+        parsed = {Role(r) for r in roles}
+    except ValueError:
+        raise InvalidInput("Roles must be among admin, manager and user.") from None
+    if not parsed:
+        raise InvalidInput("A principal needs at least one role (admin, manager or user).")
+    return tuple(r for r in Role if r in parsed)  # canonical order: admin, manager, user
+
+
+def _parse_headers(lines: Sequence[str]) -> tuple[HeaderTemplate, ...]:
+    """'Name: template' lines into templates; names must be HTTP tokens the gateway does not own."""
+    if len(lines) > MAX_HEADERS:
+        raise InvalidInput(f"A server has at most {MAX_HEADERS} credential headers.")
+    out: list[HeaderTemplate] = []
+    seen: set[str] = set()
+    for i, line in enumerate(lines, 1):
+        if line.lstrip().startswith(":"):
+            raise InvalidInput(f"Header {i}: pseudo-headers such as :path or :authority cannot be set.")
+        name, sep, template = line.partition(":")
+        name, template = name.strip(), template.strip()
+        if not sep:
+            raise InvalidInput(f"Header {i} must be 'Name: value', e.g. 'Authorization: Bearer {{{{API_KEY}}}}'.")
+        if not _HTTP_TOKEN_RE.match(name):
+            raise InvalidInput(
+                f"Header {i}: the name is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~, "
+                "at most 64)."
+            )
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS:
+            raise InvalidInput(f"Header {name} is reserved: the gateway sets or protects it itself.")
+        if lowered in seen:
+            raise InvalidInput(f"Header {name} is given twice.")
+        seen.add(lowered)
+        if not template:
+            raise InvalidInput(f"Header {name} has an empty value template.")
+        if len(template.encode()) > MAX_VALUE_BYTES or _has_control(template):
+            raise InvalidInput(f"Header {name}: the template is longer than 8 KiB or contains a control character.")
+        rest = PLACEHOLDER_RE.sub("", template)
+        if "{{" in rest or "}}" in rest:
+            raise InvalidInput(
+                f"Header {name} has a '{{{{' or '}}}}' that is not a placeholder: "
+                "placeholders look like {{API_KEY}} (capital letters, digits and '_')."
+            )
+        out.append(HeaderTemplate(name, template))
+    return tuple(out)
+
+
+def _placeholders(mode: AuthMode, headers: tuple[HeaderTemplate, ...], optional: set[str]) -> tuple[Placeholder, ...]:
+    names: list[str] = []
+    for h in headers:
+        for p in h.placeholders():
+            if p not in names:
+                names.append(p)
+    if mode is AuthMode.NONE:
+        if headers:
+            raise InvalidInput("A server in none mode injects no credentials: give it no headers.")
+        if optional:
+            raise InvalidInput("A server in none mode has no placeholders to make optional.")
+        return ()
+    if not names:
+        raise InvalidInput(
+            f"A server in {mode.value} mode needs at least one header with a placeholder, "
+            "e.g. 'Authorization: Bearer {{API_KEY}}'."
+        )
+    unknown = optional - set(names)
+    if unknown:
+        shown = ", ".join(sorted(_safe_placeholder(n) for n in unknown))
+        raise InvalidInput(f"Optional {shown} is not a placeholder of the headers (they use {', '.join(names)}).")
+    return tuple(Placeholder(n, required=n not in optional) for n in names)
+
+
+def _safe_placeholder(name: str) -> str:
+    # Only echo text shaped like a placeholder name; anything else could be a pasted secret.
+    return name if _PLACEHOLDER_NAME_RE.match(name) else "(an unknown name)"
+
+
+def _check_values(server: McpServer, values: Mapping[str, str]) -> dict[str, str]:
+    """Validate placeholder values for a server. Messages name placeholders, never values."""
+    known = [p.name for p in server.placeholders]
+    if not values:
+        raise InvalidInput(f"No values given for server {server.name}; it needs {', '.join(known) or 'none'}.")
+    unknown = set(values) - set(known)
+    if unknown:
+        shown = ", ".join(sorted(_safe_placeholder(n) for n in unknown))
+        raise InvalidInput(f"Unknown placeholder {shown} for server {server.name}; it has {', '.join(known)}.")
+    missing = [p.name for p in server.placeholders if p.required and p.name not in values]
+    if missing:
+        raise InvalidInput(f"Server {server.name} needs a value for {', '.join(missing)}.")
+    for name in known:
+        if name not in values:
+            continue
+        value = values[name]
+        if not isinstance(value, str) or not value:
+            raise InvalidInput(f"The value of {name} is empty.")
+        if len(value.encode()) > MAX_VALUE_BYTES:
+            raise InvalidInput(f"The value of {name} is longer than 8 KiB.")
+        if _has_control(value):
+            raise InvalidInput(f"The value of {name} contains a control character or line break.")
+    return {n: values[n] for n in known if n in values}

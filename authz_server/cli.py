@@ -1,0 +1,798 @@
+"""The `mcp-authz` command: local management (opening the store directly) and running the sidecar.
+
+Every management command: resolve settings, load the master key, open the
+store, check the master key against it (`AdminService.verify_master_key`),
+run one use case as the local operator, render the result, close the store.
+
+Output contract:
+- tables for people; with `--json`, exactly one JSON document on stdout;
+- one-time secrets (gateway keys, signing secrets) appear only in the output
+  of the command that created them; nothing else ever prints a secret;
+- secrets are never read from the command line, only from stdin or a prompt;
+- exit 0 on success, 1 for an operation error (not found, conflict, invalid
+  input, refused, store failure), 2 for a usage or configuration error
+  (argparse, settings, master key); expected errors never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from authz_server import __version__
+from authz_server.admin.service import (
+    Actor,
+    AdminService,
+    GatewayKeyView,
+    OverrideView,
+    PrincipalView,
+    ServerView,
+    TeamView,
+)
+from authz_server.config import Settings
+from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
+from authz_server.crypto.keys import KeyHasher
+from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput
+from authz_server.models import NAME_RE, AuthMode, McpServer, Placeholder, Secret
+from authz_server.store.base import Store
+
+PROG = "mcp-authz"
+DEFAULT_KEY_FILE = "mcp-authz.key"
+ENV_ENVOY_CONFIG = "MCP_AUTHZ_ENVOY_CONFIG"
+DEFAULT_ENVOY_CONFIG = "envoy/envoy.yaml"
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PLACEHOLDER_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_ONCE_NOTE = "This is shown once and cannot be retrieved later: store it now (e.g. in a password manager)."
+
+
+# --- errors and output ---------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A bad command line: exit 2 with the parser's usage line."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse echoes stray arguments; one could be a secret pasted where it does not belong.
+        if message.startswith("unrecognized arguments"):
+            message = (
+                "unexpected extra arguments (not shown). Secrets are read from stdin or a prompt, "
+                "never from the command line."
+            )
+        raise UsageError(self.format_usage(), message)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A command's result: the JSON document and the text for people."""
+
+    doc: dict[str, Any]
+    text: str
+
+
+def _print_error(json_mode: bool, reason: str, message: str, usage: str = "") -> None:
+    if json_mode:
+        print(json.dumps({"error": {"reason": reason, "message": message}}), file=sys.stdout)
+    else:
+        if usage:
+            print(usage.rstrip(), file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
+    if not rows:
+        return empty
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _when(dt: datetime | None) -> str:
+    return "-" if dt is None else dt.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%MZ")
+
+
+def _once_block(title: str, secret: Secret) -> str:
+    return f"{title}:\n\n    {secret.reveal()}\n\n{_ONCE_NOTE}"
+
+
+# --- argument types ------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30d', '12h', '15m', '45s', '2w'."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError("expected a duration such as 30d, 12h, 15m, 45s or 2w")
+    return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """An ISO date (midnight UTC), an ISO date-time (UTC unless it has an offset) or a duration from now."""
+    if _DURATION_RE.match(text):
+        return (now or datetime.now(timezone.utc)) + parse_duration(text)
+    try:
+        if len(text.strip()) == 10:
+            d = date.fromisoformat(text.strip())
+            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected an ISO date (2026-12-31), date-time (2026-12-31T18:00Z) or a duration (30d, 12h)"
+        ) from None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def parse_grace(text: str) -> int:
+    """Seconds, or a duration: '300', '10m', '1h'."""
+    if text.strip().isdigit():
+        return int(text)
+    return int(parse_duration(text).total_seconds())
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# --- settings, master key and store ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What every command resolved from flags and the environment."""
+
+    json: bool
+    settings: Settings
+    env: dict[str, str]  # the environment as load_keyring should see it
+
+
+def _context(args: argparse.Namespace, **overrides: Any) -> _Context:
+    env = dict(os.environ)
+    key_file = getattr(args, "master_key_file", None)
+    if key_file:
+        # An explicit flag wins over whatever the environment says.
+        env.pop(ENV_KEY, None)
+        env[ENV_KEY_FILE] = key_file
+    settings = Settings.from_env(env, store_url=getattr(args, "store", None), **overrides)
+    return _Context(bool(getattr(args, "json", False)), settings, env)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite URL (`sqlite:///rel.db`, `sqlite:////abs.db`), else None."""
+    if not url.startswith("sqlite://"):
+        return None
+    rest = url[len("sqlite://") :].split("?", 1)[0]
+    if rest.startswith("/"):
+        rest = rest[1:]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest)
+
+
+def _default_key_path(store_url: str) -> Path:
+    db = sqlite_path(store_url)
+    return (db.parent if db is not None else Path(".")) / DEFAULT_KEY_FILE
+
+
+def _key_configured(env: dict[str, str]) -> bool:
+    return bool(env.get(ENV_KEY) or env.get(ENV_KEY_FILE))
+
+
+def _load_keyring(ctx: _Context) -> Keyring:
+    """The configured master key; failing that, the key file `init` writes beside a SQLite database."""
+    env = ctx.env
+    if not _key_configured(env):
+        beside = _default_key_path(ctx.settings.store_url)
+        if sqlite_path(ctx.settings.store_url) is not None and beside.exists():
+            env = {**env, ENV_KEY_FILE: str(beside)}
+    return load_keyring(env)
+
+
+def _require_store(url: str) -> None:
+    # Opening a missing SQLite file would silently create an empty database.
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise ConfigError(f"No store at {db}: run 'mcp-authz init' first, or pass --store.")
+
+
+async def _open_store(url: str) -> Store:
+    from authz_server.store import open_store  # the store package is wired at run time
+
+    return await open_store(url)
+
+
+@contextlib.asynccontextmanager
+async def _session(ctx: _Context) -> AsyncIterator[tuple[AdminService, Store]]:
+    """An AdminService on an initialised store whose master key matches ours."""
+    _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
+    keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
+    store = await _open_store(ctx.settings.store_url)
+    try:
+        service = AdminService(store, keyring, KeyHasher(ctx.settings.argon2))
+        await service.verify_master_key()
+        yield service, store
+    finally:
+        await store.close()
+
+
+# --- reading secrets -------------------------------------------------------------------
+
+
+def read_values(placeholders: Sequence[Placeholder], stdin: TextIO, server: str) -> dict[str, str]:
+    """Placeholder values from stdin, never from argv.
+
+    On a TTY: one hidden prompt per placeholder (optional ones may be left
+    blank). Otherwise: a single bare line when the server has exactly one
+    placeholder (`NAME=VALUE` is accepted too), else `NAME=VALUE` lines.
+    Messages never echo what was read.
+    """
+    names = [p.name for p in placeholders]
+    optional = {p.name for p in placeholders if not p.required}
+    if stdin.isatty():
+        values: dict[str, str] = {}
+        for p in placeholders:
+            hint = " (optional, Enter to skip)" if not p.required else ""
+            value = getpass.getpass(f"{p.name} for {server}{hint}: ").strip()
+            if value:
+                values[p.name] = value
+            elif p.required:
+                raise InvalidInput(f"{p.name} is required.")
+        if not values:
+            raise InvalidInput("No values entered.")
+        return values
+    lines = [line.strip() for line in stdin.read().splitlines() if line.strip()]
+    if not lines:
+        raise InvalidInput(
+            f"No values on stdin. Pipe them in: {'a single line' if len(names) == 1 else 'NAME=VALUE lines'} "
+            f"for {', '.join(names)}."
+        )
+    if len(names) == 1:
+        (name,) = names
+        if len(lines) != 1:
+            raise InvalidInput(f"Server {server} has one placeholder, {name}: give its value as a single line.")
+        line = lines[0]
+        if line.startswith(name + "="):
+            line = line[len(name) + 1 :].strip()
+        return {name: line}
+    values = {}
+    for i, line in enumerate(lines, 1):
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not _PLACEHOLDER_NAME_RE.match(name):
+            raise InvalidInput(f"Line {i} of stdin is not NAME=VALUE (placeholders of {server}: {', '.join(names)}).")
+        if name in values:
+            raise InvalidInput(f"{name} is given twice on stdin.")
+        value = value.strip()
+        if value or name not in optional:  # a blank optional value means "not set"
+            values[name] = value
+    return values
+
+
+# --- commands -----------------------------------------------------------------------------
+
+_OP = Actor.operator()
+
+
+def _server_text(v: ServerView) -> str:
+    lines = [
+        f"name:         {v.name}",
+        f"mode:         {v.mode}",
+        f"description:  {v.description or '-'}",
+        f"created:      {_when(v.created_at)}",
+        f"updated:      {_when(v.updated_at)}",
+        f"signing:      {'configured' if v.has_signing_secret else 'none'}",
+    ]
+    if v.headers:
+        lines.append("headers:")
+        lines += [f"  {h}" for h in v.headers]
+    if v.placeholders:
+        lines.append("placeholders:")
+        lines += [f"  {n} ({'required' if r else 'optional'})" for n, r in v.placeholders]
+    if v.shared_status is not None:
+        lines.append(f"shared values: {v.shared_status}")
+        lines += [f"  {n} = {m}" for n, m in v.shared_masks]
+    return "\n".join(lines)
+
+
+def _servers_table(views: Sequence[ServerView]) -> str:
+    rows = [
+        [v.name, v.mode, ", ".join(n + ("" if r else "?") for n, r in v.placeholders) or "-", v.shared_status or "-",
+         v.description or "-"]
+        for v in views
+    ]
+    return _table(["NAME", "MODE", "PLACEHOLDERS", "SHARED", "DESCRIPTION"], rows, "(no servers)")
+
+
+def _principals_table(views: Sequence[PrincipalView]) -> str:
+    rows = [
+        [v.name, v.id, v.kind, v.team, ",".join(v.roles), "disabled" if v.disabled else "enabled",
+         str(v.rate_limit_per_minute) if v.rate_limit_per_minute else "-"]
+        for v in views
+    ]
+    return _table(["NAME", "ID", "KIND", "TEAM", "ROLES", "STATE", "RATE/MIN"], rows, "(no principals)")
+
+
+def _teams_table(views: Sequence[TeamView]) -> str:
+    rows = [[v.name, "disabled" if v.disabled else "enabled", _when(v.created_at)] for v in views]
+    return _table(["NAME", "STATE", "CREATED"], rows, "(no teams)")
+
+
+def _keys_table(views: Sequence[GatewayKeyView]) -> str:
+    rows = [
+        [v.key_id, v.principal, v.label or "-", v.status, _when(v.created_at), _when(v.last_used_at),
+         _when(v.expires_at), _when(v.revoked_at), ",".join(v.scope) or "*"]
+        for v in views
+    ]
+    headers = ["KEY ID", "PRINCIPAL", "LABEL", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED", "SCOPE"]
+    return _table(headers, rows, "(no keys)")
+
+
+def _overrides_table(views: Sequence[OverrideView]) -> str:
+    rows = [
+        [v.server, v.principal, v.kind, ", ".join(f"{n}={m}" for n, m in v.masks), v.status, v.updated_by,
+         _when(v.updated_at)]
+        for v in views
+    ]
+    return _table(["SERVER", "PRINCIPAL", "KIND", "VALUES", "STATUS", "UPDATED BY", "UPDATED"], rows, "(no overrides)")
+
+
+def _key_line(v: GatewayKeyView) -> str:
+    extra = []
+    if v.label:
+        extra.append(f"label {v.label!r}")
+    if v.expires_at:
+        extra.append(f"expires {_when(v.expires_at)}")
+    if v.scope:
+        extra.append(f"scope {','.join(v.scope)}")
+    return f"key {v.key_id} for {v.principal}" + (f" ({'; '.join(extra)})" if extra else "")
+
+
+Handler = Callable[[AdminService, Store, argparse.Namespace], Awaitable[Rendered]]
+
+
+async def _servers_add(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    optional = {n for item in a.optional for n in _csv(item)}
+    view, signing = await svc.add_server(_OP, a.name, a.mode, a.header, optional, a.description)
+    text = f"Added server {view.name} ({view.mode}).\n\n"
+    text += _once_block("Signing secret for upstream verification", signing)
+    if view.mode == AuthMode.SHARED.value:
+        text += f"\n\nSet its shared values with: mcp-authz servers set-shared {view.name} < values.txt"
+    return Rendered({"server": view.to_json(), "signing_secret": signing.reveal()}, text)
+
+
+async def _servers_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    views = await svc.list_servers(_OP)
+    return Rendered({"servers": [v.to_json() for v in views]}, _servers_table(views))
+
+
+async def _servers_show(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    view = await svc.show_server(_OP, a.name)
+    return Rendered({"server": view.to_json()}, _server_text(view))
+
+
+async def _servers_set_shared(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    server = await _server_for_input(store, a.name)
+    # Unknown server or wrong mode: let the use case refuse (and audit) before reading any secret.
+    values = read_values(server.placeholders, sys.stdin, a.name) if server and server.mode is AuthMode.SHARED else {}
+    view = await svc.set_shared(_OP, a.name, values)
+    return Rendered(
+        {"server": view.to_json()},
+        f"Set shared values of {view.name}: " + ", ".join(f"{n}={m}" for n, m in view.shared_masks),
+    )
+
+
+async def _servers_remove(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    await svc.remove_server(_OP, a.name)
+    return Rendered({"removed": {"server": a.name}}, f"Removed server {a.name} and its overrides.")
+
+
+async def _servers_rotate(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    signing = await svc.rotate_signing_secret(_OP, a.name)
+    return Rendered(
+        {"server": a.name, "signing_secret": signing.reveal()},
+        f"Rotated the signing secret of {a.name}; the old one no longer signs.\n\n"
+        + _once_block("New signing secret", signing),
+    )
+
+
+async def _principals_add(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    view = await svc.add_principal(_OP, a.name, a.team, _csv(a.roles), a.kind, a.rate_limit)
+    return Rendered(
+        {"principal": view.to_json()},
+        f"Added {view.kind} {view.name} ({view.id}) to team {view.team} with roles {','.join(view.roles)}.\n"
+        f"Create a key with: mcp-authz keys create {view.name} --label LABEL",
+    )
+
+
+async def _principals_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    views = await svc.list_principals(_OP, a.team)
+    return Rendered({"principals": [v.to_json() for v in views]}, _principals_table(views))
+
+
+def _principals_toggle(disabled: bool) -> Handler:
+    async def handler(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+        view = await svc.set_principal_disabled(_OP, a.name, disabled)
+        state = "Disabled" if disabled else "Enabled"
+        note = " Every key of this principal is refused." if disabled else ""
+        return Rendered({"principal": view.to_json()}, f"{state} principal {view.name}.{note}")
+
+    return handler
+
+
+async def _teams_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    views = await svc.list_teams(_OP)
+    return Rendered({"teams": [v.to_json() for v in views]}, _teams_table(views))
+
+
+def _teams_toggle(disabled: bool) -> Handler:
+    async def handler(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+        view = await svc.set_team_disabled(_OP, a.name, disabled)
+        state = "Disabled" if disabled else "Enabled"
+        note = " Every key of every principal in it is refused." if disabled else ""
+        return Rendered({"team": view.to_json()}, f"{state} team {view.name}.{note}")
+
+    return handler
+
+
+async def _keys_create(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    scope = [s for item in a.servers for s in _csv(item)]
+    view, key = await svc.create_key(_OP, a.principal, a.label, a.expires, scope)
+    return Rendered(
+        {"key": view.to_json(), "api_key": key.reveal()},
+        f"Created {_key_line(view)}.\n\n" + _once_block("Gateway key", key),
+    )
+
+
+async def _keys_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    views = await svc.list_keys(_OP, a.principal)
+    return Rendered({"keys": [v.to_json() for v in views]}, _keys_table(views))
+
+
+async def _keys_revoke(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    view = await svc.revoke_key(_OP, a.key_id)
+    text = f"Revoked key {view.key_id} of {view.principal} at {_when(view.revoked_at)}."
+    return Rendered({"key": view.to_json()}, text)
+
+
+async def _keys_regenerate(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    view, key = await svc.regenerate_key(_OP, a.key_id, a.grace)
+    old = (
+        f"The old key {a.key_id} stops working in {a.grace} seconds."
+        if a.grace
+        else f"The old key {a.key_id} is revoked now."
+    )
+    return Rendered(
+        {"key": view.to_json(), "api_key": key.reveal(), "replaced": a.key_id, "grace_seconds": a.grace},
+        f"Created {_key_line(view)}. {old}\n\n" + _once_block("Gateway key", key),
+    )
+
+
+async def _overrides_set(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    server = await _server_for_input(store, a.server)
+    ok = server is not None and server.mode is not AuthMode.NONE
+    values = read_values(server.placeholders, sys.stdin, a.server) if ok and server else {}
+    view = await svc.set_override(_OP, a.principal, a.server, values)
+    return Rendered(
+        {"override": view.to_json()},
+        f"Set the override of {view.principal} for {view.server}: "
+        + ", ".join(f"{n}={m}" for n, m in view.masks),
+    )
+
+
+async def _overrides_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    views = await svc.list_overrides(_OP, a.server, a.principal)
+    return Rendered({"overrides": [v.to_json() for v in views]}, _overrides_table(views))
+
+
+async def _overrides_delete(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    await svc.delete_override(_OP, a.principal, a.server)
+    return Rendered(
+        {"deleted": {"principal": a.principal, "server": a.server}},
+        f"Deleted the override of {a.principal} for {a.server}.",
+    )
+
+
+async def _server_for_input(store: Store, name: str) -> McpServer | None:
+    # Only to learn which placeholders to read; the use case validates everything again.
+    return await store.get_server(name) if NAME_RE.match(name) else None
+
+
+def _run_managed(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        ctx = _context(args)
+
+        async def go() -> Rendered:
+            async with _session(ctx) as (svc, store):
+                return await handler(svc, store, args)
+
+        _emit(ctx.json, asyncio.run(go()))
+        return 0
+
+    return run
+
+
+def _emit(json_mode: bool, result: Rendered) -> None:
+    if json_mode:
+        print(json.dumps(result.doc, indent=2), file=sys.stdout)
+    else:
+        print(result.text, file=sys.stdout)
+
+
+# --- init, serve, run ------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    for name, what in ((args.admin_name, "admin"), (args.team, "team")):
+        if not NAME_RE.match(name):
+            # Checked before a key file is written, so a typo leaves nothing behind.
+            raise InvalidInput(f"The {what} name is invalid: use lowercase letters, digits, '.', '_' or '-'.")
+
+    async def go() -> Rendered:
+        store = await _open_store(ctx.settings.store_url)
+        try:
+            await store.migrate()
+            if await store.get_key_checks():
+                raise Conflict(
+                    "The store is already initialised. Use the existing admin key, or create another with "
+                    "'mcp-authz keys create'."
+                )
+            keyring, written = _init_keyring(ctx)
+            svc = AdminService(store, keyring, KeyHasher(ctx.settings.argon2))
+            principal, view, key = await svc.initialize(_OP, args.admin_name, args.team)
+        finally:
+            await store.close()
+        doc = {
+            "store": ctx.settings.store_url,
+            "master_key_file": str(written) if written else None,
+            "principal": PrincipalView.of(principal).to_json(),
+            "key": view.to_json(),
+            "api_key": key.reveal(),
+        }
+        lines = [f"Initialised the store {ctx.settings.store_url}."]
+        if written:
+            lines.append(
+                f"Generated a master key and wrote it to {written} (mode 0600). Back it up: without it the "
+                f"stored credentials cannot be decrypted. Point the sidecar at it with {ENV_KEY_FILE}={written}."
+            )
+        lines.append(f"Created admin {principal.name} ({principal.id}) in team {principal.team}.")
+        lines.append("")
+        lines.append(_once_block(f"Admin gateway key ({view.key_id})", key))
+        return Rendered(doc, "\n".join(lines))
+
+    _emit(ctx.json, asyncio.run(go()))
+    return 0
+
+
+def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
+    """The configured master key, or a new one written to a 0600 file. Returns (keyring, file written)."""
+    env = ctx.env
+    path_text = env.get(ENV_KEY_FILE, "")
+    if env.get(ENV_KEY) or (path_text and Path(path_text).exists()):
+        return load_keyring(env), None
+    path = Path(path_text) if path_text else _default_key_path(ctx.settings.store_url)
+    if not path_text and path.exists():
+        raise ConfigError(
+            f"{path} exists already but no master key is configured; pass --master-key-file {path} to use it."
+        )
+    spec = Keyring.generate_spec()
+    keyring = Keyring.from_spec(spec)
+    try:
+        write_key_file(path, spec)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the master key file {path}: {exc.strerror}.") from None
+    return keyring, path
+
+
+def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
+    ctx = _context(args, listen=args.listen, key_header=args.key_header, poll_interval=args.poll_interval)
+    return ctx.settings, _load_keyring(ctx)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings, keyring = _serve_settings(args)
+    from authz_server import app  # imported here: the management commands do not need gRPC
+
+    asyncio.run(app.serve(settings, keyring))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings, keyring = _serve_settings(args)
+    config = Path(args.envoy_config or os.environ.get(ENV_ENVOY_CONFIG) or DEFAULT_ENVOY_CONFIG)
+    from authz_server import app
+
+    asyncio.run(app.run_with_envoy(settings, keyring, envoy_config=config))
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS defaults: the options may appear before or after the subcommand
+    # without a subparser's default clobbering a value given earlier.
+    common = _Parser(add_help=False)
+    g = common.add_argument_group("common options")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
+    g.add_argument(
+        "--store",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="store URL (default: $MCP_AUTHZ_STORE, else sqlite:///mcp-authz.db)",
+    )
+    g.add_argument(
+        "--master-key-file",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"master key file, mode 0600 (default: ${ENV_KEY_FILE}; ${ENV_KEY} also works)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        description="Envoy ext_authz sidecar for MCP traffic: manage servers, principals, keys and overrides.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def leaf(
+        group: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def group(name: str, help_text: str) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = leaf(sub, "init", "migrate the store, create the master key if needed and the first admin key", _cmd_init)
+    p.add_argument("--admin-name", default="admin", help="name of the first admin (default: admin)")
+    p.add_argument("--team", default="default", help="team of the first admin (default: default)")
+
+    for name, func, text in (
+        ("serve", _cmd_serve, "run the ext_authz gRPC sidecar"),
+        ("run", _cmd_run, "run the sidecar and Envoy together (local use)"),
+    ):
+        p = leaf(sub, name, text, func)
+        p.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (default: 127.0.0.1:9001)")
+        p.add_argument("--key-header", metavar="H", help="custom header a gateway key may come in (default: x-api-key)")
+        p.add_argument("--poll-interval", metavar="S", type=float, help="seconds between store polls (default: 0.1)")
+        if name == "run":
+            p.add_argument(
+                "--envoy-config",
+                metavar="PATH",
+                help=f"Envoy config (default: ${ENV_ENVOY_CONFIG}, else {DEFAULT_ENVOY_CONFIG})",
+            )
+
+    servers = group("servers", "MCP servers and their credential templates")
+    p = leaf(servers, "add", "register an MCP server", _run_managed(_servers_add))
+    p.add_argument("name")
+    p.add_argument("--mode", required=True, choices=[m.value for m in AuthMode])
+    p.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="'NAME: TEMPLATE'",
+        help="credential header, e.g. 'Authorization: Bearer {{API_KEY}}' (repeatable)",
+    )
+    p.add_argument(
+        "--optional", action="append", default=[], metavar="PLACEHOLDER", help="placeholder that may be left unset"
+    )
+    p.add_argument("--description", default="")
+    leaf(servers, "list", "list servers", _run_managed(_servers_list))
+    leaf(servers, "show", "show one server", _run_managed(_servers_show)).add_argument("name")
+    leaf(
+        servers,
+        "set-shared",
+        "set a shared server's default values, read from stdin (or prompted)",
+        _run_managed(_servers_set_shared),
+    ).add_argument("name")
+    leaf(servers, "remove", "remove a server and its overrides", _run_managed(_servers_remove)).add_argument("name")
+    leaf(
+        servers, "rotate-signing-secret", "issue a new request-signing secret", _run_managed(_servers_rotate)
+    ).add_argument("name")
+
+    principals = group("principals", "users and service accounts")
+    p = leaf(principals, "add", "add a principal", _run_managed(_principals_add))
+    p.add_argument("name")
+    p.add_argument("--team", default="default", help="team (created when missing; default: default)")
+    p.add_argument("--roles", default="user", help="comma-separated: admin, manager, user (default: user)")
+    p.add_argument("--kind", default="user", choices=["user", "service"])
+    p.add_argument("--rate-limit", type=int, metavar="N", help="requests per minute (default: unlimited)")
+    leaf(principals, "list", "list principals", _run_managed(_principals_list)).add_argument("--team")
+    disable_text = "disable a principal (all its keys stop working)"
+    leaf(principals, "disable", disable_text, _run_managed(_principals_toggle(True))).add_argument("name")
+    leaf(principals, "enable", "enable a principal", _run_managed(_principals_toggle(False))).add_argument("name")
+
+    teams = group("teams", "teams (workspaces)")
+    leaf(teams, "list", "list teams", _run_managed(_teams_list))
+    disable_text = "disable a team (all its keys stop working)"
+    leaf(teams, "disable", disable_text, _run_managed(_teams_toggle(True))).add_argument("name")
+    leaf(teams, "enable", "enable a team", _run_managed(_teams_toggle(False))).add_argument("name")
+
+    keys = group("keys", "gateway keys")
+    p = leaf(keys, "create", "create a gateway key (shown once)", _run_managed(_keys_create))
+    p.add_argument("principal")
+    p.add_argument("--label", default="")
+    p.add_argument("--expires", type=parse_expiry, metavar="WHEN", help="ISO date or date-time, or a duration (30d)")
+    p.add_argument(
+        "--servers", action="append", default=[], metavar="A,B:TOOL", help="scope to servers, or server:tool"
+    )
+    leaf(keys, "list", "list keys (never the keys themselves)", _run_managed(_keys_list)).add_argument("--principal")
+    leaf(keys, "revoke", "revoke a key now", _run_managed(_keys_revoke)).add_argument("key_id")
+    p = leaf(keys, "regenerate", "replace a key (shown once) and revoke the old one", _run_managed(_keys_regenerate))
+    p.add_argument("key_id")
+    p.add_argument(
+        "--grace", type=parse_grace, default=0, metavar="DURATION", help="keep the old key working for this long (10m)"
+    )
+
+    overrides = group("overrides", "personal upstream credentials")
+    p = leaf(overrides, "set", "set a principal's values, read from stdin (or prompted)", _run_managed(_overrides_set))
+    p.add_argument("--principal", required=True)
+    p.add_argument("--server", required=True)
+    p = leaf(overrides, "list", "list overrides (masked)", _run_managed(_overrides_list))
+    p.add_argument("--principal")
+    p.add_argument("--server")
+    p = leaf(overrides, "delete", "delete an override", _run_managed(_overrides_delete))
+    p.add_argument("--principal", required=True)
+    p.add_argument("--server", required=True)
+    return parser
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Returns the exit status: 0 ok, 1 operation error, 2 usage or configuration error."""
+    argv = sys.argv[1:] if argv is None else argv
+    json_mode = "--json" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        _print_error(json_mode, "usage", exc.message, exc.usage)
+        return 2
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    json_mode = bool(getattr(args, "json", False))
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:  # includes MasterKeyError
+        _print_error(json_mode, exc.reason, exc.message)
+        return 2
+    except AuthzError as exc:
+        _print_error(json_mode, exc.reason, exc.message)
+        return 1
+    except KeyboardInterrupt:
+        _print_error(json_mode, "interrupted", "interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""The mcp-authz command, in process against a SQLite store in tmp_path, and once as a real subprocess.
+
+Every run's stdout and stderr is kept in a session transcript; the last test
+checks that no gateway key or signing secret appears anywhere but in the one
+output that issued it, and that no credential value or master key appears at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz_server.cli import main, parse_duration, parse_expiry, parse_grace, sqlite_path
+from authz_server.crypto import keys as gateway_keys
+from authz_server.crypto.cipher import Keyring, read_key_file
+
+KEY_RE = re.compile(r"mgw_[0-9A-Za-z]{32}")
+GH_TOKEN = "ghp_CLIvalueAAAAbbbbCCCCdddd1234"
+CRM_KEY = "crm-key-0123456789abcdefXYZ"
+CRM_CLIENT = "crm-client-9876543210zyxw"
+ALICE_TOKEN = "ghp_ALICEpersonalTOKEN5566778899"
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Record:
+    argv: list[str]
+    code: int
+    out: str
+    err: str
+    issued: list[str] = field(default_factory=list)  # one-time secrets this output may show
+
+
+@dataclass
+class Transcript:
+    records: list[Record] = field(default_factory=list)
+    credentials: set[str] = field(default_factory=set)  # fed on stdin: never to be printed
+    master_keys: set[str] = field(default_factory=set)
+
+
+@pytest.fixture(scope="session")
+def transcript() -> Transcript:
+    return Transcript()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@dataclass
+class Cli:
+    """Runs `main` in process with a given stdin, capturing and recording output."""
+
+    tmp: Path
+    store: str
+    key_file: Path
+    transcript: Transcript
+    capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch
+
+    def __call__(self, *argv: str, stdin: str = "", tty: bool = False, common: bool = True) -> Record:
+        args = list(argv)
+        if common:
+            args += ["--store", self.store, "--master-key-file", str(self.key_file)]
+        self.monkeypatch.setattr(sys, "stdin", _Tty(stdin) if tty else io.StringIO(stdin))
+        self.capsys.readouterr()
+        code = main(args)
+        captured = self.capsys.readouterr()
+        record = Record(args, code, captured.out, captured.err)
+        self.transcript.records.append(record)
+        assert "Traceback" not in captured.err + captured.out
+        return record
+
+    def json(self, *argv: str, stdin: str = "", code: int = 0) -> Any:
+        record = self("--json", *argv, stdin=stdin)
+        assert record.code == code, record.err or record.out
+        doc = json.loads(record.out)
+        for name in ("api_key", "signing_secret"):
+            if isinstance(doc, dict) and name in doc:
+                record.issued.append(doc[name])
+        return doc
+
+    def secret_stdin(self, *values: str) -> None:
+        self.transcript.credentials.update(values)
+
+
+@pytest.fixture
+def run(
+    tmp_path: Path, transcript: Transcript, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Cli:
+    for var in list(os.environ):
+        if var.startswith("MCP_AUTHZ_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    return Cli(tmp_path, f"sqlite:///{tmp_path}/authz.db", tmp_path / "master.key", transcript, capsys, monkeypatch)
+
+
+@pytest.fixture
+def ready(run: Cli) -> Cli:
+    """An initialised store, a master key file, and a `github` server in individual mode."""
+    doc = run.json("init")
+    run.transcript.master_keys.add(read_key_file(run.key_file))
+    assert doc["master_key_file"] == str(run.key_file)
+    run.json("servers", "add", "github", "--mode", "individual", "-H", "Authorization: Bearer {{API_KEY}}")
+    return run
+
+
+# --- init ------------------------------------------------------------------------------
+
+
+def test_init_prints_the_admin_key_once_and_writes_a_0600_key_file(run: Cli) -> None:
+    rec = run("init", "--store", "sqlite:///authz.db", common=False)
+    assert rec.code == 0, rec.err
+    keys_shown = KEY_RE.findall(rec.out)
+    assert len(keys_shown) == 1
+    (key,) = keys_shown
+    rec.issued.append(key)
+    assert "shown once" in rec.out
+    key_file = run.tmp / "mcp-authz.key"  # beside the SQLite file
+    assert f"wrote it to {key_file.name}" in rec.out
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    spec = read_key_file(key_file)
+    run.transcript.master_keys.add(spec)
+    assert spec not in rec.out
+    key_id = gateway_keys.parse(key).key_id
+    assert f"({key_id})" in rec.out
+    # Later commands find the key file beside the database without being told.
+    listing = run("keys", "list", "--store", "sqlite:///authz.db", common=False)
+    assert listing.code == 0, listing.err
+    assert key_id in listing.out and "initial admin key" in listing.out and "active" in listing.out
+    assert KEY_RE.search(listing.out) is None and key[4:] not in listing.out
+    # A second init refuses and writes nothing.
+    again = run("init", "--store", "sqlite:///authz.db", common=False)
+    assert again.code == 1 and "already initialised" in again.err
+    assert sorted(p.name for p in run.tmp.iterdir()) == ["authz.db", "mcp-authz.key"]
+
+
+def test_init_json_with_an_explicit_key_file_and_with_an_env_key(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = run.json("init", "--admin-name", "root", "--team", "ops")
+    run.transcript.master_keys.add(read_key_file(run.key_file))
+    assert doc["master_key_file"] == str(run.key_file) and doc["store"] == run.store
+    assert doc["principal"]["name"] == "root" and doc["principal"]["team"] == "ops"
+    assert doc["principal"]["roles"] == ["admin"]
+    assert doc["key"]["principal"] == "root" and doc["key"]["status"] == "active"
+    assert gateway_keys.parse(doc["api_key"]).key_id == doc["key"]["key_id"]
+    assert Keyring.from_spec(read_key_file(run.key_file)).versions == (1,)
+    spec = Keyring.generate_spec()
+    run.transcript.master_keys.add(spec)
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", spec)
+    other = f"sqlite:///{run.tmp}/other.db"
+    rec = run("--json", "init", "--store", other, common=False)
+    assert rec.code == 0, rec.out
+    out = json.loads(rec.out)
+    rec.issued.append(out["api_key"])
+    assert out["master_key_file"] is None and not (run.tmp / "mcp-authz.key").exists()
+    assert run("keys", "list", "--store", other, common=False).code == 0
+
+
+def test_init_refuses_to_reuse_an_unconfigured_key_file(run: Cli) -> None:
+    (run.tmp / "mcp-authz.key").write_text("whatever")
+    rec = run("init", "--store", "sqlite:///authz.db", common=False)
+    assert rec.code == 2
+    assert "mcp-authz.key exists already" in rec.err and "--master-key-file" in rec.err
+    rec = run("init", "--store", "sqlite:///authz.db", "--admin-name", "Bad Name", common=False)
+    assert rec.code == 1 and "admin name is invalid" in rec.err
+
+
+# --- every command, as JSON -------------------------------------------------------------------
+
+
+def test_every_command_prints_one_json_document(ready: Cli) -> None:
+    run = ready
+    servers = run.json("servers", "list")["servers"]
+    assert [(s["name"], s["mode"], s["headers"]) for s in servers] == [
+        ("github", "individual", ["Authorization: Bearer {{API_KEY}}"])
+    ]
+    added = run.json(
+        "servers", "add", "crm", "--mode", "shared", "-H", "X-API-Key: {{API_KEY}}", "-H", "X-Client-ID: {{CLIENT_ID}}",
+        "-H", "X-Trace: {{TRACE}}", "--optional", "TRACE", "--description", "the CRM",
+    )
+    assert added["server"]["placeholders"] == [
+        {"name": "API_KEY", "required": True},
+        {"name": "CLIENT_ID", "required": True},
+        {"name": "TRACE", "required": False},
+    ]
+    assert len(added["signing_secret"]) >= 40 and added["server"]["shared_status"] == "missing"
+    run.secret_stdin(CRM_KEY, CRM_CLIENT)
+    shared = run.json("servers", "set-shared", "crm", stdin=f"API_KEY={CRM_KEY}\nCLIENT_ID = {CRM_CLIENT}\n")
+    assert shared["server"]["shared_values"] == {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}
+    assert shared["server"]["shared_status"] == "configured"
+    shown = run.json("servers", "show", "crm")["server"]
+    assert shown["description"] == "the CRM" and shown["has_signing_secret"] is True
+    rotated = run.json("servers", "rotate-signing-secret", "crm")
+    assert rotated["server"] == "crm" and rotated["signing_secret"] != added["signing_secret"]
+
+    alice = run.json("principals", "add", "alice", "--team", "eng", "--roles", "user,manager", "--rate-limit", "120")
+    assert alice["principal"]["roles"] == ["manager", "user"] and alice["principal"]["rate_limit_per_minute"] == 120
+    bot = run.json("principals", "add", "deploy-bot", "--kind", "service")["principal"]
+    assert (bot["kind"], bot["team"], bot["roles"]) == ("service", "default", ["user"])
+    assert [p["name"] for p in run.json("principals", "list")["principals"]] == ["admin", "alice", "deploy-bot"]
+    assert [p["name"] for p in run.json("principals", "list", "--team", "eng")["principals"]] == ["alice"]
+    assert run.json("principals", "disable", "alice")["principal"]["disabled"] is True
+    assert run.json("principals", "enable", "alice")["principal"]["disabled"] is False
+    assert [t["name"] for t in run.json("teams", "list")["teams"]] == ["default", "eng"]
+    assert run.json("teams", "disable", "eng")["team"] == {
+        "name": "eng", "disabled": True, "created_at": run.json("teams", "list")["teams"][1]["created_at"]
+    }
+    assert run.json("teams", "enable", "eng")["team"]["disabled"] is False
+
+    created = run.json(
+        "keys", "create", "alice", "--label", "laptop", "--expires", "2099-01-31", "--servers", "github,crm:search"
+    )
+    assert created["key"]["expires_at"] == "2099-01-31T00:00:00Z"
+    assert created["key"]["scope"] == ["github", "crm:search"] and created["key"]["label"] == "laptop"
+    key_id = created["key"]["key_id"]
+    assert gateway_keys.parse(created["api_key"]).key_id == key_id
+    listed = run.json("keys", "list", "--principal", "alice")["keys"]
+    assert [(k["key_id"], k["status"]) for k in listed] == [(key_id, "active")]
+    assert "api_key" not in json.dumps(listed) and created["api_key"] not in json.dumps(listed)
+    regen = run.json("keys", "regenerate", key_id, "--grace", "10m")
+    assert regen["replaced"] == key_id and regen["grace_seconds"] == 600
+    assert regen["key"]["label"] == "laptop" and regen["key"]["scope"] == ["github", "crm:search"]
+    statuses = {k["key_id"]: (k["status"], k["revoked_at"]) for k in run.json("keys", "list")["keys"]}
+    assert statuses[key_id][0] == "active" and statuses[key_id][1] is not None  # in its grace period
+    revoked = run.json("keys", "revoke", key_id)["key"]
+    assert revoked["status"] == "revoked" and revoked["key_id"] == key_id
+
+    run.secret_stdin(ALICE_TOKEN)
+    override = run.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=ALICE_TOKEN + "\n")
+    assert override["override"] == {
+        "principal": "alice",
+        "kind": "user",
+        "server": "github",
+        "values": {"API_KEY": "ghp_…8899"},
+        "updated_by": "cli",
+        "updated_at": override["override"]["updated_at"],
+        "status": "configured",
+        "status_reason": "",
+    }
+    assert [o["server"] for o in run.json("overrides", "list", "--principal", "alice")["overrides"]] == ["github"]
+    assert run.json("overrides", "list", "--server", "crm")["overrides"] == []
+    assert run.json("overrides", "delete", "--principal", "alice", "--server", "github") == {
+        "deleted": {"principal": "alice", "server": "github"}
+    }
+    assert run.json("servers", "remove", "crm") == {"removed": {"server": "crm"}}
+    assert run.json("keys", "revoke", key_id, code=0)["key"]["status"] == "revoked"
+    missing = run.json("servers", "show", "crm", code=1)
+    assert missing == {"error": {"reason": "not_found", "message": "No server named crm."}}
+
+
+def test_tables_for_people(ready: Cli) -> None:
+    run = ready
+    rec = run("principals", "add", "bob", "--roles", "user")
+    assert rec.code == 0 and "Added user bob" in rec.out
+    rec = run("keys", "create", "bob", "--label", "ci", "--expires", "30d")
+    assert rec.code == 0 and "shown once" in rec.out
+    rec.issued += KEY_RE.findall(rec.out)
+    listing = run("keys", "list").out.splitlines()
+    assert listing[0].split() == [
+        "KEY", "ID", "PRINCIPAL", "LABEL", "STATUS", "CREATED", "LAST", "USED", "EXPIRES", "REVOKED", "SCOPE"
+    ]
+    assert len(listing) == 3 and any(" bob " in line and " ci " in line for line in listing)
+    assert run("overrides", "list").out.strip() == "(no overrides)"
+    servers = run("servers", "list").out.splitlines()
+    assert servers[0].split() == ["NAME", "MODE", "PLACEHOLDERS", "SHARED", "DESCRIPTION"]
+    assert servers[1].split()[:3] == ["github", "individual", "API_KEY"]
+
+
+# --- secrets from stdin --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crm(ready: Cli) -> Cli:
+    ready.json(
+        "servers", "add", "crm", "--mode", "individual", "-H", "X-API-Key: {{API_KEY}}",
+        "-H", "X-Client-ID: {{CLIENT_ID}}", "-H", "X-Trace: {{TRACE}}", "--optional", "TRACE",
+    )
+    ready.json("principals", "add", "alice")
+    return ready
+
+
+@pytest.mark.parametrize(
+    ("server", "stdin", "masks"),
+    [
+        ("github", f"{GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
+        ("github", f"  {GH_TOKEN}  \r\n\n", {"API_KEY": "ghp_…1234"}),
+        ("github", f"API_KEY={GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
+        ("github", "dGVzdC10b2tlbi12YWx1ZQ==\n", {"API_KEY": "dGVz…ZQ=="}),  # '=' in a bare value stays
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\n", {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}),
+        (
+            "crm",
+            f"\nCLIENT_ID={CRM_CLIENT}\nAPI_KEY={CRM_KEY}\nTRACE=\n",
+            {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"},
+        ),
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID=a=b=c=d=e=f=g=h=i\nTRACE=trace-value-1234567\n",
+         {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "a=b=…=h=i", "TRACE": "trac…4567"}),
+    ],
+)
+def test_override_values_from_stdin(crm: Cli, server: str, stdin: str, masks: dict[str, str]) -> None:
+    crm.secret_stdin(GH_TOKEN, CRM_KEY, CRM_CLIENT, "dGVzdC10b2tlbi12YWx1ZQ==", "trace-value-1234567")
+    doc = crm.json("overrides", "set", "--principal", "alice", "--server", server, stdin=stdin)
+    assert doc["override"]["values"] == masks
+
+
+@pytest.mark.parametrize(
+    ("server", "stdin", "message"),
+    [
+        ("github", "", "No values on stdin"),
+        ("github", "\n  \n", "No values on stdin"),
+        ("github", f"{GH_TOKEN}\n{GH_TOKEN}\n", "one placeholder, API_KEY: give its value as a single line"),
+        ("crm", f"{CRM_KEY}\n", "Line 1 of stdin is not NAME=VALUE"),
+        ("crm", f"API_KEY={CRM_KEY}\nsecret-{CRM_CLIENT}==\n", "Line 2 of stdin is not NAME=VALUE"),
+        ("crm", f"API_KEY={CRM_KEY}\nAPI_KEY={CRM_KEY}\n", "API_KEY is given twice"),
+        ("crm", f"API_KEY={CRM_KEY}\n", "needs a value for CLIENT_ID"),
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID=\n", "The value of CLIENT_ID is empty"),
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\nOTHER=x\n", "Unknown placeholder OTHER"),
+        ("crm", f"API_KEY={CRM_KEY}\x07\nCLIENT_ID={CRM_CLIENT}\n", "API_KEY contains a control character"),
+    ],
+)
+def test_bad_stdin_is_refused_without_echo(crm: Cli, server: str, stdin: str, message: str) -> None:
+    crm.secret_stdin(GH_TOKEN, CRM_KEY, CRM_CLIENT)
+    rec = crm("overrides", "set", "--principal", "alice", "--server", server, stdin=stdin)
+    assert rec.code == 1 and message in rec.err
+    for value in (GH_TOKEN, CRM_KEY, CRM_CLIENT):
+        assert value not in rec.err + rec.out
+    assert crm.json("overrides", "list")["overrides"] == []
+
+
+def test_tty_prompts_per_placeholder(crm: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"API_KEY": CRM_KEY, "CLIENT_ID": CRM_CLIENT, "TRACE": ""}
+    prompts: list[str] = []
+
+    def fake_getpass(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return answers[prompt.split(" ")[0]]
+
+    monkeypatch.setattr(getpass, "getpass", fake_getpass)
+    crm.secret_stdin(CRM_KEY, CRM_CLIENT)
+    rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
+    assert rec.code == 0, rec.err
+    assert prompts == ["API_KEY for crm: ", "CLIENT_ID for crm: ", "TRACE for crm (optional, Enter to skip): "]
+    assert "API_KEY=crm-…fXYZ" in rec.out and "TRACE" not in rec.out
+    answers["CLIENT_ID"] = ""
+    rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
+    assert rec.code == 1 and "CLIENT_ID is required" in rec.err
+
+
+def test_set_shared_from_stdin_and_mode_checks(ready: Cli) -> None:
+    run = ready
+    run.json("servers", "add", "linear", "--mode", "shared", "-H", "Authorization: Bearer {{API_KEY}}")
+    run.secret_stdin(GH_TOKEN)
+    rec = run("servers", "set-shared", "linear", stdin=GH_TOKEN)
+    assert rec.code == 0 and rec.out.strip() == "Set shared values of linear: API_KEY=ghp_…1234"
+    # Wrong mode or unknown server: refused before stdin is read.
+    rec = run("servers", "set-shared", "github", stdin=GH_TOKEN)
+    assert rec.code == 1 and "individual mode" in rec.err and "overrides set" in rec.err
+    rec = run("servers", "set-shared", "nope", stdin=GH_TOKEN)
+    assert rec.code == 1 and "No server named nope" in rec.err
+    run.json("servers", "add", "open", "--mode", "none")
+    rec = run("overrides", "set", "--principal", "admin", "--server", "open", stdin=GH_TOKEN)
+    assert rec.code == 1 and "none mode" in rec.err
+
+
+# --- errors and exit codes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["keys"], "the following arguments are required: ACTION"),
+        (["keys", "create"], "the following arguments are required: principal"),
+        (["keys", "create", "bob", "--expires", "soonish"], "argument --expires: expected an ISO date"),
+        (["keys", "regenerate", "AAAAAAA", "--grace", "forever"], "argument --grace: expected a duration"),
+        (["servers", "add", "x", "--mode", "oauth"], "argument --mode: invalid choice"),
+        (["principals", "add", "x", "--rate-limit", "many"], "argument --rate-limit"),
+        (["overrides", "set", "--principal", "a", "--server", "b", GH_TOKEN], "unexpected extra arguments (not shown)"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2(run: Cli, argv: list[str], message: str) -> None:
+    rec = run(*argv, common=False)
+    assert rec.code == 2 and message in rec.err and rec.out == ""
+    assert "usage: mcp-authz" in rec.err and GH_TOKEN not in rec.err
+    as_json = run("--json", *argv, common=False)
+    assert as_json.code == 2 and json.loads(as_json.out)["error"]["reason"] == "usage"
+
+
+def test_master_key_problems_exit_2(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = ready
+    wrong = run.tmp / "wrong.key"
+    spec = "1:" + base64.b64encode(os.urandom(32)).decode()
+    run.transcript.master_keys.add(spec)
+    wrong.write_text(spec)
+    wrong.chmod(0o600)
+    rec = run("keys", "list", "--store", run.store, "--master-key-file", str(wrong), common=False)
+    assert rec.code == 2 and rec.err.strip() == (
+        "error: The master key (version 1) does not match this store. Use the key the store was initialised with."
+    )
+    # Nothing is written under a wrong key.
+    rec = run("principals", "add", "mallory", "--store", run.store, "--master-key-file", str(wrong), common=False)
+    assert rec.code == 2
+    assert "mallory" not in run("principals", "list").out
+    readable = run.tmp / "readable.key"
+    readable.write_text(read_key_file(run.key_file))
+    readable.chmod(0o644)
+    rec = run("--json", "keys", "list", "--store", run.store, "--master-key-file", str(readable), common=False)
+    assert rec.code == 2
+    assert json.loads(rec.out) == {
+        "error": {
+            "reason": "master_key",
+            "message": f"The master key file {readable} is readable by others (mode 0644); run chmod 600.",
+        }
+    }
+    rec = run("keys", "list", "--store", run.store, common=False)
+    assert rec.code == 2 and "No master key" in rec.err
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", "not base64 !!")
+    rec = run("keys", "list", "--store", run.store, common=False)
+    assert rec.code == 2 and "master key is malformed" in rec.err and "not base64" not in rec.err
+    # The flag wins over the environment.
+    assert run("keys", "list").code == 0
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", read_key_file(run.key_file))
+    monkeypatch.setenv("MCP_AUTHZ_STORE", run.store)
+    assert run("keys", "list", common=False).code == 0
+
+
+def test_store_problems(run: Cli) -> None:
+    rec = run("keys", "list")
+    assert rec.code == 2 and "No store at" in rec.err and "mcp-authz init" in rec.err
+    assert not (run.tmp / "authz.db").exists()
+    rec = run("keys", "list", "--store", "mysql://x/y", "--master-key-file", str(run.key_file), common=False)
+    assert rec.code == 2 and "store URL must start with" in rec.err
+
+
+def test_operation_errors_exit_1(ready: Cli) -> None:
+    run = ready
+    for argv, message in [
+        (["principals", "disable", "nobody"], "No principal named nobody."),
+        (["teams", "enable", "nobody"], "No team named nobody."),
+        (["servers", "add", "github", "--mode", "none"], "A server named github exists already."),
+        (["servers", "add", "x", "--mode", "shared", "-H", "Host: {{A}}"], "Header Host is reserved"),
+        (["keys", "create", "admin", "--servers", "nope"], "names server nope, which does not exist"),
+        (["keys", "create", "admin", "--expires", "2001-01-01"], "expiry must be in the future"),
+        (["keys", "revoke", "mgw_" + "A" * 32], "That is a whole gateway key"),
+        (["overrides", "delete", "--principal", "admin", "--server", "github"], "admin has no override"),
+    ]:
+        rec = run(*argv)
+        assert rec.code == 1, argv
+        assert rec.err.startswith("error: ") and message in rec.err, rec.err
+        assert rec.out == ""
+
+
+# --- argument parsing helpers ----------------------------------------------------------------------
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30d", NOW + timedelta(days=30)),
+        ("12h", NOW + timedelta(hours=12)),
+        ("15m", NOW + timedelta(minutes=15)),
+        ("2w", NOW + timedelta(weeks=2)),
+        ("2026-12-31", datetime(2026, 12, 31, tzinfo=timezone.utc)),
+        ("2026-12-31T18:30", datetime(2026, 12, 31, 18, 30, tzinfo=timezone.utc)),
+        ("2026-12-31T18:30Z", datetime(2026, 12, 31, 18, 30, tzinfo=timezone.utc)),
+        ("2026-12-31T18:30+02:00", datetime(2026, 12, 31, 16, 30, tzinfo=timezone.utc)),
+    ],
+)
+def test_parse_expiry(text: str, expected: datetime) -> None:
+    assert parse_expiry(text, now=NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["", "30", "30x", "d30", "tomorrow", "2026-13-01"])
+def test_parse_expiry_rejects(text: str) -> None:
+    with pytest.raises(Exception, match="expected"):
+        parse_expiry(text, now=NOW)
+
+
+def test_parse_duration_and_grace() -> None:
+    assert parse_duration("45s") == timedelta(seconds=45)
+    assert parse_grace("300") == 300 and parse_grace("10m") == 600 and parse_grace("1h") == 3600
+    assert sqlite_path("sqlite:///rel/a.db") == Path("rel/a.db")
+    assert sqlite_path("sqlite:////abs/a.db") == Path("/abs/a.db")
+    assert sqlite_path("postgresql://h/db") is None
+
+
+# --- serve and run ------------------------------------------------------------------------------------
+
+
+def test_serve_and_run_hand_validated_settings_to_the_app(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import authz_server.app as app
+
+    spec = Keyring.generate_spec()
+    run.transcript.master_keys.add(spec)
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", spec)
+    calls: list[tuple[str, Any, Any, Any]] = []
+
+    async def fake_serve(settings: Any, keyring: Any) -> None:
+        calls.append(("serve", settings, keyring, None))
+
+    async def fake_run(settings: Any, keyring: Any, envoy_config: Path) -> None:
+        calls.append(("run", settings, keyring, envoy_config))
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    monkeypatch.setattr(app, "run_with_envoy", fake_run)
+    rec = run(
+        "serve", "--listen", "0.0.0.0:9100", "--key-header", "X-Gateway-Key", "--poll-interval", "0.5",
+        "--store", "sqlite:///s.db", common=False,
+    )
+    assert rec.code == 0, rec.err
+    rec = run("run", "--envoy-config", "my/envoy.yaml", common=False)
+    assert rec.code == 0, rec.err
+    (kind, settings, keyring, _), (kind2, settings2, _, config) = calls
+    assert (kind, settings.listen, settings.key_header) == ("serve", "0.0.0.0:9100", "x-gateway-key")
+    assert settings.poll_interval == 0.5
+    assert settings.store_url == "sqlite:///s.db" and keyring.versions == (1,)
+    assert (kind2, settings2.listen, config) == ("run", "127.0.0.1:9001", Path("my/envoy.yaml"))
+    rec = run("serve", "--listen", "nowhere", common=False)
+    assert rec.code == 2 and "listen address must be HOST:PORT" in rec.err
+    rec = run("--json", "serve", "--poll-interval", "0", common=False)
+    assert rec.code == 2 and json.loads(rec.out)["error"]["reason"] == "config"
+    assert len(calls) == 2
+
+
+# --- the real entry point -----------------------------------------------------------------------------
+
+
+def test_installed_entry_point(tmp_path: Path, transcript: Transcript) -> None:
+    exe = VENV_BIN / "mcp-authz"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_AUTHZ_")}
+    key_file = tmp_path / "k.key"
+    common = ["--store", f"sqlite:///{tmp_path}/e.db", "--master-key-file", str(key_file)]
+
+    def proc(*argv: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(exe), *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        transcript.records.append(Record(list(argv), done.returncode, done.stdout, done.stderr))
+        return done
+
+    done = proc("--json", "init", *common)
+    assert done.returncode == 0, done.stderr
+    transcript.master_keys.add(read_key_file(key_file))
+    doc = json.loads(done.stdout)
+    transcript.records[-1].issued.append(doc["api_key"])
+    listing = proc("keys", "list", "--json", *common)
+    assert listing.returncode == 0 and json.loads(listing.stdout)["keys"][0]["key_id"] == doc["key"]["key_id"]
+    bad = proc("keys", "list", "--store", f"sqlite:///{tmp_path}/e.db", "--master-key-file", str(tmp_path / "none"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Cannot read the master key file")
+    assert "Traceback" not in bad.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "authz_server", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("mcp-authz ")
+
+
+# --- the transcript: last --------------------------------------------------------------------------------
+
+
+def test_no_secret_leaks_in_any_output(transcript: Transcript) -> None:
+    """Runs last (file order): every output of this module, scanned."""
+    if len(transcript.records) < 20:
+        pytest.skip("needs the transcript of the whole module")
+    issued = {s: i for i, r in enumerate(transcript.records) for s in r.issued}
+    shown_keys: dict[str, list[int]] = {}
+    for i, record in enumerate(transcript.records):
+        text = record.out + record.err
+        for key in KEY_RE.findall(text):
+            shown_keys.setdefault(key, []).append(i)
+        for secret, where in issued.items():
+            if secret in text:
+                assert where == i, f"a one-time secret reappeared in {record.argv}"
+        for value in transcript.credentials | transcript.master_keys:
+            assert value not in text, f"a credential or master key in the output of {record.argv}"
+            assert value[4:-4] not in text
+    # Every gateway key printed anywhere was printed once, by the command that issued it.
+    assert shown_keys, "the transcript shows no key at all"
+    for key, where in shown_keys.items():
+        assert where == [issued[key]]
+    assert any(r.argv[:2] == ["--json", "init"] or r.argv[:1] == ["init"] for r in transcript.records)
