@@ -1,0 +1,124 @@
+"""Run the real sidecar (`mcp-authz serve`) and the real CLI as subprocesses, on a SQLite store.
+
+`seed_world` prepares a store with the same use-case layer the CLI uses (faster than
+one CLI process per step); tests then change it live through the CLI itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz_server.admin.service import Actor, AdminService
+from authz_server.crypto.cipher import ENV_KEY_FILE, Keyring, write_key_file
+from authz_server.crypto.keys import KeyHasher
+from authz_server.models import AuthMode, Role
+from authz_server.store import open_store
+
+from .harness import LOOPBACK, ManagedProcess, _spawn, free_port, wait_until
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "mcp-authz")
+
+
+@dataclass
+class World:
+    """What `seed_world` created: gateway keys by principal, signing secrets by server."""
+
+    dir: Path
+    store_url: str
+    key_file: Path
+    keys: dict[str, str] = field(default_factory=dict)
+    key_ids: dict[str, str] = field(default_factory=dict)
+    signing: dict[str, str] = field(default_factory=dict)
+    credentials: list[str] = field(default_factory=list)  # every upstream credential value used
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_AUTHZ_")}
+        env.update({ENV_KEY_FILE: str(self.key_file), "MCP_AUTHZ_STORE": self.store_url})
+        return env
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `mcp-authz ARGS` against this store; output is kept for the secret scan."""
+        done = subprocess.run(
+            [CLI, *args], input=stdin, capture_output=True, text=True, env=self.env, timeout=30, cwd=self.dir
+        )
+        with open(self.dir / "cli-output.log", "a", encoding="utf-8") as log:
+            log.write(f"$ mcp-authz {' '.join(args)}\n{done.stdout}{done.stderr}")
+        return done
+
+
+GITHUB_ALICE = "ghp_alice_personal_token_0001"
+LINEAR_SHARED = "lin_shared_team_token_0002"
+
+
+async def _seed(world: World, keyring: Keyring) -> None:
+    store = await open_store(world.store_url)
+    try:
+        admin = AdminService(store, keyring, KeyHasher())
+        op = Actor.operator()
+        await admin.initialize(op)
+        for name, mode in (("github", AuthMode.INDIVIDUAL), ("linear", AuthMode.SHARED), ("open", AuthMode.NONE)):
+            headers = () if mode is AuthMode.NONE else ("Authorization: Bearer {{API_KEY}}",)
+            _, secret = await admin.add_server(op, name, mode, headers=headers)
+            world.signing[name] = secret.reveal()
+        await admin.set_shared(op, "linear", {"API_KEY": LINEAR_SHARED})
+        for name, team in (("alice", "eng"), ("bob", "eng"), ("carol", "ops"), ("dave", "eng")):
+            await admin.add_principal(op, name, team, (Role.USER,))
+            view, key = await admin.create_key(op, name, label="e2e")
+            world.keys[name] = key.reveal()
+            world.key_ids[name] = view.key_id
+        await admin.set_override(op, "alice", "github", {"API_KEY": GITHUB_ALICE})
+        world.credentials += [GITHUB_ALICE, LINEAR_SHARED]
+    finally:
+        await store.close()
+
+
+def seed_world(directory: Path) -> World:
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = Keyring.generate_spec()
+    key_file = directory / "master.key"
+    write_key_file(key_file, spec)
+    world = World(directory, f"sqlite:///{directory / 'authz.db'}", key_file)
+    asyncio.run(_seed(world, Keyring.from_spec(spec)))
+    return world
+
+
+def serving(port: int) -> bool:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Sidecar:
+    process: ManagedProcess
+    port: int
+
+    def logs(self) -> str:
+        return self.process.stdout_path.read_text() + self.process.stderr_path.read_text()
+
+
+@contextmanager
+def run_sidecar(world: World, *, port: int | None = None, extra: Sequence[str] = (), name: str = "sidecar") -> Iterator[Sidecar]:
+    port = port or free_port()
+    argv = [CLI, "serve", "--listen", f"{LOOPBACK}:{port}", "--poll-interval", "0.05", *extra]
+    process = _spawn(name, argv, world.dir, env=world.env)
+    try:
+        wait_until(lambda: serving(port), timeout=20, what="sidecar", process=process)
+        yield Sidecar(process, port)
+    finally:
+        process.stop()
