@@ -1,0 +1,522 @@
+"""The Store contract written once in SQL, for SQLite and PostgreSQL alike.
+
+`SqlStore` holds every query and every rule of the contract (existence checks,
+change-log rows, sort orders). A backend supplies transactions (`_read`,
+`_write`), the datetime encoding, and the few statements that differ.
+Queries use `?` placeholders; the PostgreSQL transaction renumbers them.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from importlib import resources
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from authz_server.errors import Conflict, NotFound, StoreError
+from authz_server.models import (
+    AuditEvent,
+    Change,
+    Entity,
+    GatewayKey,
+    McpServer,
+    Override,
+    OverrideStatus,
+    Principal,
+    Sealed,
+    Snapshot,
+    Team,
+    override_key,
+)
+from authz_server.store.codec import (
+    AUDIT_COLUMNS,
+    KEY_COLUMNS,
+    OVERRIDE_COLUMNS,
+    PRINCIPAL_COLUMNS,
+    SERVER_COLUMNS,
+    TEAM_COLUMNS,
+    Row,
+    RowCodec,
+    TimeCodec,
+    encode_sealed,
+    now,
+    utc,
+)
+
+_T = TypeVar("_T")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class Tx(Protocol):
+    """One open transaction. `changed` is set once a change-log row is written."""
+
+    changed: bool
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; return the number of rows it touched."""
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None: ...
+
+    async def script(self, sql: str) -> None:
+        """Run several statements (a migration file)."""
+
+
+def load_migrations(dialect: str) -> list[tuple[int, str]]:
+    """The numbered migration files for a dialect, oldest first."""
+    folder = resources.files("authz_server.store") / "migrations" / dialect
+    found: list[tuple[int, str]] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    found.sort()
+    if [v for v, _ in found] != list(range(1, len(found) + 1)):
+        raise StoreError(f"The {dialect} migrations are not numbered 0001, 0002, … without gaps.")
+    return found
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """The least string above every string starting with `prefix` (code point order)."""
+    successor = ord(prefix[-1]) + 1
+    if 0xD800 <= successor <= 0xDFFF:  # surrogates cannot be stored: skip past them
+        successor = 0xE000
+    return None if successor > 0x10FFFF else prefix[:-1] + chr(successor)
+
+
+class SqlStore(abc.ABC):
+    """The Store Protocol over a SQL backend; see store/base.py for the contract."""
+
+    dialect: ClassVar[str]  # names the folder under migrations/
+
+    def __init__(self, times: TimeCodec) -> None:
+        self._codec = RowCodec(times)
+
+    # --- what a backend provides -------------------------------------------------
+
+    @abc.abstractmethod
+    def _read(self) -> AbstractAsyncContextManager[Tx]:
+        """A read-only transaction that sees one consistent state."""
+
+    @abc.abstractmethod
+    def _write(self, *, serial: bool = True) -> AbstractAsyncContextManager[Tx]:
+        """A read-write transaction. `serial`: writers are serialised, so change-log
+        seq order is commit order (needed by anything that logs changes)."""
+
+    @abc.abstractmethod
+    async def _bootstrap(self, tx: Tx) -> None:
+        """Create the schema_migrations table (and schema) when missing."""
+
+    @abc.abstractmethod
+    async def _has_table(self, tx: Tx, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def wait_for_changes(self, timeout: float) -> None: ...
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        migrations = load_migrations(self.dialect)
+        latest = migrations[-1][0] if migrations else 0
+        for version, script in migrations:
+            # One transaction per file; the version is re-read under the writer lock,
+            # so two processes migrating at once apply each file once.
+            async with self._write() as tx:
+                await self._bootstrap(tx)
+                current = await self._version(tx)
+                if current > latest:
+                    raise StoreError(
+                        f"The store's schema (version {current}) is newer than this mcp-authz knows "
+                        f"(version {latest}). Upgrade mcp-authz."
+                    )
+                if version <= current:
+                    continue
+                await tx.script(script)
+                await tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    version,
+                    self._codec.time(now()),
+                )
+
+    async def schema_version(self) -> int:
+        async with self._read() as tx:
+            if not await self._has_table(tx, "schema_migrations"):
+                return 0
+            return await self._version(tx)
+
+    async def _version(self, tx: Tx) -> int:
+        row = await tx.fetchrow("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+        return int(row["v"]) if row else 0
+
+    # --- master key check ----------------------------------------------------------------
+
+    async def get_key_checks(self) -> dict[int, Sealed]:
+        async with self._read() as tx:
+            rows = await tx.fetch("SELECT version, sealed FROM key_checks ORDER BY version")
+        return dict(self._codec.decode_key_check(r) for r in rows)
+
+    async def put_key_checks(self, checks: dict[int, Sealed]) -> None:
+        async with self._write(serial=False) as tx:
+            await tx.executemany(
+                "INSERT INTO key_checks (version, sealed) VALUES (?, ?) "
+                "ON CONFLICT (version) DO UPDATE SET sealed = excluded.sealed",
+                [(version, encode_sealed(sealed)) for version, sealed in checks.items()],
+            )
+
+    # --- teams -----------------------------------------------------------------------------
+
+    async def ensure_team(self, name: str, at: datetime) -> Team:
+        async with self._write() as tx:
+            team = await self._team(tx, name)
+            if team is None:
+                await tx.execute(_insert("teams", TEAM_COLUMNS), *self._codec.encode_team(Team(name, False, at)))
+                await self._log(tx, Entity.TEAM, name)
+                team = await self._must(self._team(tx, name))
+        return team
+
+    async def get_team(self, name: str) -> Team | None:
+        async with self._read() as tx:
+            return await self._team(tx, name)
+
+    async def list_teams(self) -> list[Team]:
+        async with self._read() as tx:
+            rows = await tx.fetch("SELECT * FROM teams ORDER BY name")
+        return [self._codec.decode_team(r) for r in rows]
+
+    async def set_team_disabled(self, name: str, disabled: bool) -> Team:
+        async with self._write() as tx:
+            if not await tx.execute("UPDATE teams SET disabled = ? WHERE name = ?", disabled, name):
+                raise NotFound(f"There is no team named {name!r}.")
+            await self._log(tx, Entity.TEAM, name)
+            return await self._must(self._team(tx, name))
+
+    async def _team(self, tx: Tx, name: str) -> Team | None:
+        row = await tx.fetchrow("SELECT * FROM teams WHERE name = ?", name)
+        return None if row is None else self._codec.decode_team(row)
+
+    # --- principals -----------------------------------------------------------------------
+
+    async def add_principal(self, principal: Principal) -> Principal:
+        async with self._write() as tx:
+            if await tx.fetchrow("SELECT 1 FROM principals WHERE id = ?", principal.id):
+                raise Conflict(f"A principal with id {principal.id!r} exists already.")
+            if await tx.fetchrow("SELECT 1 FROM principals WHERE name = ?", principal.name):
+                raise Conflict(f"A principal named {principal.name!r} exists already.")
+            if not await tx.fetchrow("SELECT 1 FROM teams WHERE name = ?", principal.team):
+                raise NotFound(f"There is no team named {principal.team!r}.")
+            await tx.execute(_insert("principals", PRINCIPAL_COLUMNS), *self._codec.encode_principal(principal))
+            await self._log(tx, Entity.PRINCIPAL, principal.id)
+            return await self._must(self._principal(tx, principal.id))
+
+    async def get_principal(self, principal_id: str) -> Principal | None:
+        async with self._read() as tx:
+            return await self._principal(tx, principal_id)
+
+    async def get_principal_by_name(self, name: str) -> Principal | None:
+        async with self._read() as tx:
+            row = await tx.fetchrow("SELECT * FROM principals WHERE name = ?", name)
+        return None if row is None else self._codec.decode_principal(row)
+
+    async def list_principals(self, team: str | None = None) -> list[Principal]:
+        async with self._read() as tx:
+            if team is None:
+                rows = await tx.fetch("SELECT * FROM principals ORDER BY name")
+            else:
+                rows = await tx.fetch("SELECT * FROM principals WHERE team = ? ORDER BY name", team)
+        return [self._codec.decode_principal(r) for r in rows]
+
+    async def set_principal_disabled(self, principal_id: str, disabled: bool) -> Principal:
+        async with self._write() as tx:
+            if not await tx.execute("UPDATE principals SET disabled = ? WHERE id = ?", disabled, principal_id):
+                raise NotFound(f"There is no principal with id {principal_id!r}.")
+            await self._log(tx, Entity.PRINCIPAL, principal_id)
+            return await self._must(self._principal(tx, principal_id))
+
+    async def _principal(self, tx: Tx, principal_id: str) -> Principal | None:
+        row = await tx.fetchrow("SELECT * FROM principals WHERE id = ?", principal_id)
+        return None if row is None else self._codec.decode_principal(row)
+
+    # --- MCP servers ------------------------------------------------------------------------
+
+    async def add_server(self, server: McpServer) -> McpServer:
+        async with self._write() as tx:
+            if await tx.fetchrow("SELECT 1 FROM servers WHERE name = ?", server.name):
+                raise Conflict(f"A server named {server.name!r} exists already.")
+            await tx.execute(_insert("servers", SERVER_COLUMNS), *self._codec.encode_server(server))
+            await self._log(tx, Entity.SERVER, server.name)
+            return await self._must(self._server(tx, server.name))
+
+    async def get_server(self, name: str) -> McpServer | None:
+        async with self._read() as tx:
+            return await self._server(tx, name)
+
+    async def list_servers(self) -> list[McpServer]:
+        async with self._read() as tx:
+            rows = await tx.fetch("SELECT * FROM servers ORDER BY name")
+        return [self._codec.decode_server(r) for r in rows]
+
+    async def update_server(self, server: McpServer) -> McpServer:
+        # Every column but the key (name) and created_at, in SERVER_COLUMNS order.
+        values = dict(zip(SERVER_COLUMNS, self._codec.encode_server(server), strict=True))
+        columns = [c for c in SERVER_COLUMNS if c not in ("name", "created_at")]
+        async with self._write() as tx:
+            changed = await tx.execute(
+                f"UPDATE servers SET {', '.join(f'{c} = ?' for c in columns)} WHERE name = ?",
+                *(values[c] for c in columns),
+                server.name,
+            )
+            if not changed:
+                raise NotFound(f"There is no server named {server.name!r}.")
+            await self._log(tx, Entity.SERVER, server.name)
+            return await self._must(self._server(tx, server.name))
+
+    async def remove_server(self, name: str) -> None:
+        async with self._write() as tx:
+            if not await tx.fetchrow("SELECT 1 FROM servers WHERE name = ?", name):
+                raise NotFound(f"There is no server named {name!r}.")
+            rows = await tx.fetch("SELECT principal_id FROM overrides WHERE server = ? ORDER BY principal_id", name)
+            await tx.execute("DELETE FROM overrides WHERE server = ?", name)
+            await tx.execute("DELETE FROM servers WHERE name = ?", name)
+            for row in rows:
+                await self._log(tx, Entity.OVERRIDE, override_key(row["principal_id"], name))
+            await self._log(tx, Entity.SERVER, name)
+
+    async def _server(self, tx: Tx, name: str) -> McpServer | None:
+        row = await tx.fetchrow("SELECT * FROM servers WHERE name = ?", name)
+        return None if row is None else self._codec.decode_server(row)
+
+    # --- gateway keys -------------------------------------------------------------------------
+
+    async def add_key(self, key: GatewayKey) -> GatewayKey:
+        async with self._write() as tx:
+            if await tx.fetchrow("SELECT 1 FROM gateway_keys WHERE key_id = ?", key.key_id):
+                raise Conflict(f"A gateway key with id {key.key_id!r} exists already.")
+            if not await tx.fetchrow("SELECT 1 FROM principals WHERE id = ?", key.principal_id):
+                raise NotFound(f"There is no principal with id {key.principal_id!r}.")
+            await tx.execute(_insert("gateway_keys", KEY_COLUMNS), *self._codec.encode_key(key))
+            await self._log(tx, Entity.KEY, key.key_id)
+            return await self._must(self._key(tx, key.key_id))
+
+    async def get_key(self, key_id: str) -> GatewayKey | None:
+        async with self._read() as tx:
+            return await self._key(tx, key_id)
+
+    async def list_keys(self, principal_id: str | None = None) -> list[GatewayKey]:
+        order = "ORDER BY created_at NULLS FIRST, key_id"
+        async with self._read() as tx:
+            if principal_id is None:
+                rows = await tx.fetch(f"SELECT * FROM gateway_keys {order}")
+            else:
+                rows = await tx.fetch(f"SELECT * FROM gateway_keys WHERE principal_id = ? {order}", principal_id)
+        return [self._codec.decode_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> GatewayKey:
+        at = utc(at)
+        async with self._write() as tx:
+            key = await self._key(tx, key_id)
+            if key is None:
+                raise NotFound(f"There is no gateway key with id {key_id!r}.")
+            revoked_at = at if key.revoked_at is None or at < key.revoked_at else key.revoked_at
+            await tx.execute(
+                "UPDATE gateway_keys SET revoked_at = ? WHERE key_id = ?", self._codec.time(revoked_at), key_id
+            )
+            await self._log(tx, Entity.KEY, key_id)
+            return await self._must(self._key(tx, key_id))
+
+    async def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        if not last_used:
+            return
+        # Replicas flush on their own clocks: never move last_used_at backwards.
+        args = [(self._codec.time(at), key_id, self._codec.time(at)) for key_id, at in last_used.items()]
+        async with self._write(serial=False) as tx:
+            await tx.executemany(
+                "UPDATE gateway_keys SET last_used_at = ? WHERE key_id = ? "
+                "AND (last_used_at IS NULL OR last_used_at < ?)",
+                args,
+            )
+
+    async def _key(self, tx: Tx, key_id: str) -> GatewayKey | None:
+        row = await tx.fetchrow("SELECT * FROM gateway_keys WHERE key_id = ?", key_id)
+        return None if row is None else self._codec.decode_key(row)
+
+    # --- auth overrides ---------------------------------------------------------------------------
+
+    async def put_override(self, override: Override) -> Override:
+        columns = OVERRIDE_COLUMNS
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("principal_id", "server"))
+        async with self._write() as tx:
+            if not await tx.fetchrow("SELECT 1 FROM principals WHERE id = ?", override.principal_id):
+                raise NotFound(f"There is no principal with id {override.principal_id!r}.")
+            if not await tx.fetchrow("SELECT 1 FROM servers WHERE name = ?", override.server):
+                raise NotFound(f"There is no server named {override.server!r}.")
+            await tx.execute(
+                f"{_insert('overrides', columns)} ON CONFLICT (principal_id, server) DO UPDATE SET {updates}",
+                *self._codec.encode_override(override),
+            )
+            await self._log(tx, Entity.OVERRIDE, override_key(override.principal_id, override.server))
+            return await self._must(self._override(tx, override.principal_id, override.server))
+
+    async def get_override(self, principal_id: str, server: str) -> Override | None:
+        async with self._read() as tx:
+            return await self._override(tx, principal_id, server)
+
+    async def list_overrides(self, server: str | None = None, principal_id: str | None = None) -> list[Override]:
+        where, args = [], []
+        if server is not None:
+            where.append("server = ?")
+            args.append(server)
+        if principal_id is not None:
+            where.append("principal_id = ?")
+            args.append(principal_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._read() as tx:
+            rows = await tx.fetch(f"SELECT * FROM overrides {clause} ORDER BY server, principal_id", *args)
+        return [self._codec.decode_override(r) for r in rows]
+
+    async def delete_override(self, principal_id: str, server: str) -> None:
+        async with self._write() as tx:
+            deleted = await tx.execute(
+                "DELETE FROM overrides WHERE principal_id = ? AND server = ?", principal_id, server
+            )
+            if not deleted:
+                raise NotFound(f"There is no override for principal {principal_id!r} on server {server!r}.")
+            await self._log(tx, Entity.OVERRIDE, override_key(principal_id, server))
+
+    async def set_override_status(
+        self, principal_id: str, server: str, status: OverrideStatus, reason: str, at: datetime
+    ) -> Override:
+        async with self._write() as tx:
+            changed = await tx.execute(
+                "UPDATE overrides SET status = ?, status_reason = ?, status_at = ? WHERE principal_id = ? AND server = ?",
+                OverrideStatus(status).value,
+                reason,
+                self._codec.time(at),
+                principal_id,
+                server,
+            )
+            if not changed:
+                raise NotFound(f"There is no override for principal {principal_id!r} on server {server!r}.")
+            await self._log(tx, Entity.OVERRIDE, override_key(principal_id, server))
+            return await self._must(self._override(tx, principal_id, server))
+
+    async def _override(self, tx: Tx, principal_id: str, server: str) -> Override | None:
+        row = await tx.fetchrow("SELECT * FROM overrides WHERE principal_id = ? AND server = ?", principal_id, server)
+        return None if row is None else self._codec.decode_override(row)
+
+    # --- change log ---------------------------------------------------------------------------------
+
+    async def _log(self, tx: Tx, entity: Entity, key: str) -> None:
+        await tx.execute(
+            "INSERT INTO change_log (entity, entity_key, at) VALUES (?, ?, ?)",
+            entity.value,
+            key,
+            self._codec.time(now()),
+        )
+        tx.changed = True
+
+    async def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
+        if limit <= 0:
+            return []
+        async with self._read() as tx:
+            rows = await tx.fetch("SELECT * FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?", seq, limit)
+        return [self._codec.decode_change(r) for r in rows]
+
+    async def snapshot(self) -> Snapshot:
+        codec = self._codec
+        async with self._read() as tx:
+            row = await tx.fetchrow("SELECT COALESCE(MAX(seq), 0) AS seq FROM change_log")
+            seq = int(row["seq"]) if row else 0
+            teams = await tx.fetch("SELECT * FROM teams ORDER BY name")
+            principals = await tx.fetch("SELECT * FROM principals ORDER BY name")
+            servers = await tx.fetch("SELECT * FROM servers ORDER BY name")
+            keys = await tx.fetch("SELECT * FROM gateway_keys ORDER BY created_at NULLS FIRST, key_id")
+            overrides = await tx.fetch("SELECT * FROM overrides ORDER BY server, principal_id")
+        return Snapshot(
+            seq=seq,
+            teams=tuple(codec.decode_team(r) for r in teams),
+            principals=tuple(codec.decode_principal(r) for r in principals),
+            servers=tuple(codec.decode_server(r) for r in servers),
+            keys=tuple(codec.decode_key(r) for r in keys),
+            overrides=tuple(codec.decode_override(r) for r in overrides),
+        )
+
+    # --- audit ------------------------------------------------------------------------------------------
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        if not events:
+            return
+        rows = [self._codec.encode_audit(e) for e in events]
+        async with self._write(serial=False) as tx:
+            await tx.executemany(_insert("audit_events", AUDIT_COLUMNS), rows)
+
+    async def query_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        if limit <= 0:
+            return []
+        where: list[str] = []
+        args: list[Any] = []
+        if actor is not None:
+            where.append("actor = ?")
+            args.append(actor)
+        if action is not None and action.endswith("*"):
+            prefix = action[:-1]
+            upper = _prefix_upper(prefix) if prefix else None
+            if upper is not None:
+                # A range rather than LIKE: the action index serves it, and no
+                # character in the prefix is a wildcard or case-folded.
+                where.append("action >= ? AND action < ?")
+                args += [prefix, upper]
+            elif prefix:
+                where.append("substr(action, 1, ?) = ?")
+                args += [len(prefix), prefix]
+        elif action is not None:
+            where.append("action = ?")
+            args.append(action)
+        if target is not None:
+            where.append("target = ?")
+            args.append(target)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(self._codec.time(since))
+        if until is not None:
+            where.append("at < ?")
+            args.append(self._codec.time(until))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._read() as tx:
+            rows = await tx.fetch(f"SELECT * FROM audit_events {clause} ORDER BY id LIMIT ?", *args, limit)
+        return [self._codec.decode_audit(r) for r in rows]
+
+    async def prune_audit(self, before: datetime) -> int:
+        async with self._write(serial=False) as tx:
+            return await tx.execute("DELETE FROM audit_events WHERE at < ?", self._codec.time(before))
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _must(pending: Awaitable[_T | None]) -> _T:
+        """Await a read of a row this transaction has just written."""
+        found = await pending
+        if found is None:
+            raise StoreError("A row written in this transaction could not be read back.")
+        return found

@@ -1,0 +1,719 @@
+"""The Store contract (authz_server/store/base.py), run against every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from authz_server.errors import Conflict, InvalidInput, NotFound, StoreError
+from authz_server.models import (
+    AuthMode,
+    Entity,
+    HeaderTemplate,
+    OverrideStatus,
+    Placeholder,
+    PrincipalKind,
+    Role,
+    Sealed,
+    Snapshot,
+    Team,
+)
+from authz_server.store.base import Store
+from tests.store.records import (
+    T0,
+    audit,
+    entries,
+    key,
+    last_seq,
+    minutes,
+    override,
+    principal,
+    sealed,
+    seed,
+    server,
+)
+
+# --- lifecycle ---------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent_and_keeps_data(store: Store) -> None:
+    version = await store.schema_version()
+    assert version >= 1
+    await store.ensure_team("eng", T0)
+    await store.migrate()
+    await store.migrate()
+    assert await store.schema_version() == version
+    assert await store.get_team("eng") == Team("eng", False, T0)
+    assert entries(await store.changes_since(0)) == [(Entity.TEAM, "eng")]
+
+
+async def test_a_closed_store_raises_store_error(store: Store) -> None:
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.get_team("eng")
+    await store.close()  # closing twice is harmless
+
+
+# --- master key checks -------------------------------------------------------------------
+
+
+async def test_key_checks_add_or_replace_each_version(store: Store) -> None:
+    assert await store.get_key_checks() == {}
+    one, two, one_again = sealed("check-1"), sealed("check-2", version=2), sealed("check-1b")
+    await store.put_key_checks({1: one})
+    await store.put_key_checks({2: two})
+    assert await store.get_key_checks() == {1: one, 2: two}
+    await store.put_key_checks({1: one_again})
+    assert await store.get_key_checks() == {1: one_again, 2: two}
+    assert await store.changes_since(0) == []
+
+
+# --- teams -----------------------------------------------------------------------------------
+
+
+async def test_ensure_team_creates_once(store: Store) -> None:
+    first = await store.ensure_team("eng", T0)
+    again = await store.ensure_team("eng", minutes(60))
+    assert first == again == Team("eng", False, T0)
+    assert await store.get_team("eng") == first
+    assert await store.get_team("nope") is None
+    assert entries(await store.changes_since(0)) == [(Entity.TEAM, "eng")]
+
+
+async def test_list_teams_sorted_by_name(store: Store) -> None:
+    names = ["ops", "ab", "a.c", "a-b", "eng", "a0"]
+    for name in names:
+        await store.ensure_team(name, T0)
+    # Code point order, whatever the database's locale.
+    assert [t.name for t in await store.list_teams()] == ["a-b", "a.c", "a0", "ab", "eng", "ops"]
+
+
+async def test_set_team_disabled(store: Store) -> None:
+    await store.ensure_team("eng", T0)
+    assert await store.set_team_disabled("eng", True) == Team("eng", True, T0)
+    assert (await store.get_team("eng")) == Team("eng", True, T0)
+    assert await store.set_team_disabled("eng", False) == Team("eng", False, T0)
+    with pytest.raises(NotFound):
+        await store.set_team_disabled("ghost", True)
+    assert entries(await store.changes_since(0)) == [(Entity.TEAM, "eng")] * 3
+
+
+# --- principals ----------------------------------------------------------------------------------
+
+
+async def test_principal_round_trip(store: Store) -> None:
+    await store.ensure_team("eng", T0)
+    alice = principal(
+        "p-1",
+        "alice",
+        kind=PrincipalKind.SERVICE,
+        roles=(Role.MANAGER, Role.ADMIN),
+        rate_limit_per_minute=120,
+        created_at=minutes(3),
+    )
+    bare = principal("p-2", "bob", roles=(), rate_limit_per_minute=None, created_at=None)
+    assert await store.add_principal(alice) == alice
+    assert await store.add_principal(bare) == bare
+    assert await store.get_principal("p-1") == alice
+    assert await store.get_principal_by_name("alice") == alice
+    assert await store.get_principal("p-2") == bare
+    got = await store.get_principal("p-1")
+    assert got is not None and got.roles == (Role.MANAGER, Role.ADMIN) and got.kind is PrincipalKind.SERVICE
+    assert await store.get_principal("alice") is None
+    assert await store.get_principal_by_name("p-1") is None
+
+
+async def test_add_principal_refuses_duplicates_and_a_missing_team(store: Store) -> None:
+    await store.ensure_team("eng", T0)
+    await store.add_principal(principal("p-alice", "alice"))
+    with pytest.raises(Conflict):
+        await store.add_principal(principal("p-alice", "alice2"))
+    with pytest.raises(Conflict):
+        await store.add_principal(principal("p-other", "alice"))
+    with pytest.raises(NotFound):
+        await store.add_principal(principal("p-carol", "carol", team="ghost"))
+    assert [p.id for p in await store.list_principals()] == ["p-alice"]
+    assert entries(await store.changes_since(0)) == [(Entity.TEAM, "eng"), (Entity.PRINCIPAL, "p-alice")]
+
+
+async def test_list_principals_sorted_by_name_and_filtered_by_team(store: Store) -> None:
+    await store.ensure_team("eng", T0)
+    await store.ensure_team("ops", T0)
+    await store.add_principal(principal("p-3", "carol", team="ops"))
+    await store.add_principal(principal("p-1", "zed"))
+    await store.add_principal(principal("p-2", "alice"))
+    assert [p.name for p in await store.list_principals()] == ["alice", "carol", "zed"]
+    assert [p.name for p in await store.list_principals(team="eng")] == ["alice", "zed"]
+    assert [p.name for p in await store.list_principals(team="ops")] == ["carol"]
+    assert await store.list_principals(team="ghost") == []
+
+
+async def test_set_principal_disabled(store: Store) -> None:
+    await seed(store)
+    since = await last_seq(store)
+    disabled = await store.set_principal_disabled("p-alice", True)
+    assert disabled == dataclasses.replace(principal("p-alice", "alice"), disabled=True)
+    assert await store.get_principal("p-alice") == disabled
+    with pytest.raises(NotFound):
+        await store.set_principal_disabled("p-ghost", True)
+    assert entries(await store.changes_since(since)) == [(Entity.PRINCIPAL, "p-alice")]
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+async def test_server_round_trip(store: Store) -> None:
+    github = server("github")
+    bare = server(
+        "plain",
+        mode=AuthMode.NONE,
+        headers=(),
+        placeholders=(),
+        shared_values={},
+        shared_masks={},
+        signing_secret=None,
+        description="",
+        created_at=None,
+        updated_at=None,
+    )
+    assert await store.add_server(github) == github
+    assert await store.add_server(bare) == bare
+    assert await store.get_server("github") == github
+    assert await store.get_server("plain") == bare
+    assert await store.get_server("ghost") is None
+
+
+async def test_add_server_conflict_keeps_the_original(store: Store) -> None:
+    await store.add_server(server("github"))
+    with pytest.raises(Conflict):
+        await store.add_server(server("github", description="impostor"))
+    got = await store.get_server("github")
+    assert got is not None and got.description == "The github MCP server"
+    assert entries(await store.changes_since(0)) == [(Entity.SERVER, "github")]
+
+
+async def test_list_servers_sorted_by_name(store: Store) -> None:
+    for name in ["slack", "github", "git-lab", "a"]:
+        await store.add_server(server(name))
+    assert [s.name for s in await store.list_servers()] == ["a", "git-lab", "github", "slack"]
+
+
+async def test_update_server_replaces_all_but_name_and_created_at(store: Store) -> None:
+    await store.add_server(server("github"))
+    changed = server(
+        "github",
+        mode=AuthMode.INDIVIDUAL,
+        headers=(HeaderTemplate("X-API-Key", "{{TOKEN}}"),),
+        placeholders=(Placeholder("TOKEN", True),),
+        shared_values={"TOKEN": sealed("new-token", version=3)},
+        shared_masks={"TOKEN": "…zz"},
+        signing_secret=sealed("new-signing"),
+        description="changed",
+        created_at=minutes(500),
+        updated_at=minutes(30),
+    )
+    updated = await store.update_server(changed)
+    expected = dataclasses.replace(changed, created_at=T0)
+    assert updated == expected
+    assert await store.get_server("github") == expected
+    with pytest.raises(NotFound):
+        await store.update_server(server("ghost"))
+    assert entries(await store.changes_since(0)) == [(Entity.SERVER, "github")] * 2
+
+
+async def test_remove_server_cascades_its_overrides(store: Store) -> None:
+    await seed(store)
+    await store.put_override(override("p-alice", "github"))
+    await store.put_override(override("p-bob", "github"))
+    await store.put_override(override("p-alice", "slack"))
+    since = await last_seq(store)
+
+    await store.remove_server("github")
+
+    changes = await store.changes_since(since)
+    assert sorted(entries(changes)) == [
+        (Entity.OVERRIDE, "p-alice/github"),
+        (Entity.OVERRIDE, "p-bob/github"),
+        (Entity.SERVER, "github"),
+    ]
+    assert all(a.seq < b.seq for a, b in zip(changes, changes[1:], strict=False))
+    assert await store.get_server("github") is None
+    assert await store.get_override("p-alice", "github") is None
+    assert [(o.principal_id, o.server) for o in await store.list_overrides()] == [("p-alice", "slack")]
+    with pytest.raises(NotFound):
+        await store.remove_server("github")
+
+
+# --- gateway keys ----------------------------------------------------------------------------------
+
+
+async def test_key_round_trip(store: Store) -> None:
+    await seed(store)
+    full = key(
+        "k-full",
+        "p-alice",
+        created_at=minutes(1),
+        last_used_at=minutes(2),
+        expires_at=minutes(3),
+        revoked_at=minutes(4),
+        scope=("github", "slack:post_message"),
+    )
+    bare = key("k-bare", "p-bob", label="", created_at=None, scope=())
+    assert await store.add_key(full) == full
+    assert await store.add_key(bare) == bare
+    assert await store.get_key("k-full") == full
+    assert await store.get_key("k-bare") == bare
+    assert await store.get_key("k-ghost") is None
+
+
+async def test_add_key_conflict_and_missing_principal(store: Store) -> None:
+    await seed(store)
+    since = await last_seq(store)
+    await store.add_key(key("k-1", "p-alice"))
+    with pytest.raises(Conflict):
+        await store.add_key(key("k-1", "p-bob"))
+    with pytest.raises(NotFound):
+        await store.add_key(key("k-2", "p-ghost"))
+    assert [k.key_id for k in await store.list_keys()] == ["k-1"]
+    assert entries(await store.changes_since(since)) == [(Entity.KEY, "k-1")]
+
+
+async def test_list_keys_sorted_by_created_at_then_key_id(store: Store) -> None:
+    await seed(store)
+    await store.add_key(key("k-b", "p-alice", created_at=minutes(2)))
+    await store.add_key(key("k-c", "p-bob", created_at=T0))
+    await store.add_key(key("k-a", "p-alice", created_at=T0))
+    await store.add_key(key("k-d", "p-alice", created_at=minutes(-1)))
+    await store.add_key(key("k-z", "p-alice", created_at=None))
+    assert [k.key_id for k in await store.list_keys()] == ["k-z", "k-d", "k-a", "k-c", "k-b"]
+    assert [k.key_id for k in await store.list_keys("p-alice")] == ["k-z", "k-d", "k-a", "k-b"]
+    assert [k.key_id for k in await store.list_keys("p-bob")] == ["k-c"]
+    assert await store.list_keys("p-ghost") == []
+
+
+async def test_revoke_key_keeps_an_earlier_revoked_at(store: Store) -> None:
+    await seed(store)
+    await store.add_key(key("k-1", "p-alice"))
+    since = await last_seq(store)
+
+    assert (await store.revoke_key("k-1", minutes(10))).revoked_at == minutes(10)
+    assert (await store.revoke_key("k-1", minutes(20))).revoked_at == minutes(10)
+    # An earlier time wins: a grace period cut short.
+    assert (await store.revoke_key("k-1", minutes(5))).revoked_at == minutes(5)
+    got = await store.get_key("k-1")
+    assert got is not None and got.revoked_at == minutes(5) and got.hash == key("k-1", "p-alice").hash
+    with pytest.raises(NotFound):
+        await store.revoke_key("k-ghost", minutes(1))
+    assert entries(await store.changes_since(since)) == [(Entity.KEY, "k-1")] * 3
+
+
+async def test_touch_keys_records_last_use_without_a_change(store: Store) -> None:
+    await seed(store)
+    await store.add_key(key("k-1", "p-alice"))
+    await store.add_key(key("k-2", "p-alice"))
+    since = await last_seq(store)
+
+    await store.touch_keys({"k-1": minutes(5), "k-ghost": minutes(5)})
+    await store.touch_keys({})
+    assert (await store.get_key("k-1")).last_used_at == minutes(5)  # type: ignore[union-attr]
+    assert (await store.get_key("k-2")).last_used_at is None  # type: ignore[union-attr]
+    # A replica flushing an older time never moves it back.
+    await store.touch_keys({"k-1": minutes(1)})
+    assert (await store.get_key("k-1")).last_used_at == minutes(5)  # type: ignore[union-attr]
+    await store.touch_keys({"k-1": minutes(9), "k-2": minutes(8)})
+    assert [k.last_used_at for k in await store.list_keys()] == [minutes(9), minutes(8)]
+    assert await store.changes_since(since) == []
+
+
+# --- overrides -------------------------------------------------------------------------------------
+
+
+async def test_override_round_trip_and_replace(store: Store) -> None:
+    await seed(store)
+    since = await last_seq(store)
+    first = override(
+        "p-alice",
+        "github",
+        status=OverrideStatus.INVALID,
+        status_reason="upstream said 401",
+        status_at=minutes(3),
+        expires_at=minutes(600),
+    )
+    assert await store.put_override(first) == first
+    assert await store.get_override("p-alice", "github") == first
+
+    second = override(
+        "p-alice",
+        "github",
+        values={"API_KEY": sealed("rotated"), "CLIENT_ID": sealed("client", version=7)},
+        masks={"API_KEY": "sk-n…wxyz", "CLIENT_ID": "…"},
+        updated_by="p-bob",
+        updated_at=minutes(10),
+    )
+    assert await store.put_override(second) == second
+    assert await store.get_override("p-alice", "github") == second
+    assert await store.get_override("p-bob", "github") is None
+    assert entries(await store.changes_since(since)) == [(Entity.OVERRIDE, "p-alice/github")] * 2
+
+
+async def test_put_override_needs_principal_and_server(store: Store) -> None:
+    await seed(store)
+    since = await last_seq(store)
+    with pytest.raises(NotFound):
+        await store.put_override(override("p-ghost", "github"))
+    with pytest.raises(NotFound):
+        await store.put_override(override("p-alice", "ghost"))
+    assert await store.list_overrides() == []
+    assert await store.changes_since(since) == []
+
+
+async def test_list_overrides_sorted_and_filtered(store: Store) -> None:
+    await seed(store)
+    for pid, srv in [("p-bob", "slack"), ("p-alice", "slack"), ("p-bob", "github"), ("p-alice", "github")]:
+        await store.put_override(override(pid, srv))
+
+    def pairs(found: list) -> list[tuple[str, str]]:
+        return [(o.server, o.principal_id) for o in found]
+
+    assert pairs(await store.list_overrides()) == [
+        ("github", "p-alice"),
+        ("github", "p-bob"),
+        ("slack", "p-alice"),
+        ("slack", "p-bob"),
+    ]
+    assert pairs(await store.list_overrides(server="slack")) == [("slack", "p-alice"), ("slack", "p-bob")]
+    assert pairs(await store.list_overrides(principal_id="p-bob")) == [("github", "p-bob"), ("slack", "p-bob")]
+    assert pairs(await store.list_overrides(server="github", principal_id="p-bob")) == [("github", "p-bob")]
+    assert await store.list_overrides(server="ghost") == []
+
+
+async def test_delete_override(store: Store) -> None:
+    await seed(store)
+    await store.put_override(override("p-alice", "github"))
+    await store.put_override(override("p-bob", "github"))
+    since = await last_seq(store)
+    await store.delete_override("p-alice", "github")
+    assert await store.get_override("p-alice", "github") is None
+    assert await store.get_override("p-bob", "github") is not None
+    with pytest.raises(NotFound):
+        await store.delete_override("p-alice", "github")
+    assert entries(await store.changes_since(since)) == [(Entity.OVERRIDE, "p-alice/github")]
+
+
+async def test_set_override_status(store: Store) -> None:
+    await seed(store)
+    original = await store.put_override(override("p-alice", "github"))
+    since = await last_seq(store)
+    updated = await store.set_override_status("p-alice", "github", OverrideStatus.EXPIRED, "token expired", minutes(7))
+    expected = dataclasses.replace(
+        original, status=OverrideStatus.EXPIRED, status_reason="token expired", status_at=minutes(7)
+    )
+    assert updated == expected
+    assert await store.get_override("p-alice", "github") == expected
+    with pytest.raises(NotFound):
+        await store.set_override_status("p-bob", "github", OverrideStatus.MISSING, "", minutes(7))
+    assert entries(await store.changes_since(since)) == [(Entity.OVERRIDE, "p-alice/github")]
+
+
+# --- change log ----------------------------------------------------------------------------------------
+
+
+async def test_every_mutation_logs_its_entity_and_key(store: Store) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    await store.ensure_team("eng", T0)
+    await store.ensure_team("eng", T0)  # exists: no change
+    await store.set_team_disabled("eng", False)
+    await store.add_principal(principal("p-alice", "alice"))
+    await store.set_principal_disabled("p-alice", True)
+    await store.add_server(server("github"))
+    await store.update_server(server("github", description="changed"))
+    await store.add_key(key("k-1", "p-alice"))
+    await store.revoke_key("k-1", minutes(1))
+    await store.touch_keys({"k-1": minutes(2)})  # not a change
+    await store.put_override(override("p-alice", "github"))
+    await store.set_override_status("p-alice", "github", OverrideStatus.INVALID, "bad", minutes(3))
+    await store.delete_override("p-alice", "github")
+    await store.put_override(override("p-alice", "github"))
+    await store.append_audit([audit(T0, "cli", "keys.create")])  # not a change
+    await store.put_key_checks({1: sealed("check")})  # not a change
+    await store.remove_server("github")
+    await store.prune_audit(minutes(100))  # not a change
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    changes = await store.changes_since(0)
+    assert entries(changes) == [
+        (Entity.TEAM, "eng"),
+        (Entity.TEAM, "eng"),
+        (Entity.PRINCIPAL, "p-alice"),
+        (Entity.PRINCIPAL, "p-alice"),
+        (Entity.SERVER, "github"),
+        (Entity.SERVER, "github"),
+        (Entity.KEY, "k-1"),
+        (Entity.KEY, "k-1"),
+        (Entity.OVERRIDE, "p-alice/github"),
+        (Entity.OVERRIDE, "p-alice/github"),
+        (Entity.OVERRIDE, "p-alice/github"),
+        (Entity.OVERRIDE, "p-alice/github"),
+        (Entity.OVERRIDE, "p-alice/github"),  # removed with its server
+        (Entity.SERVER, "github"),
+    ]
+    seqs = [c.seq for c in changes]
+    assert seqs[0] >= 1 and all(a < b for a, b in zip(seqs, seqs[1:], strict=False))
+    assert all(before <= c.at <= after and c.at.utcoffset() == timedelta(0) for c in changes)
+
+
+async def test_changes_since_pages_with_limit(store: Store) -> None:
+    for name in ["t1", "t2", "t3", "t4", "t5"]:
+        await store.ensure_team(name, T0)
+    page1 = await store.changes_since(0, limit=2)
+    assert [c.entity_key for c in page1] == ["t1", "t2"]
+    page2 = await store.changes_since(page1[-1].seq, limit=2)
+    assert [c.entity_key for c in page2] == ["t3", "t4"]
+    page3 = await store.changes_since(page2[-1].seq, limit=2)
+    assert [c.entity_key for c in page3] == ["t5"]
+    assert await store.changes_since(page3[-1].seq) == []
+    assert await store.changes_since(0, limit=0) == []
+    everything = await store.changes_since(0)
+    assert [c.seq for c in everything] == [c.seq for c in page1 + page2 + page3]
+    assert [c.entity_key for c in await store.changes_since(everything[1].seq)] == ["t3", "t4", "t5"]
+
+
+async def test_failed_mutations_log_nothing(store: Store) -> None:
+    await seed(store)
+    await store.add_key(key("k-1", "p-alice"))
+    since = await last_seq(store)
+    attempts = [
+        store.set_team_disabled("ghost", True),
+        store.add_principal(principal("p-alice", "alice")),
+        store.set_principal_disabled("p-ghost", True),
+        store.add_server(server("github")),
+        store.update_server(server("ghost")),
+        store.remove_server("ghost"),
+        store.add_key(key("k-1", "p-alice")),
+        store.revoke_key("k-ghost", T0),
+        store.put_override(override("p-ghost", "github")),
+        store.delete_override("p-alice", "github"),
+        store.set_override_status("p-alice", "github", OverrideStatus.MISSING, "", T0),
+    ]
+    for attempt in attempts:
+        with pytest.raises((Conflict, NotFound)):
+            await attempt
+    assert await store.changes_since(since) == []
+
+
+async def test_wait_for_changes_returns_by_its_timeout(store: Store) -> None:
+    started = time.monotonic()
+    await asyncio.wait_for(store.wait_for_changes(0.05), timeout=5)
+    assert time.monotonic() - started < 2
+
+
+# --- snapshot -------------------------------------------------------------------------------------------
+
+
+async def test_snapshot_of_an_empty_store(store: Store) -> None:
+    assert await store.snapshot() == Snapshot(seq=0, teams=(), principals=(), servers=(), keys=(), overrides=())
+
+
+async def test_snapshot_holds_every_row_sorted_at_the_newest_seq(store: Store) -> None:
+    await seed(store)
+    await store.ensure_team("ops", T0)
+    await store.add_key(key("k-2", "p-bob", created_at=minutes(1)))
+    await store.add_key(key("k-1", "p-alice", created_at=minutes(2), revoked_at=minutes(3)))
+    await store.put_override(override("p-bob", "slack"))
+    await store.put_override(override("p-alice", "slack"))
+
+    snap = await store.snapshot()
+    assert snap.seq == await last_seq(store) and snap.seq > 0
+    assert snap.teams == tuple(await store.list_teams())
+    assert [t.name for t in snap.teams] == ["eng", "ops"]
+    assert snap.principals == tuple(await store.list_principals())
+    assert [p.name for p in snap.principals] == ["alice", "bob"]
+    assert snap.servers == (server("github"), server("slack"))
+    assert [k.key_id for k in snap.keys] == ["k-2", "k-1"]  # revoked keys are rows too
+    assert snap.overrides == (override("p-alice", "slack"), override("p-bob", "slack"))
+
+    await store.set_principal_disabled("p-bob", True)
+    later = await store.snapshot()
+    assert later.seq == snap.seq + 1
+    assert [p.disabled for p in later.principals] == [False, True]
+
+
+# --- encoding -------------------------------------------------------------------------------------------
+
+
+async def test_datetimes_come_back_utc_to_the_microsecond(store: Store) -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    west = timezone(timedelta(hours=-7))
+    t1 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=india)
+    t2 = datetime(2031, 12, 31, 23, 59, 59, 999999, tzinfo=west)
+    t3 = datetime(2025, 6, 1, 0, 0, 0, 1, tzinfo=UTC)
+
+    team = await store.ensure_team("eng", t1)
+    await store.add_principal(principal("p-1", "alice", created_at=t2))
+    await store.add_server(server("github", created_at=t1, updated_at=t2))
+    await store.add_key(key("k-1", "p-1", created_at=t1, expires_at=t2, last_used_at=t3))
+    await store.revoke_key("k-1", t2)
+    await store.put_override(override("p-1", "github", updated_at=t1, expires_at=t2))
+    await store.set_override_status("p-1", "github", OverrideStatus.INVALID, "", t3)
+    await store.append_audit([audit(t2, "cli", "x")])
+
+    got_team = await store.get_team("eng")
+    got_principal = await store.get_principal("p-1")
+    got_server = await store.get_server("github")
+    got_key = await store.get_key("k-1")
+    got_override = await store.get_override("p-1", "github")
+    [got_event] = await store.query_audit()
+    assert got_team and got_principal and got_server and got_key and got_override
+    pairs = [
+        (team.created_at, t1),
+        (got_team.created_at, t1),
+        (got_principal.created_at, t2),
+        (got_server.created_at, t1),
+        (got_server.updated_at, t2),
+        (got_key.created_at, t1),
+        (got_key.expires_at, t2),
+        (got_key.last_used_at, t3),
+        (got_key.revoked_at, t2),
+        (got_override.updated_at, t1),
+        (got_override.expires_at, t2),
+        (got_override.status_at, t3),
+        (got_event.at, t2),
+    ]
+    for got, sent in pairs:
+        assert got == sent
+        assert got is not None and got.utcoffset() == timedelta(0)
+        assert (got.hour, got.minute, got.microsecond) == (
+            sent.astimezone(UTC).hour,
+            sent.astimezone(UTC).minute,
+            sent.microsecond,
+        )
+
+
+async def test_naive_datetimes_are_refused(store: Store) -> None:
+    naive = datetime(2025, 1, 1, 12, 0, 0)
+    with pytest.raises(InvalidInput):
+        await store.ensure_team("eng", naive)
+    await store.ensure_team("eng", T0)
+    await store.add_principal(principal("p-1", "alice"))
+    with pytest.raises(InvalidInput):
+        await store.add_key(key("k-1", "p-1", created_at=naive))
+    assert await store.get_key("k-1") is None
+    assert entries(await store.changes_since(0)) == [(Entity.TEAM, "eng"), (Entity.PRINCIPAL, "p-1")]
+
+
+async def test_sealed_values_round_trip_byte_exact(store: Store) -> None:
+    awkward = Sealed(2**31 - 1, nonce=bytes(range(12)), ciphertext=bytes(range(256)) + b"\x00\x00")
+    empty = Sealed(1, nonce=b"\x00" * 12, ciphertext=b"")
+    await seed(store)
+    await store.update_server(
+        server("github", shared_values={"API_KEY": awkward, "EMPTY": empty}, signing_secret=awkward)
+    )
+    await store.put_override(override("p-alice", "github", values={"API_KEY": awkward}))
+    await store.put_key_checks({7: awkward})
+
+    got_server = await store.get_server("github")
+    got_override = await store.get_override("p-alice", "github")
+    assert got_server is not None and got_override is not None
+    assert got_server.shared_values == {"API_KEY": awkward, "EMPTY": empty}
+    assert got_server.shared_values["API_KEY"].ciphertext == bytes(range(256)) + b"\x00\x00"
+    assert got_server.signing_secret == awkward
+    assert got_override.values["API_KEY"].nonce == bytes(range(12))
+    assert (await store.get_key_checks())[7] == awkward
+
+
+async def test_returned_records_are_copies(store: Store) -> None:
+    await seed(store)
+    mine = server("mine")
+    await store.add_server(mine)
+    mine.shared_values.clear()  # the caller's dict, after the call
+    got = await store.get_server("mine")
+    assert got is not None and set(got.shared_values) == {"API_KEY", "CLIENT_ID"}
+    got.shared_masks["API_KEY"] = "tampered"
+    got.shared_values.pop("CLIENT_ID")
+    again = await store.get_server("mine")
+    assert again == server("mine")
+
+    await store.put_override(override("p-alice", "github"))
+    found = await store.get_override("p-alice", "github")
+    assert found is not None
+    found.values.clear()
+    assert await store.get_override("p-alice", "github") == override("p-alice", "github")
+
+
+# --- audit ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def events() -> list:
+    return [
+        audit(T0, "cli", "keys.create", "k-1"),
+        audit(minutes(1), "p-alice", "keys.revoke", "k-1", request_id="req-1"),
+        audit(
+            minutes(2),
+            "-",
+            "authn.failure",
+            outcome="key_unknown",
+            details={"reason": "key_unknown", "key_id": "abc123", "source": "10.0.0.1"},
+        ),
+        audit(minutes(3), "cli", "keysX.other", "k-1"),
+        audit(minutes(4), "p-bob", "Keys.create", "github"),
+        audit(minutes(5), "cli", "keys%odd", "github", outcome="denied"),
+    ]
+
+
+async def test_audit_round_trip_assigns_increasing_ids(store: Store, events: list) -> None:
+    await store.append_audit(events[:2])
+    await store.append_audit(events[2:])
+    await store.append_audit([])
+    found = await store.query_audit()
+    ids = [e.id for e in found]
+    assert all(isinstance(i, int) for i in ids) and ids == sorted(set(ids))  # type: ignore[type-var]
+    assert [dataclasses.replace(e, id=None) for e in found] == events
+    assert found[2].details == {"reason": "key_unknown", "key_id": "abc123", "source": "10.0.0.1"}
+    assert await store.changes_since(0) == []
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"actor": "cli"}, [0, 3, 5]),
+        ({"action": "keys.revoke"}, [1]),
+        ({"action": "keys.*"}, [0, 1]),  # a prefix: not keysX.*, not Keys.*, not keys%
+        ({"action": "keys*"}, [0, 1, 3, 5]),
+        ({"action": "keys%*"}, [5]),
+        ({"action": "*"}, [0, 1, 2, 3, 4, 5]),
+        ({"action": "keys"}, []),
+        ({"target": "k-1"}, [0, 1, 3]),
+        ({"since": minutes(1)}, [1, 2, 3, 4, 5]),  # since is inclusive
+        ({"until": minutes(2)}, [0, 1]),  # until is exclusive
+        ({"since": minutes(1), "until": minutes(4)}, [1, 2, 3]),
+        ({"limit": 2}, [0, 1]),  # the oldest first
+        ({"actor": "cli", "action": "keys*", "target": "github"}, [5]),
+        ({"actor": "cli", "since": minutes(3), "limit": 1}, [3]),
+        ({"actor": "nobody"}, []),
+        ({"limit": 0}, []),
+    ],
+)
+async def test_query_audit_filters(store: Store, events: list, filters: dict, expected: list[int]) -> None:
+    await store.append_audit(events)
+    found = await store.query_audit(**filters)
+    assert [dataclasses.replace(e, id=None) for e in found] == [events[i] for i in expected]
+
+
+async def test_prune_audit_deletes_older_events(store: Store, events: list) -> None:
+    await store.append_audit(events)
+    before_prune = await store.query_audit()
+    assert await store.prune_audit(minutes(2)) == 2
+    assert await store.prune_audit(minutes(2)) == 0
+    remaining = await store.query_audit()
+    assert [e.id for e in remaining] == [e.id for e in before_prune[2:]]
+    await store.append_audit([audit(minutes(9), "cli", "servers.add")])
+    newest = (await store.query_audit())[-1]
+    assert newest.id is not None and newest.id > max(e.id for e in before_prune)  # type: ignore[type-var]
+    assert await store.prune_audit(minutes(100)) == 5
+    assert await store.query_audit() == []
+    assert await store.changes_since(0) == []

@@ -1,0 +1,185 @@
+"""SQLite specifics: the file shared by the CLI and the sidecar, pragmas, corrupt rows, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from authz_server.errors import CorruptRow, StoreError
+from authz_server.models import Entity
+from authz_server.store import open_store
+from authz_server.store.sql import load_migrations
+from authz_server.store.sqlite import SqliteStore, split_statements
+from tests.store.records import T0, audit, entries, key, override, principal, seed, server
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "authz.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await open_store(f"sqlite:///{db_path}")
+    assert isinstance(opened, SqliteStore)
+    yield opened
+    await opened.close()
+
+
+def raw(db_path: Path, sql: str, *args: object) -> list[tuple]:
+    """Reach past the store, as an operator with the sqlite3 shell would."""
+    conn = sqlite3.connect(db_path)
+    try:
+        with conn:
+            return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_pragmas_wal_busy_timeout_and_foreign_keys(store: SqliteStore, db_path: Path) -> None:
+    assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
+    async with store._read() as tx:  # per-connection settings: ask the store's own connection
+        foreign_keys = await tx.fetchrow("PRAGMA foreign_keys")
+        busy_timeout = await tx.fetchrow("PRAGMA busy_timeout")
+    assert foreign_keys is not None and foreign_keys[0] == 1
+    assert busy_timeout is not None and busy_timeout[0] == 5000
+
+
+async def test_migrate_records_each_version_once(db_path: Path) -> None:
+    fresh = await SqliteStore.connect(db_path)
+    try:
+        assert await fresh.schema_version() == 0
+        await fresh.migrate()
+        await fresh.migrate()
+        latest = len(load_migrations("sqlite"))
+        assert await fresh.schema_version() == latest
+        assert [v for (v,) in raw(db_path, "SELECT version FROM schema_migrations")] == list(range(1, latest + 1))
+        tables = {name for (name,) in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"teams", "principals", "servers", "gateway_keys", "overrides", "change_log", "audit_events"} <= tables
+    finally:
+        await fresh.close()
+
+
+async def test_a_newer_schema_is_refused(store: SqliteStore, db_path: Path) -> None:
+    raw(db_path, "INSERT INTO schema_migrations (version, applied_at) VALUES (999, 'x')")
+    with pytest.raises(StoreError, match="newer"):
+        await store.migrate()
+
+
+def test_split_statements_keeps_triggers_whole() -> None:
+    script = """
+    -- a comment
+    CREATE TABLE a (x INTEGER);
+    CREATE TRIGGER t BEFORE UPDATE ON a BEGIN SELECT RAISE(ABORT, 'no; really'); END;
+    -- trailing comment
+    """
+    statements = list(split_statements(script))
+    assert len(statements) == 2
+    assert statements[1].startswith("CREATE TRIGGER") and statements[1].endswith("END;")
+
+
+async def test_two_stores_on_one_file_see_each_others_changes(db_path: Path) -> None:
+    cli = await open_store(f"sqlite:///{db_path}")
+    sidecar = await open_store(f"sqlite:///{db_path}")
+    try:
+        await seed(cli)
+        seen = await sidecar.changes_since(0)
+        assert (Entity.SERVER, "slack") in entries(seen)
+        assert await sidecar.get_principal("p-alice") == principal("p-alice", "alice")
+
+        await cli.add_key(key("k-1", "p-alice"))
+        await cli.revoke_key("k-1", T0)
+        news = await sidecar.changes_since(seen[-1].seq)
+        assert entries(news) == [(Entity.KEY, "k-1"), (Entity.KEY, "k-1")]
+        got = await sidecar.get_key("k-1")
+        assert got is not None and got.revoked_at == T0
+
+        await sidecar.touch_keys({"k-1": T0})
+        await sidecar.append_audit([audit(T0, "-", "authn.failure")])
+        assert [e.action for e in await cli.query_audit()] == ["authn.failure"]
+        assert (await cli.snapshot()).seq == (await sidecar.snapshot()).seq == news[-1].seq
+    finally:
+        await cli.close()
+        await sidecar.close()
+
+
+async def test_concurrent_writers_on_one_file_get_distinct_increasing_seqs(db_path: Path) -> None:
+    one = await open_store(f"sqlite:///{db_path}")
+    two = await open_store(f"sqlite:///{db_path}")
+    try:
+        await asyncio.gather(
+            *(one.ensure_team(f"a{i}", T0) for i in range(20)),
+            *(two.ensure_team(f"b{i}", T0) for i in range(20)),
+        )
+        changes = await one.changes_since(0)
+        assert len(changes) == 40
+        assert [c.seq for c in changes] == sorted({c.seq for c in changes})
+        assert {c.entity_key for c in changes} == {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(20)}
+        assert len(await two.list_teams()) == 40
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "table", "row", "garbage"),
+    [
+        ("UPDATE servers SET headers = '{not json' WHERE name = 'github'", "servers", "github", "{not json"),
+        (
+            "UPDATE overrides SET sealed_values = '{\"API_KEY\": {\"v\": 1, \"n\": \"!!!!\", \"c\": \"QQ==\"}}'",
+            "overrides",
+            "p-alice/github",
+            "!!!!",
+        ),
+        ("UPDATE principals SET roles = 'user,superuser' WHERE id = 'p-bob'", "principals", "p-bob", "superuser"),
+        ("UPDATE gateway_keys SET created_at = 'yesterday'", "gateway_keys", "k-1", "yesterday"),
+        ("UPDATE teams SET created_at = '2025-01-01T00:00:00'", "teams", "eng", "2025-01-01"),  # naive
+        ("UPDATE servers SET signing_secret = '[1, 2]' WHERE name = 'slack'", "servers", "slack", "[1, 2]"),
+    ],
+)
+async def test_a_row_that_does_not_decode_raises_corrupt_row(
+    store: SqliteStore, db_path: Path, sql: str, table: str, row: str, garbage: str
+) -> None:
+    await seed(store)
+    await store.add_key(key("k-1", "p-alice"))
+    await store.put_override(override("p-alice", "github"))
+    raw(db_path, sql)
+
+    with pytest.raises(CorruptRow) as caught:
+        await store.snapshot()
+    message = str(caught.value)
+    assert table in message and row in message
+    assert garbage not in message
+    assert caught.value.__cause__ is None  # a JSON error would quote the column
+
+
+async def test_corrupt_server_row_fails_reads_of_that_row_only(store: SqliteStore, db_path: Path) -> None:
+    await store.add_server(server("github"))
+    await store.add_server(server("slack"))
+    raw(db_path, "UPDATE servers SET shared_values = 'secret-looking-garbage' WHERE name = 'github'")
+    with pytest.raises(CorruptRow, match="servers row github"):
+        await store.get_server("github")
+    with pytest.raises(CorruptRow):
+        await store.list_servers()
+    assert await store.get_server("slack") == server("slack")
+
+
+async def test_audit_events_cannot_be_rewritten(store: SqliteStore, db_path: Path) -> None:
+    await store.append_audit([audit(T0, "cli", "keys.create")])
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        raw(db_path, "UPDATE audit_events SET actor = 'someone-else'")
+    assert [e.actor for e in await store.query_audit()] == ["cli"]
+
+
+async def test_datetimes_are_stored_as_fixed_width_utc_text(store: SqliteStore, db_path: Path) -> None:
+    await store.ensure_team("eng", T0)
+    assert raw(db_path, "SELECT created_at FROM teams") == [("2025-03-01T12:00:00.123456+00:00",)]
+
+
+async def test_an_unopenable_path_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="Cannot open the SQLite store"):
+        await open_store(f"sqlite:///{tmp_path}/missing-dir/authz.db")
