@@ -84,14 +84,20 @@ async def _seed(world: World, keyring: Keyring) -> None:
         await store.close()
 
 
-def seed_world(directory: Path) -> World:
+async def seed(directory: Path) -> World:
+    """A fresh store in `directory`, with a 0600 master key file beside it."""
     directory.mkdir(parents=True, exist_ok=True)
     spec = Keyring.generate_spec()
     key_file = directory / "master.key"
     write_key_file(key_file, spec)
     world = World(directory, f"sqlite:///{directory / 'authz.db'}", key_file)
-    asyncio.run(_seed(world, Keyring.from_spec(spec)))
+    await _seed(world, Keyring.from_spec(spec))
     return world
+
+
+def seed_world(directory: Path) -> World:
+    """`seed` for synchronous fixtures."""
+    return asyncio.run(seed(directory))
 
 
 def serving(port: int) -> bool:
