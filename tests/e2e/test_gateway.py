@@ -278,6 +278,7 @@ async def test_sidecar_down_means_503_and_nothing_passes(stack: Stack, tmp_path:
         for _ in range(5):
             r = await post_initialize(envoy.url("linear"), stack.bearer("bob"))
             assert r.status == 503
+            assert r.body["error"]["data"]["reason"] == "authz_unavailable"
         assert upstream.stats()["requests"] == 0
 
 

@@ -215,7 +215,8 @@ async def test_authz_down_is_503_fail_closed(
 
     assert response.status == 503
     assert response.headers["content-type"] == "application/json"  # local_reply_config
-    assert response.body["error"] == "authz_unavailable"
+    assert response.body["error"]["data"]["reason"] == "authz_unavailable"
+    assert response.body["error"]["code"] == -32053
     assert example_server.stats()["requests"] == 0
     assert gateway.stat("http.mcp_ingress.ext_authz.error") == 1
 
