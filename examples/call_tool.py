@@ -44,8 +44,16 @@ def main() -> int:
     if len(sys.argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    arguments = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
-    return asyncio.run(call(sys.argv[1], sys.argv[2], arguments))
+    try:
+        arguments = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+    except json.JSONDecodeError:
+        print("error: the tool arguments must be a JSON object, e.g. '{\"a\": 1}'", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(call(sys.argv[1], sys.argv[2], arguments))
+    except httpx2.ConnectError:
+        print(f"error: cannot reach {sys.argv[1].split('/mcp/')[0]}: is the gateway running (make run)?", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
