@@ -203,6 +203,26 @@ class AuditEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request through Envoy, attributed: Check's decision joined with Envoy's access-log entry."""
+
+    at: datetime  # when Envoy received the request
+    request_id: str
+    principal_id: str  # "" when the caller was not authenticated
+    key_id: str
+    server: str
+    tool: str  # tools/call tool name, when Envoy's MCP filter saw it
+    mcp_method: str
+    decision: str  # "allow" or "deny"
+    reason: str  # the denial reason, "" when allowed
+    upstream_status: int  # HTTP status sent to the client (0: none, e.g. reset)
+    request_bytes: int
+    response_bytes: int
+    duration_ms: float
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every row the sidecar needs in memory, as of change-log sequence `seq`."""
 

@@ -8,7 +8,7 @@ Rules every implementation keeps:
 - Every mutation appends one change-log row per entity it changed, in the same
   transaction, with a strictly increasing `seq`. Sidecars follow the log to
   apply changes without a restart. `touch_keys` and audit writes are not
-  changes: they never reach the log.
+  changes: they never reach the log. Neither do usage records.
 - Datetimes go in and come out timezone-aware, in UTC, to the microsecond.
 - Secrets arrive already sealed (`Sealed`); the store never sees plaintext.
 - A missing row named by a mutation raises `NotFound`; a duplicate raises
@@ -16,7 +16,7 @@ Rules every implementation keeps:
   row but never its contents; a connection failure raises `StoreError`.
 - Returned lists are sorted: teams and servers by name, principals by name,
   keys by created_at then key_id, overrides by server then principal_id,
-  audit events by id.
+  audit events and usage records by id.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from authz_server.models import (
     Sealed,
     Snapshot,
     Team,
+    UsageRecord,
 )
 
 
@@ -145,3 +146,21 @@ class Store(Protocol):
 
     async def prune_audit(self, before: datetime) -> int:
         """Delete events older than `before`; return how many."""
+
+    # --- usage (written in batches off the request path; not changes) ---------------------
+    async def append_usage(self, records: Sequence[UsageRecord]) -> None: ...
+
+    async def query_usage(
+        self,
+        *,
+        principal_id: str | None = None,
+        server: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRecord]:
+        """Records matching every filter given, oldest first (since inclusive, until exclusive)."""
+
+    async def prune_usage(self, before: datetime) -> int:
+        """Delete records with `at` older than `before`; return how many."""
