@@ -5,7 +5,8 @@ store, check the master key against it (`AdminService.verify_master_key`),
 run one use case as the local operator, render the result, close the store.
 
 Output contract:
-- tables for people; with `--json`, exactly one JSON document on stdout;
+- tables for people; with `--json`, exactly one JSON document on stdout
+  (`usage --export` alone writes JSON lines, one record a line, streamed);
 - one-time secrets (gateway keys, signing secrets) appear only in the output
   of the command that created them; nothing else ever prints a secret;
 - secrets are never read from the command line, only from stdin or a prompt;
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -39,6 +41,7 @@ from authz_server.admin.service import (
     PrincipalView,
     ServerView,
     TeamView,
+    UsageView,
 )
 from authz_server.config import Settings
 from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
@@ -51,6 +54,7 @@ PROG = "mcp-authz"
 DEFAULT_KEY_FILE = "mcp-authz.key"
 ENV_ENVOY_CONFIG = "MCP_AUTHZ_ENVOY_CONFIG"
 DEFAULT_ENVOY_CONFIG = "envoy/envoy.yaml"
+DEFAULT_USAGE_LIMIT = 1000
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PLACEHOLDER_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -125,20 +129,43 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
 
 
-def parse_expiry(text: str, now: datetime | None = None) -> datetime:
-    """An ISO date (midnight UTC), an ISO date-time (UTC unless it has an offset) or a duration from now."""
-    if _DURATION_RE.match(text):
-        return (now or datetime.now(timezone.utc)) + parse_duration(text)
+def _parse_instant(text: str, expected: str) -> datetime:
+    """An ISO date (midnight UTC) or date-time (UTC unless it has an offset); `expected` is the error."""
     try:
         if len(text.strip()) == 10:
             d = date.fromisoformat(text.strip())
             return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
         dt = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            "expected an ISO date (2026-12-31), date-time (2026-12-31T18:00Z) or a duration (30d, 12h)"
-        ) from None
+        raise argparse.ArgumentTypeError(expected) from None
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """An ISO date (midnight UTC), an ISO date-time (UTC unless it has an offset) or a duration from now."""
+    if _DURATION_RE.match(text):
+        return (now or datetime.now(timezone.utc)) + parse_duration(text)
+    return _parse_instant(
+        text, "expected an ISO date (2026-12-31), date-time (2026-12-31T18:00Z) or a duration (30d, 12h)"
+    )
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """A point in the past for --since/--until: an ISO date or date-time as for --expires, or a
+    duration *ago* ('1h' is an hour before now, '7d' a week)."""
+    if _DURATION_RE.match(text):
+        return (now or datetime.now(timezone.utc)) - parse_duration(text)
+    return _parse_instant(
+        text, "expected an ISO date (2026-03-01), date-time (2026-03-01T18:00Z) or a duration ago (1h, 7d)"
+    )
+
+
+def parse_limit(text: str) -> int:
+    """A positive number of records."""
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
+        raise argparse.ArgumentTypeError("expected a positive number of records")
+    return int(digits)
 
 
 def parse_grace(text: str) -> int:
@@ -354,6 +381,25 @@ def _overrides_table(views: Sequence[OverrideView]) -> str:
     return _table(["SERVER", "PRINCIPAL", "KIND", "VALUES", "STATUS", "UPDATED BY", "UPDATED"], rows, "(no overrides)")
 
 
+def _printable(text: str) -> str:
+    # Tool names, methods and request ids come from clients: no terminal escapes in a table.
+    return "".join("?" if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text) or "-"
+
+
+def _usage_table(views: Sequence[UsageView]) -> str:
+    rows = [
+        [v.at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"), _printable(v.principal),
+         _printable(v.key_id), _printable(v.server), _printable(v.mcp_method), _printable(v.tool),
+         v.decision + (f" ({_printable(v.reason)})" if v.reason else ""),
+         str(v.upstream_status) if v.upstream_status else "-", str(v.request_bytes), str(v.response_bytes),
+         f"{v.duration_ms:.1f}", _printable(v.request_id)]
+        for v in views
+    ]
+    headers = ["TIME", "PRINCIPAL", "KEY ID", "SERVER", "METHOD", "TOOL", "DECISION", "STATUS", "BYTES IN",
+               "BYTES OUT", "MS", "REQUEST ID"]
+    return _table(headers, rows, "(no usage records)")
+
+
 def _key_line(v: GatewayKeyView) -> str:
     extra = []
     if v.label:
@@ -508,6 +554,83 @@ async def _overrides_delete(svc: AdminService, store: Store, a: argparse.Namespa
         {"deleted": {"principal": a.principal, "server": a.server}},
         f"Deleted the override of {a.principal} for {a.server}.",
     )
+
+
+async def _usage_query(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    limit = a.limit or DEFAULT_USAGE_LIMIT
+    views = await svc.query_usage(_OP, a.principal, a.server, a.tool, a.since, a.until, limit)
+    text = _usage_table(views)
+    if len(views) == limit:
+        text += (
+            f"\n(the oldest {limit} matching records; there may be more: narrow with --since/--until, "
+            "raise --limit, or use --export)"
+        )
+    return Rendered({"usage": [v.to_json() for v in views], "limit": limit}, text)
+
+
+async def _usage_prune(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+    before = datetime.now(timezone.utc) - a.older_than
+    pruned = await svc.prune_usage(_OP, before)
+    return Rendered(
+        {"pruned": pruned, "before": before.isoformat().replace("+00:00", "Z")},
+        f"Deleted {pruned} usage record{'' if pruned == 1 else 's'} older than {_when(before)}.",
+    )
+
+
+def _cmd_usage_export(args: argparse.Namespace) -> int:
+    """JSON lines on stdout, one record each, written page by page as the store is read."""
+    ctx = _context(args)
+
+    async def go() -> int:
+        count = 0
+        async with _session(ctx) as (svc, _store):
+            pages = await svc.export_usage(_OP, args.principal, args.server, args.tool, args.since, args.until,
+                                           args.limit)
+            async for page in pages:
+                sys.stdout.write("".join(json.dumps(v.to_json(), separators=(",", ":")) + "\n" for v in page))
+                sys.stdout.flush()
+                count += len(page)
+        return count
+
+    try:
+        count = asyncio.run(go())
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error, and nothing more to write.
+        _discard_stdout()
+        return 0
+    if sys.stderr.isatty():
+        print(f"Exported {count} usage record{'' if count == 1 else 's'}.", file=sys.stderr)
+    return 0
+
+
+def _discard_stdout() -> None:
+    # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    if args.export:
+        return _cmd_usage_export(args)
+    return _run_managed(_usage_query)(args)
+
+
+def _cmd_usage_prune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    run = _run_managed(_usage_prune)
+
+    def cmd(args: argparse.Namespace) -> int:
+        # `usage --principal x prune` would delete everyone's records: refuse filters rather than ignore them.
+        given = [f"--{n}" for n in ("principal", "server", "tool", "since", "until", "limit") if getattr(args, n)]
+        if args.export:
+            given.append("--export")
+        if given:
+            parser.error(f"usage prune deletes by age only, for everyone: remove {', '.join(given)}")
+        return run(args)
+
+    return cmd
 
 
 async def _server_for_input(store: Store, name: str) -> McpServer | None:
@@ -761,6 +884,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(overrides, "delete", "delete an override", _run_managed(_overrides_delete))
     p.add_argument("--principal", required=True)
     p.add_argument("--server", required=True)
+
+    p = leaf(sub, "usage", "query per-request usage records, or export them as JSON lines", _cmd_usage)
+    p.add_argument("--principal", metavar="NAME", help="only this principal's requests")
+    p.add_argument("--server", metavar="S", help="only requests to this server")
+    p.add_argument("--tool", metavar="T", help="only tools/call requests of this tool")
+    when = "ISO date or date-time (UTC unless given), or a duration ago (1h, 7d)"
+    p.add_argument("--since", type=parse_when, metavar="WHEN", help=f"from this time, inclusive: {when}")
+    p.add_argument("--until", type=parse_when, metavar="WHEN", help=f"before this time, exclusive: {when}")
+    p.add_argument(
+        "--limit",
+        type=parse_limit,
+        metavar="N",
+        help=f"at most N records, oldest first (default: {DEFAULT_USAGE_LIMIT}; with --export: all)",
+    )
+    p.add_argument(
+        "--export", action="store_true", help="write JSON lines to stdout, one record a line, streamed (not --json)"
+    )
+    usage_actions = p.add_subparsers(dest="action", metavar="[prune]", required=False)
+    prune = usage_actions.add_parser(
+        "prune", parents=[common], help="delete usage records older than a duration",
+        description="delete usage records older than a duration",
+    )
+    prune.set_defaults(func=_cmd_usage_prune(prune))
+    prune.add_argument(
+        "--older-than", required=True, type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 2w"
+    )
     return parser
 
 
@@ -783,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
+    except UsageError as exc:  # a combination of arguments the parser alone cannot refuse
+        _print_error(json_mode, "usage", exc.message, exc.usage)
+        return 2
     except ConfigError as exc:  # includes MasterKeyError
         _print_error(json_mode, exc.reason, exc.message)
         return 2

@@ -22,7 +22,7 @@ import asyncio
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -56,6 +56,7 @@ from authz_server.models import (
     Role,
     Secret,
     Team,
+    UsageRecord,
     mask,
 )
 from authz_server.store.base import Store
@@ -66,6 +67,8 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600
 MAX_LABEL_LEN = 100
 MAX_DESCRIPTION_LEN = 500
 MAX_HEADERS = 16
+MAX_USAGE_LIMIT = 100_000  # records in one answer; an export streams any number
+USAGE_PAGE_SIZE = 1000  # records per store query when exporting
 
 # Headers the gateway itself owns, or that would corrupt HTTP framing if a
 # template could set them: identity and signature headers must only ever
@@ -109,6 +112,9 @@ _OWNED_ACTIONS = frozenset(
         "overrides.set",
         "overrides.list",
         "overrides.delete",
+        # Usage records belong to the principal whose request they record.
+        "usage.query",
+        "usage.export",
     }
 )
 _SERVER_READ_ACTIONS = frozenset({"servers.list", "servers.show"})
@@ -324,6 +330,81 @@ class OverrideView:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class UsageView:
+    """One attributed request through Envoy.
+
+    `principal` is the principal's name; its id when the principal no longer
+    exists; "-" when the caller was never authenticated.
+    """
+
+    id: int | None
+    at: datetime
+    request_id: str
+    principal: str
+    principal_id: str
+    key_id: str
+    server: str
+    tool: str
+    mcp_method: str
+    decision: str
+    reason: str
+    upstream_status: int
+    request_bytes: int
+    response_bytes: int
+    duration_ms: float
+
+    @classmethod
+    def of(cls, r: UsageRecord, principal: str) -> UsageView:
+        return cls(
+            r.id,
+            r.at,
+            r.request_id,
+            principal,
+            r.principal_id,
+            r.key_id,
+            r.server,
+            r.tool,
+            r.mcp_method,
+            r.decision,
+            r.reason,
+            r.upstream_status,
+            r.request_bytes,
+            r.response_bytes,
+            r.duration_ms,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": iso(self.at),
+            "request_id": self.request_id,
+            "principal": self.principal,
+            "principal_id": self.principal_id,
+            "key_id": self.key_id,
+            "server": self.server,
+            "tool": self.tool,
+            "mcp_method": self.mcp_method,
+            "decision": self.decision,
+            "reason": self.reason,
+            "upstream_status": self.upstream_status,
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _UsageFilter:
+    """Validated, authorized filters, in store terms (`principal_id` None: everyone)."""
+
+    principal_id: str | None
+    server: str | None
+    tool: str | None
+    since: datetime | None
+    until: datetime | None
+
+
 # --- audit ---------------------------------------------------------------------
 
 
@@ -407,8 +488,9 @@ class AdminService:
         does not exist. Callers look the target up, call this, and only then
         raise NotFound, so a refusal never tells whether the target exists.
 
-        admin: everything. manager: keys and overrides of anyone, and reading
-        servers. user: only their own keys and overrides.
+        admin: everything. manager: keys, overrides and usage records of
+        anyone, and reading servers. user: only their own keys, overrides and
+        usage records. Pruning usage (retention) is for admins.
         """
         roles = actor.roles
         if Role.ADMIN in roles:
@@ -795,6 +877,168 @@ class AdminService:
                 raise NotFound(f"{principal_name} has no override for server {server_name}.")
             await self._store.delete_override(principal.id, server_name)
 
+    # --- usage -------------------------------------------------------------------------------
+
+    async def query_usage(
+        self,
+        actor: Actor,
+        principal_name: str | None = None,
+        server_name: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[UsageView]:
+        """Usage records matching every filter given, oldest first (`since` inclusive,
+        `until` exclusive), at most `limit` (1 to MAX_USAGE_LIMIT).
+
+        Admins and managers see everyone's. A user sees only their own: with no
+        principal given the answer is silently narrowed to theirs, and naming
+        anyone else is PermissionDenied whether or not that principal exists.
+        Servers and tools are matched by name, so records of removed ones stay
+        queryable.
+        """
+        async with self._audit(actor, "usage.query", "usage") as op:
+            _check_usage_limit(limit)
+            found = await self._usage_filter(actor, "usage.query", op, principal_name, server_name, tool, since, until)
+            records = await self._store.query_usage(
+                principal_id=found.principal_id,
+                server=found.server,
+                tool=found.tool,
+                since=found.since,
+                until=found.until,
+                limit=limit,
+            )
+            names: dict[str, str] = {}
+            views = [await self._usage_view(r, names) for r in records]
+            op.details.update({"limit": str(limit), "count": str(len(views))})
+            return views
+
+    async def export_usage(
+        self,
+        actor: Actor,
+        principal_name: str | None = None,
+        server_name: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        page_size: int = USAGE_PAGE_SIZE,
+    ) -> AsyncIterator[list[UsageView]]:
+        """Like `query_usage`, for exports of any size: authorizes and audits
+        (`usage.export`) now, then returns the records lazily, page by page.
+
+        Each page is one store query of at most `page_size` records, resuming
+        after the last (at, id) returned, so memory holds one page whatever the
+        export's size. `limit` (None: everything) caps the whole export. The
+        pages read the store while they are iterated: keep it open until done.
+        A record written meanwhile is included when it sorts after the point
+        reached; an export is not a snapshot.
+        """
+        async with self._audit(actor, "usage.export", "usage") as op:
+            if limit is not None:
+                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                    raise InvalidInput("The limit must be a positive number of records.")
+                op.details["limit"] = str(limit)
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_USAGE_LIMIT:
+                raise InvalidInput(f"The page size must be between 1 and {MAX_USAGE_LIMIT} records.")
+            found = await self._usage_filter(actor, "usage.export", op, principal_name, server_name, tool, since, until)
+        return self._usage_pages(found, limit, page_size)
+
+    async def prune_usage(self, actor: Actor, before: datetime) -> int:
+        """Delete usage records older than `before` (retention); return how many. Admin only."""
+        async with self._audit(actor, "usage.prune", "usage") as op:
+            self._authorize(actor, "usage.prune", None)
+            cutoff = _as_utc(before)
+            if cutoff > self._now():
+                raise InvalidInput("The cutoff is in the future: prune deletes only records older than a past time.")
+            pruned = await self._store.prune_usage(cutoff)
+            op.details.update({"before": iso(cutoff) or "", "pruned": str(pruned)})
+            return pruned
+
+    async def _usage_filter(
+        self,
+        actor: Actor,
+        action: str,
+        op: _Audit,
+        principal_name: str | None,
+        server_name: str | None,
+        tool: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> _UsageFilter:
+        """Validate the filters, apply the role check, and note them (all secret-free) in the audit details."""
+        if server_name is not None:
+            _check_name(server_name, "server")
+            op.details["server"] = server_name
+        if tool is not None:
+            if not isinstance(tool, str) or not _TOOL_RE.match(tool):
+                raise InvalidInput("The tool name is invalid: use 1 to 128 letters, digits, '_', '-', '.' or '/'.")
+            op.details["tool"] = tool
+        start = None if since is None else _as_utc(since)
+        end = None if until is None else _as_utc(until)
+        if start is not None and end is not None and start >= end:
+            raise InvalidInput("The start of the time range (since) must be before its end (until).")
+        if start is not None:
+            op.details["since"] = iso(start) or ""
+        if end is not None:
+            op.details["until"] = iso(end) or ""
+        principal_id: str | None
+        if principal_name is not None:
+            principal_id = (await self._owned_principal(actor, action, principal_name)).id
+            op.details["principal"] = principal_name
+        elif self._sees_everyone(actor, action):
+            principal_id = None
+        else:
+            self._authorize(actor, action, actor.principal_id)
+            principal_id = actor.principal_id
+            op.details["principal"] = "(own)"
+        return _UsageFilter(principal_id, server_name, tool, start, end)
+
+    async def _usage_pages(
+        self, found: _UsageFilter, limit: int | None, page_size: int
+    ) -> AsyncIterator[list[UsageView]]:
+        # Paging by `since`: the store orders by (at, id), so the records already
+        # returned at the last `at` come first again; ask for that many more and
+        # drop them. The page grows only while many records share one instant.
+        names: dict[str, str] = {}
+        since = found.since
+        last: tuple[datetime, int] | None = None
+        repeated = 0  # records returned so far whose `at` is last[0]
+        remaining = limit
+        while remaining is None or remaining > 0:
+            want = page_size if remaining is None else min(page_size, remaining)
+            asked = want + repeated
+            records = await self._store.query_usage(
+                principal_id=found.principal_id,
+                server=found.server,
+                tool=found.tool,
+                since=since,
+                until=found.until,
+                limit=asked,
+            )
+            fresh = [r for r in records if last is None or (r.at, r.id or 0) > last][:want]
+            if not fresh:
+                return
+            yield [await self._usage_view(r, names) for r in fresh]
+            if remaining is not None:
+                remaining -= len(fresh)
+            newest = (fresh[-1].at, fresh[-1].id or 0)
+            same = sum(1 for r in fresh if r.at == newest[0])
+            repeated = same + (repeated if last is not None and last[0] == newest[0] else 0)
+            last, since = newest, newest[0]
+            if len(records) < asked:
+                return  # the store had no more
+
+    async def _usage_view(self, record: UsageRecord, names: dict[str, str]) -> UsageView:
+        """The view, naming the principal (looked up once per id and cached in `names`)."""
+        pid = record.principal_id
+        if not pid:
+            return UsageView.of(record, "-")
+        if pid not in names:
+            names[pid] = await self._principal_name(pid)  # the bare id when the principal is gone
+        return UsageView.of(record, names[pid])
+
     # --- helpers ---------------------------------------------------------------------------
 
     async def _issue_key(
@@ -927,6 +1171,11 @@ def _check_key_id(key_id: str) -> None:
         raise InvalidInput(
             f"A key id is {gateway_keys.KEY_ID_LEN} letters and digits, as shown by 'mcp-authz keys list'."
         )
+
+
+def _check_usage_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_USAGE_LIMIT:
+        raise InvalidInput(f"The limit must be between 1 and {MAX_USAGE_LIMIT} records.")
 
 
 def _has_control(text: str) -> bool:

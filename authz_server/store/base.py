@@ -16,7 +16,8 @@ Rules every implementation keeps:
   row but never its contents; a connection failure raises `StoreError`.
 - Returned lists are sorted: teams and servers by name, principals by name,
   keys by created_at then key_id, overrides by server then principal_id,
-  audit events and usage records by id.
+  audit events by id, usage records by `at` then id (records arrive in batches,
+  after the request, so id order is not time order).
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -37,6 +39,7 @@ from authz_server.models import (
     Role,
     Sealed,
     Team,
+    UsageRecord,
 )
 
 TEAM_COLUMNS = ("name", "disabled", "created_at")
@@ -77,6 +80,22 @@ OVERRIDE_COLUMNS = (
     "expires_at",
 )
 AUDIT_COLUMNS = ("at", "actor", "action", "target", "outcome", "request_id", "details")
+USAGE_COLUMNS = (
+    "at",
+    "request_id",
+    "principal_id",
+    "key_id",
+    "server",
+    "tool",
+    "mcp_method",
+    "decision",
+    "reason",
+    "upstream_status",
+    "request_bytes",
+    "response_bytes",
+    "duration_ms",
+)
+USAGE_DECISIONS = frozenset({"allow", "deny"})
 
 
 class Row(Protocol):
@@ -277,6 +296,49 @@ def _text(value: Any) -> str:
     return value
 
 
+# --- usage records: one set of rules for writing, reading and the memory store ---------
+
+
+def usage_problem(record: UsageRecord) -> str | None:
+    """What makes a usage record unstorable, naming the field (never its value), or None.
+
+    The same rules decide whether a stored row decodes, so the store never
+    accepts a record it could not read back.
+    """
+    for name in ("request_id", "principal_id", "key_id", "server", "tool", "mcp_method", "decision", "reason"):
+        if not isinstance(getattr(record, name), str):
+            return f"{name} is not text"
+    if record.decision not in USAGE_DECISIONS:
+        return "decision is not allow or deny"
+    if type(record.upstream_status) is not int or not 0 <= record.upstream_status <= 999:
+        return "upstream_status is not an HTTP status (0 to 999)"
+    for name in ("request_bytes", "response_bytes"):
+        value = getattr(record, name)
+        if type(value) is not int or not 0 <= value < 2**63:
+            return f"{name} is not a non-negative integer"
+    duration = record.duration_ms
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration < math.inf:
+        return "duration_ms is not a finite non-negative number"
+    return None
+
+
+def check_usage(records: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """The records as stored (`at` in UTC, `duration_ms` a float), or InvalidInput
+    naming the first one that cannot be stored."""
+    out = []
+    for i, record in enumerate(records, 1):
+        problem = usage_problem(record)
+        if problem is not None:
+            raise InvalidInput(f"Usage record {i} of {len(records)} cannot be stored: its {problem}.")
+        at = record.at
+        if not isinstance(at, datetime):
+            raise InvalidInput(f"Usage record {i} of {len(records)} cannot be stored: its at is not a datetime.")
+        if at.tzinfo is not UTC or type(record.duration_ms) is not float:
+            record = dataclasses.replace(record, at=utc(at), duration_ms=float(record.duration_ms))
+        out.append(record)
+    return out
+
+
 # --- whole rows ------------------------------------------------------------------
 
 
@@ -458,3 +520,46 @@ class RowCodec:
                 request_id=_text(row["request_id"]),
                 details=decode_str_map(row["details"]),
             )
+
+    def encode_usage(self, r: UsageRecord) -> tuple[Any, ...]:
+        """Columns in USAGE_COLUMNS order. Call `check_usage` first."""
+        return (
+            self.time(r.at),
+            r.request_id,
+            r.principal_id,
+            r.key_id,
+            r.server,
+            r.tool,
+            r.mcp_method,
+            r.decision,
+            r.reason,
+            r.upstream_status,
+            r.request_bytes,
+            r.response_bytes,
+            float(r.duration_ms),
+        )
+
+    def decode_usage(self, row: Row) -> UsageRecord:
+        with decoding("usage_records", row["id"]):
+            duration = row["duration_ms"]
+            record = UsageRecord(
+                id=int(row["id"]),
+                at=self._required_time(row["at"]),
+                request_id=row["request_id"],
+                principal_id=row["principal_id"],
+                key_id=row["key_id"],
+                server=row["server"],
+                tool=row["tool"],
+                mcp_method=row["mcp_method"],
+                decision=row["decision"],
+                reason=row["reason"],
+                upstream_status=row["upstream_status"],
+                request_bytes=row["request_bytes"],
+                response_bytes=row["response_bytes"],
+                # SQLite hands back a REAL column holding a whole number as an int.
+                duration_ms=float(duration) if type(duration) is int else duration,
+            )
+            problem = usage_problem(record)
+            if problem is not None:
+                raise ValueError(problem)
+            return record

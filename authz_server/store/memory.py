@@ -26,9 +26,10 @@ from authz_server.models import (
     Sealed,
     Snapshot,
     Team,
+    UsageRecord,
     override_key,
 )
-from authz_server.store.codec import now, utc
+from authz_server.store.codec import check_usage, now, utc
 
 _T = TypeVar("_T")
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
@@ -49,7 +50,7 @@ def _own(record: _T) -> _T:
 class MemoryStore:
     """The Store in process memory. `memory://` in a store URL."""
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2  # as the SQL migrations: 1 initial, 2 usage records
 
     def __init__(self) -> None:
         self._version = 0
@@ -62,6 +63,8 @@ class MemoryStore:
         self._changes: list[Change] = []
         self._audit: list[AuditEvent] = []
         self._audit_ids = 0
+        self._usage: list[UsageRecord] = []
+        self._usage_ids = 0
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -355,4 +358,47 @@ class MemoryStore:
         kept = [e for e in self._audit if e.at >= before]
         pruned = len(self._audit) - len(kept)
         self._audit = kept
+        return pruned
+
+    # --- usage ------------------------------------------------------------------------------------------
+
+    async def append_usage(self, records: Sequence[UsageRecord]) -> None:
+        self._open()
+        for record in check_usage(records):  # all checked before any is kept, as in one transaction
+            self._usage_ids += 1
+            self._usage.append(dataclasses.replace(record, id=self._usage_ids))
+
+    async def query_usage(
+        self,
+        *,
+        principal_id: str | None = None,
+        server: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRecord]:
+        self._open()
+        since = None if since is None else utc(since)
+        until = None if until is None else utc(until)
+        if limit <= 0:
+            return []
+        found = [
+            r
+            for r in self._usage
+            if (principal_id is None or r.principal_id == principal_id)
+            and (server is None or r.server == server)
+            and (tool is None or r.tool == tool)
+            and (since is None or r.at >= since)
+            and (until is None or r.at < until)
+        ]
+        found.sort(key=lambda r: (r.at, r.id))  # as the SQL stores: ORDER BY at, id
+        return found[:limit]  # records hold no dicts: sharing them is safe
+
+    async def prune_usage(self, before: datetime) -> int:
+        self._open()
+        before = utc(before)
+        kept = [r for r in self._usage if r.at >= before]
+        pruned = len(self._usage) - len(kept)
+        self._usage = kept
         return pruned

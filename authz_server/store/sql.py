@@ -29,6 +29,7 @@ from authz_server.models import (
     Sealed,
     Snapshot,
     Team,
+    UsageRecord,
     override_key,
 )
 from authz_server.store.codec import (
@@ -38,9 +39,11 @@ from authz_server.store.codec import (
     PRINCIPAL_COLUMNS,
     SERVER_COLUMNS,
     TEAM_COLUMNS,
+    USAGE_COLUMNS,
     Row,
     RowCodec,
     TimeCodec,
+    check_usage,
     encode_sealed,
     now,
     utc,
@@ -510,6 +513,51 @@ class SqlStore(abc.ABC):
     async def prune_audit(self, before: datetime) -> int:
         async with self._write(serial=False) as tx:
             return await tx.execute("DELETE FROM audit_events WHERE at < ?", self._codec.time(before))
+
+    # --- usage -----------------------------------------------------------------------------------------
+
+    async def append_usage(self, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
+        # Checked before the transaction: one bad record refuses the batch, and nothing is written.
+        rows = [self._codec.encode_usage(r) for r in check_usage(records)]
+        async with self._write(serial=False) as tx:
+            await tx.executemany(_insert("usage_records", USAGE_COLUMNS), rows)
+
+    async def query_usage(
+        self,
+        *,
+        principal_id: str | None = None,
+        server: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRecord]:
+        # Ordered by (at, id): the oldest request first, and a stable order a pager
+        # can resume from with `since` (ids alone follow write order, not request time).
+        if limit <= 0:
+            return []
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("principal_id", principal_id), ("server", server), ("tool", tool)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(self._codec.time(since))
+        if until is not None:
+            where.append("at < ?")
+            args.append(self._codec.time(until))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._read() as tx:
+            rows = await tx.fetch(f"SELECT * FROM usage_records {clause} ORDER BY at, id LIMIT ?", *args, limit)
+        return [self._codec.decode_usage(r) for r in rows]
+
+    async def prune_usage(self, before: datetime) -> int:
+        async with self._write(serial=False) as tx:
+            return await tx.execute("DELETE FROM usage_records WHERE at < ?", self._codec.time(before))
 
     # --- helpers -------------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from authz_server.models import (
     PrincipalKind,
     Role,
     Sealed,
+    UsageRecord,
 )
 from authz_server.store.base import Store
 
@@ -90,6 +91,23 @@ def audit(at: datetime, actor: str, action: str, target: str = "", **kw: object)
     fields: dict[str, object] = {"outcome": "ok"}
     fields.update(kw)
     return AuditEvent(at=at, actor=actor, action=action, target=target, **fields)  # type: ignore[arg-type]
+
+
+def usage(at: datetime, principal_id: str = "p-alice", server_name: str = "github", **kw: object) -> UsageRecord:
+    fields: dict[str, object] = {
+        "request_id": f"req-{principal_id}-{server_name}-{at.isoformat()}",
+        "key_id": f"key-of-{principal_id}",
+        "tool": "search",
+        "mcp_method": "tools/call",
+        "decision": "allow",
+        "reason": "",
+        "upstream_status": 200,
+        "request_bytes": 312,
+        "response_bytes": 2048,
+        "duration_ms": 12.5,
+    }
+    fields.update(kw)
+    return UsageRecord(at=at, principal_id=principal_id, server=server_name, **fields)  # type: ignore[arg-type]
 
 
 def entries(changes: list[Change]) -> list[tuple[Entity, str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -22,7 +24,9 @@ from authz_server.models import (
     Snapshot,
     Team,
 )
+from authz_server.store import open_store, sql
 from authz_server.store.base import Store
+from tests.store.conftest import drop_schema
 from tests.store.records import (
     T0,
     audit,
@@ -35,6 +39,7 @@ from tests.store.records import (
     sealed,
     seed,
     server,
+    usage,
 )
 
 # --- lifecycle ---------------------------------------------------------------------
@@ -717,3 +722,219 @@ async def test_prune_audit_deletes_older_events(store: Store, events: list) -> N
     assert await store.prune_audit(minutes(100)) == 5
     assert await store.query_audit() == []
     assert await store.changes_since(0) == []
+
+
+# --- usage records ------------------------------------------------------------------------------------------
+
+
+async def test_usage_round_trip_keeps_every_field(store: Store) -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    sent = [
+        usage(
+            datetime(2025, 3, 1, 17, 30, 0, 654321, tzinfo=india),
+            request_id="3f0c-req",
+            key_id="AbC1234",
+            tool="repo/search.v2",
+            mcp_method="tools/call",
+            upstream_status=502,
+            request_bytes=2**40 + 3,
+            response_bytes=0,
+            duration_ms=1234.567891,
+        ),
+        usage(
+            minutes(1),
+            principal_id="",
+            server_name="",
+            request_id="",
+            key_id="",
+            tool="",
+            mcp_method="",
+            decision="deny",
+            reason="key_unknown",
+            upstream_status=0,
+            request_bytes=0,
+            response_bytes=0,
+            duration_ms=0,
+        ),
+    ]
+    await store.append_usage(sent)
+    await store.append_usage([])
+    got = await store.query_usage()
+    assert [dataclasses.replace(r, id=None) for r in got] == sent
+    first, second = got
+    assert isinstance(first.id, int) and isinstance(second.id, int) and first.id < second.id
+    assert first.at == datetime(2025, 3, 1, 12, 0, 0, 654321, tzinfo=UTC)
+    assert first.at.utcoffset() == timedelta(0) and first.at.microsecond == 654321
+    assert (first.request_id, first.key_id, first.tool, first.mcp_method) == (
+        "3f0c-req",
+        "AbC1234",
+        "repo/search.v2",
+        "tools/call",
+    )
+    assert (first.upstream_status, first.request_bytes, first.response_bytes) == (502, 2**40 + 3, 0)
+    assert type(first.duration_ms) is float and first.duration_ms == 1234.567891
+    assert type(second.duration_ms) is float and second.duration_ms == 0.0
+    assert (second.principal_id, second.decision, second.reason) == ("", "deny", "key_unknown")
+    assert await store.changes_since(0) == []
+
+
+@pytest.fixture
+def usage_records() -> list:
+    return [
+        usage(T0, "p-alice", "github", tool="search"),
+        usage(minutes(1), "p-bob", "github", tool="search"),
+        usage(minutes(2), "p-alice", "slack", tool="post"),
+        usage(
+            minutes(3), "", "github", tool="", mcp_method="", decision="deny", reason="key_unknown", upstream_status=401
+        ),
+        usage(minutes(4), "p-alice", "github", tool="create_issue"),
+        usage(minutes(5), "p-bob", "slack", tool="post"),
+    ]
+
+
+# One store per backend for the whole table: a fresh PostgreSQL schema per case costs more than the queries.
+USAGE_FILTERS: list[tuple[dict, list[int]]] = [
+    ({}, [0, 1, 2, 3, 4, 5]),
+    ({"principal_id": "p-alice"}, [0, 2, 4]),
+    ({"principal_id": ""}, [3]),
+    ({"server": "github"}, [0, 1, 3, 4]),
+    ({"tool": "post"}, [2, 5]),
+    ({"tool": ""}, [3]),
+    ({"since": minutes(1)}, [1, 2, 3, 4, 5]),  # since is inclusive
+    ({"until": minutes(2)}, [0, 1]),  # until is exclusive
+    ({"since": minutes(1), "until": minutes(4)}, [1, 2, 3]),
+    ({"principal_id": "p-alice", "server": "github"}, [0, 4]),
+    ({"principal_id": "p-alice", "server": "github", "since": minutes(1)}, [4]),
+    ({"server": "slack", "tool": "post", "until": minutes(5)}, [2]),
+    ({"principal_id": "p-bob", "tool": "search", "since": T0, "until": minutes(9)}, [1]),
+    ({"limit": 2}, [0, 1]),  # the oldest first
+    ({"server": "github", "since": minutes(1), "limit": 2}, [1, 3]),
+    ({"principal_id": "p-nobody"}, []),
+    ({"since": minutes(2), "until": minutes(2)}, []),
+    ({"limit": 0}, []),
+]
+
+
+async def test_query_usage_filters(store: Store, usage_records: list) -> None:
+    # Written out of time order, as replicas flush: results still come oldest first.
+    for i in (3, 0, 5):
+        await store.append_usage([usage_records[i]])
+    await store.append_usage([usage_records[i] for i in (1, 4, 2)])
+    for filters, expected in USAGE_FILTERS:
+        found = await store.query_usage(**filters)
+        assert [dataclasses.replace(r, id=None) for r in found] == [usage_records[i] for i in expected], filters
+
+
+async def test_query_usage_orders_by_time_then_id(store: Store) -> None:
+    late, early = usage(minutes(5), request_id="late"), usage(T0, request_id="early")
+    tie_a, tie_b = usage(minutes(1), request_id="tie-a"), usage(minutes(1), request_id="tie-b")
+    await store.append_usage([late, tie_a])
+    await store.append_usage([early, tie_b])
+    found = await store.query_usage()
+    assert [r.request_id for r in found] == ["early", "tie-a", "tie-b", "late"]
+    by_id = sorted(found, key=lambda r: r.id)  # type: ignore[arg-type, return-value]
+    assert [r.request_id for r in by_id] == ["late", "tie-a", "early", "tie-b"]
+
+
+async def test_append_usage_refuses_a_bad_batch_whole(store: Store) -> None:
+    good = usage(T0)
+    naive = usage(datetime(2025, 3, 1, 12, 0, 0))
+    with pytest.raises(InvalidInput, match="timezone-aware"):
+        await store.append_usage([good, naive])
+    for bad, field_name in [
+        (usage(T0, decision="maybe"), "decision"),
+        (usage(T0, upstream_status=-1), "upstream_status"),
+        (usage(T0, request_bytes=-5), "request_bytes"),
+        (usage(T0, duration_ms=float("nan")), "duration_ms"),
+        (usage(T0, tool=None), "tool"),
+    ]:
+        with pytest.raises(InvalidInput, match=field_name) as caught:
+            await store.append_usage([good, bad])
+        assert "2 of 2" in str(caught.value)
+    assert await store.query_usage() == []
+
+
+async def test_append_usage_takes_a_large_batch(store: Store) -> None:
+    batch = [usage(T0 + timedelta(milliseconds=i), request_id=f"r{i}", duration_ms=i / 8) for i in range(1500)]
+    await store.append_usage(batch)
+    found = await store.query_usage(limit=10_000)
+    assert [r.request_id for r in found] == [f"r{i}" for i in range(1500)]
+    assert found[777].duration_ms == 777 / 8
+    assert [r.request_id for r in await store.query_usage(since=batch[1000].at, limit=3)] == ["r1000", "r1001", "r1002"]
+
+
+async def test_prune_usage_deletes_older_records(store: Store, usage_records: list) -> None:
+    await store.append_usage(usage_records)
+    before_prune = await store.query_usage()
+    assert await store.prune_usage(minutes(2)) == 2  # strictly older than `before`
+    assert await store.prune_usage(minutes(2)) == 0
+    remaining = await store.query_usage()
+    assert [r.id for r in remaining] == [r.id for r in before_prune[2:]]
+    assert remaining[0].at == minutes(2)
+    await store.append_usage([usage(minutes(9))])
+    newest = (await store.query_usage())[-1]
+    assert newest.id is not None and newest.id > max(r.id for r in before_prune)  # type: ignore[type-var]
+    assert await store.prune_usage(minutes(100)) == 5
+    assert await store.query_usage() == []
+    assert await store.changes_since(0) == []
+
+
+async def test_usage_writes_never_reach_the_change_log(store: Store) -> None:
+    await seed(store)
+    since = await last_seq(store)
+    await store.append_usage([usage(T0), usage(minutes(1), "p-bob")])
+    await store.query_usage(principal_id="p-bob")
+    await store.prune_usage(minutes(1))
+    assert await store.changes_since(since) == []
+    assert (await store.snapshot()).seq == since
+
+
+# --- migrating a store created at schema version 1 ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def persistent_url(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[str]:
+    """A store URL whose schema outlives one store object (memory:// has nothing to migrate)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/v1.db"
+    else:
+        base = request.getfixturevalue("pg_base_url")
+        schema = f"t_{uuid.uuid4().hex[:20]}"
+        yield f"{base}?schema={schema}"
+        await drop_schema(base, schema)
+
+
+async def test_a_version_1_store_migrates_to_usage_and_keeps_its_data(
+    persistent_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every = sql.load_migrations
+    monkeypatch.setattr(sql, "load_migrations", lambda dialect: every(dialect)[:1])
+    old = await open_store(persistent_url)  # only 0001 applied
+    try:
+        assert await old.schema_version() == 1
+        await seed(old)
+        await old.add_key(key("k-1", "p-alice", scope=("github",)))
+        await old.put_override(override("p-alice", "github"))
+        await old.put_key_checks({1: sealed("check")})
+        await old.append_audit([audit(T0, "cli", "keys.create", "k-1")])
+        with pytest.raises(StoreError):
+            await old.query_usage()
+        snap, changes, events = await old.snapshot(), await old.changes_since(0), await old.query_audit()
+    finally:
+        await old.close()
+
+    monkeypatch.setattr(sql, "load_migrations", every)
+    new = await open_store(persistent_url)  # open_store migrates: 0002 only
+    try:
+        assert await new.schema_version() == len(every(new.dialect)) == 2  # type: ignore[attr-defined]
+        assert await new.snapshot() == snap
+        assert await new.changes_since(0) == changes
+        assert await new.query_audit() == events
+        assert await new.get_key_checks() == {1: sealed("check")}
+        await new.append_usage([usage(T0)])
+        await new.migrate()  # idempotent: nothing re-applied, nothing lost
+        assert await new.schema_version() == 2
+        assert [dataclasses.replace(r, id=None) for r in await new.query_usage()] == [usage(T0)]
+        assert await new.changes_since(0) == changes
+    finally:
+        await new.close()

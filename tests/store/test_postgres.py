@@ -16,7 +16,7 @@ from authz_server.store import open_store
 from authz_server.store.postgres import PostgresStore, parse_url
 from authz_server.store.sql import load_migrations
 from tests.store.conftest import drop_schema
-from tests.store.records import T0, audit, entries, seed, server
+from tests.store.records import T0, audit, entries, minutes, seed, server, usage
 
 # --- no server needed ---------------------------------------------------------------------
 
@@ -198,3 +198,66 @@ async def test_postgres_scheme_alias(pg_base_url: str) -> None:
     finally:
         await store.close()
         await drop_schema(pg_base_url, schema)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("column", "garbage"),
+    [("decision", "'maybe-secretish'"), ("upstream_status", "1234567"), ("request_bytes", "-7")],
+)
+async def test_a_usage_row_that_does_not_decode_raises_corrupt_row(
+    pg_url: str, pg_base_url: str, column: str, garbage: str
+) -> None:
+    store = await open_store(pg_url)
+    try:
+        assert isinstance(store, PostgresStore)
+        await store.append_usage([usage(T0, request_id="fine")])
+        values = {"decision": "'allow'", "upstream_status": "200", "request_bytes": "10"}
+        values[column] = garbage
+        conn = await asyncpg.connect(pg_base_url)
+        try:
+            bad_id = await conn.fetchval(
+                f'INSERT INTO "{store.schema}".usage_records (at, decision, upstream_status, request_bytes) '
+                f"VALUES ('2025-03-01T13:00:00Z', {values['decision']}, {values['upstream_status']}, "
+                f"{values['request_bytes']}) RETURNING id"
+            )
+        finally:
+            await conn.close()
+        with pytest.raises(CorruptRow) as caught:
+            await store.query_usage()
+        message = str(caught.value)
+        assert f"usage_records row {bad_id}" in message and "secretish" not in message and garbage not in message
+        assert [r.request_id for r in await store.query_usage(limit=1)] == ["fine"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_usage_records_cannot_be_rewritten(pg_url: str, pg_base_url: str) -> None:
+    store = await open_store(pg_url)
+    try:
+        assert isinstance(store, PostgresStore)
+        await store.append_usage([usage(T0)])
+        conn = await asyncpg.connect(pg_base_url)
+        try:
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await conn.execute(f"UPDATE \"{store.schema}\".usage_records SET principal_id = 'someone-else'")
+        finally:
+            await conn.close()
+        assert [r.principal_id for r in await store.query_usage()] == ["p-alice"]
+        assert await store.prune_usage(minutes(1)) == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_usage_writes_send_no_notification(pair: tuple[PostgresStore, PostgresStore]) -> None:
+    follower, writer = pair
+    await follower.wait_for_changes(0)
+    started = time.monotonic()
+    waiting = asyncio.create_task(follower.wait_for_changes(0.25))
+    await asyncio.sleep(0.05)
+    await writer.append_usage([usage(T0), usage(minutes(1))])
+    await writer.prune_usage(minutes(1))
+    await waiting
+    assert time.monotonic() - started >= 0.2

@@ -14,7 +14,7 @@ from authz_server.models import Entity
 from authz_server.store import open_store
 from authz_server.store.sql import load_migrations
 from authz_server.store.sqlite import SqliteStore, split_statements
-from tests.store.records import T0, audit, entries, key, override, principal, seed, server
+from tests.store.records import T0, audit, entries, key, minutes, override, principal, seed, server, usage
 
 
 @pytest.fixture
@@ -183,3 +183,70 @@ async def test_datetimes_are_stored_as_fixed_width_utc_text(store: SqliteStore, 
 async def test_an_unopenable_path_raises_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="Cannot open the SQLite store"):
         await open_store(f"sqlite:///{tmp_path}/missing-dir/authz.db")
+
+
+_USAGE_INSERT = (
+    "INSERT INTO usage_records (at, principal_id, server, decision, upstream_status, request_bytes, duration_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@pytest.mark.parametrize(
+    ("column", "garbage"),
+    [
+        ("at", "last-tuesday-secretish"),
+        ("at", "2025-03-01T12:09:00.000001"),  # naive
+        ("decision", "maybe-secretish"),
+        ("upstream_status", "two-hundred-secretish"),
+        ("request_bytes", -7),
+        ("duration_ms", "slow-secretish"),
+    ],
+)
+async def test_a_usage_row_that_does_not_decode_raises_corrupt_row(
+    store: SqliteStore, db_path: Path, column: str, garbage: object
+) -> None:
+    await store.append_usage([usage(T0, request_id="fine")])
+    values = {
+        "at": "2025-03-01T12:05:00.000000+00:00",
+        "principal_id": "p-alice",
+        "server": "github",
+        "decision": "allow",
+        "upstream_status": 200,
+        "request_bytes": 10,
+        "duration_ms": 1.5,
+    }
+    values[column] = garbage
+    raw(db_path, _USAGE_INSERT, *values.values())
+    (bad_id,) = raw(db_path, "SELECT MAX(id) FROM usage_records")[0]
+
+    with pytest.raises(CorruptRow) as caught:
+        await store.query_usage()
+    message = str(caught.value)
+    assert f"usage_records row {bad_id}" in message
+    assert str(garbage) not in message and "secretish" not in message
+    assert caught.value.__cause__ is None
+    # Queries that do not reach the bad row still work.
+    assert [r.request_id for r in await store.query_usage(server="github", limit=1)] == ["fine"]
+
+
+async def test_usage_records_cannot_be_rewritten(store: SqliteStore, db_path: Path) -> None:
+    await store.append_usage([usage(T0)])
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        raw(db_path, "UPDATE usage_records SET principal_id = 'someone-else'")
+    assert [r.principal_id for r in await store.query_usage()] == ["p-alice"]
+    assert await store.prune_usage(minutes(1)) == 1  # retention still deletes
+
+
+async def test_usage_indexes_serve_the_filters(store: SqliteStore, db_path: Path) -> None:
+    indexes = {name for (name,) in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"usage_records_by_at", "usage_records_by_principal", "usage_records_by_server"} <= indexes
+    plan = " ".join(
+        str(row[-1])
+        for row in raw(
+            db_path,
+            "EXPLAIN QUERY PLAN SELECT * FROM usage_records WHERE principal_id = ? AND at >= ? ORDER BY at, id",
+            "p-alice",
+            "2025",
+        )
+    )
+    assert "usage_records_by_principal" in plan and "TEMP B-TREE" not in plan

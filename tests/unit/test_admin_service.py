@@ -639,8 +639,12 @@ ALL_ACTIONS = [
     "overrides.set",
     "overrides.list",
     "overrides.delete",
+    "usage.query",
+    "usage.export",
+    "usage.prune",
 ]
-OWNED = {a for a in ALL_ACTIONS if a.startswith(("keys.", "overrides."))}
+# Usage records belong to a principal too; pruning them is retention, for admins.
+OWNED = {a for a in ALL_ACTIONS if a.startswith(("keys.", "overrides."))} | {"usage.query", "usage.export"}
 
 
 def _expected(role: Role | None, action: str, owner: str) -> bool:
