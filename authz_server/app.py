@@ -13,22 +13,30 @@ import logging
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from authz_server.config import Settings
+from authz_server.config import Settings, parse_hostport
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
+from authz_server.envoy.accesslog import AccessLogServicer
+from authz_server.envoy.health import Health
 from authz_server.envoy.servicer import AuthorizationServicer
-from authz_server.errors import ConfigError
+from authz_server.errors import ConfigError, NotFound
+from authz_server.models import AuditEvent, OverrideStatus, UsageRecord
 from authz_server.observability import logs
-from authz_server.observability.audit import AuditQueue
+from authz_server.observability import metrics as metrics_module
+from authz_server.observability.batch import BatchWriter
+from authz_server.observability.http import OperatorHttp
+from authz_server.observability.metrics import Metrics
 from authz_server.observability.usage import LastUsed
 from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
 from authz_server.pipeline.limits import RateLimiter
@@ -49,20 +57,28 @@ class Sidecar:
     follower: StateFollower
     authenticator: Authenticator
     pipeline: Pipeline
-    audit: AuditQueue
+    health: Health
+    audit: BatchWriter[AuditEvent]
+    usage: BatchWriter[UsageRecord]
+    rejected_overrides: BatchWriter[tuple[str, str, str, datetime]]
     last_used: LastUsed
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = metrics_module.create(self)
+
+    def queues(self) -> list[BatchWriter]:  # type: ignore[type-arg]
+        return [self.audit, self.usage, self.rejected_overrides]
 
 
 async def build(settings: Settings, keyring: Keyring, store: Store | None = None) -> Sidecar:
-    """Open and check the store, load the state, and wire the pipeline. Raises ConfigError."""
+    """Open and check the store and wire every component; the state is loaded by `serve`. Raises ConfigError."""
     store = store or await open_store(settings.store_url)
     checks = await store.get_key_checks()
     if not checks:
         raise ConfigError("The store is not initialised. Run 'mcp-authz init' first.")
     keyring.verify_check(checks)
     state = AuthState()
-    follower = StateFollower(store, keyring, state, settings.poll_interval)
-    await follower.load()
     authenticator = Authenticator(
         state,
         KeyHasher(settings.argon2),
@@ -77,14 +93,24 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         RateLimiter(),
         Mutator(settings.key_header, settings.signature_header, settings.timestamp_header),
     )
+
+    async def mark_rejected(items: Sequence[tuple[str, str, str, datetime]]) -> None:
+        for principal_id, server, reason, at in items:
+            with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to mark
+                await store.set_override_status(principal_id, server, OverrideStatus.INVALID, reason, at)
+            log.warning("override rejected by upstream", extra={"principal_id": principal_id, "server": server})
+
     return Sidecar(
         settings,
         store,
         state,
-        follower,
+        StateFollower(store, keyring, state, settings.poll_interval),
         authenticator,
         pipeline,
-        AuditQueue(store, settings.audit_queue),
+        Health(settings.store_outage_limit),
+        BatchWriter("audit", store.append_audit, settings.audit_queue),
+        BatchWriter("usage", store.append_usage, settings.usage_queue),
+        BatchWriter("override_status", mark_rejected, 1000),
         LastUsed(store, settings.last_used_flush),
     )
 
@@ -96,19 +122,27 @@ async def serve(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the sidecar until SIGINT/SIGTERM (or `stop` is set)."""
+    """Run the sidecar until SIGINT/SIGTERM (or `stop` is set).
+
+    The gRPC port opens first, answering health checks with NOT_SERVING, so Envoy
+    sees the sidecar but sends it nothing until the state is loaded.
+    """
     logs.configure(settings.log_level)
     stop = stop or _stop_on_signals()
     sidecar = await build(settings, keyring)
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(sidecar.pipeline, sidecar.audit, sidecar.last_used), server
+        AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used),
+        server,
     )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(sidecar.usage, sidecar.rejected_overrides), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+            als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -116,23 +150,42 @@ async def serve(
     )
     if server.add_insecure_port(settings.listen) == 0:
         raise ConfigError(f"Cannot listen on {settings.listen}.")
+    await sidecar.health.start()
     await server.start()
-    tasks = [
-        asyncio.create_task(sidecar.follower.run(), name="follower"),
-        asyncio.create_task(sidecar.audit.run(), name="audit"),
-        asyncio.create_task(sidecar.last_used.run(), name="last-used"),
-    ]
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set("envoy.service.auth.v3.Authorization", health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready", extra={"listen": settings.listen, **sidecar.state.counts()})
-    if ready is not None:
-        ready.set()
+    http = None
+    if settings.metrics_listen:
+        host, port = parse_hostport(settings.metrics_listen, "The metrics address")
+        try:
+            http = OperatorHttp(host, port, sidecar.metrics.registry, sidecar.health)
+        except OSError as exc:
+            raise ConfigError(f"Cannot listen on {settings.metrics_listen}: {exc.strerror}.") from None
+        http.start()
+    tasks: list[asyncio.Task[None]] = []
     try:
+        await sidecar.follower.load()
+        tasks = [
+            asyncio.create_task(sidecar.follower.run(), name="follower"),
+            asyncio.create_task(sidecar.health.watch(sidecar.follower), name="health"),
+            asyncio.create_task(sidecar.audit.run(), name="audit"),
+            asyncio.create_task(sidecar.usage.run(), name="usage"),
+            asyncio.create_task(sidecar.rejected_overrides.run(), name="override-status"),
+            asyncio.create_task(sidecar.last_used.run(), name="last-used"),
+            asyncio.create_task(_retention(sidecar), name="retention"),
+        ]
+        await sidecar.health.set(True, "ok")
+        log.info(
+            "ready",
+            extra={"listen": settings.listen, "metrics": settings.metrics_listen, **sidecar.state.counts()},
+        )
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         log.info("stopping")
-        await health.enter_graceful_shutdown()
+        await sidecar.health.stop()
         await server.stop(grace=2)
+        if http is not None:
+            http.stop()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -140,6 +193,25 @@ async def serve(
                 await task
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+async def _retention(sidecar: Sidecar, every: float = 3600.0) -> None:
+    """Prune audit events and usage records past their retention, at start and then hourly."""
+    settings, store = sidecar.settings, sidecar.store
+    while True:
+        now = datetime.now(UTC)
+        for days, prune, what in (
+            (settings.audit_retention_days, store.prune_audit, "audit"),
+            (settings.usage_retention_days, store.prune_usage, "usage"),
+        ):
+            if days:
+                try:
+                    removed = await prune(now - timedelta(days=days))
+                    if removed:
+                        log.info("retention", extra={"table": what, "removed": removed})
+                except Exception as exc:  # noqa: BLE001 - retried next round
+                    log.warning("retention failed", extra={"table": what, "error": type(exc).__name__})
+        await asyncio.sleep(every)
 
 
 async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Path, envoy_bin: str | None = None) -> None:

@@ -31,7 +31,9 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 @dataclass(frozen=True, slots=True)
 class Settings:
     store_url: str = "sqlite:///mcp-authz.db"
-    listen: str = "127.0.0.1:9001"  # gRPC: ext_authz Check and health
+    listen: str = "127.0.0.1:9001"  # gRPC: ext_authz Check, access-log service, health
+    metrics_listen: str = "127.0.0.1:9090"  # HTTP: /metrics, /healthz, /readyz ("" turns it off)
+    store_outage_limit: float = 30.0  # seconds without the store before health says NOT_SERVING
     key_header: str = "x-api-key"  # custom header a gateway key may come in
     path_keys: bool = True  # accept a key as a path segment (MCPGate URL form)
     poll_interval: float = 0.1  # seconds between change-log polls
@@ -42,6 +44,9 @@ class Settings:
     negative_cache_ttl: float = 300.0
     last_used_flush: float = 5.0  # seconds between last_used_at writes
     audit_queue: int = 10_000
+    usage_queue: int = 100_000
+    audit_retention_days: float = 365.0  # 0 keeps everything
+    usage_retention_days: float = 90.0
     signature_header: str = "x-mcp-authz-signature"
     timestamp_header: str = "x-mcp-authz-timestamp"
     log_level: str = "INFO"
@@ -53,6 +58,7 @@ class Settings:
         text = {
             "store_url": "MCP_AUTHZ_STORE",
             "listen": "MCP_AUTHZ_LISTEN",
+            "metrics_listen": "MCP_AUTHZ_METRICS_LISTEN",
             "key_header": "MCP_AUTHZ_KEY_HEADER",
             "log_level": "MCP_AUTHZ_LOG_LEVEL",
         }
@@ -65,6 +71,9 @@ class Settings:
             "poll_interval": ("MCP_AUTHZ_POLL_INTERVAL", float),
             "argon2_workers": ("MCP_AUTHZ_ARGON2_WORKERS", int),
             "last_used_flush": ("MCP_AUTHZ_LAST_USED_FLUSH", float),
+            "store_outage_limit": ("MCP_AUTHZ_STORE_OUTAGE_LIMIT", float),
+            "audit_retention_days": ("MCP_AUTHZ_AUDIT_RETENTION_DAYS", float),
+            "usage_retention_days": ("MCP_AUTHZ_USAGE_RETENTION_DAYS", float),
         }
         for name, (var, kind) in numbers.items():
             if env.get(var):
@@ -77,6 +86,12 @@ class Settings:
 
     def validated(self) -> Settings:
         parse_hostport(self.listen, "The listen address")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "The metrics address")
+        if self.store_outage_limit <= 0:
+            raise ConfigError("The store outage limit must be a positive number of seconds.")
+        if self.audit_retention_days < 0 or self.usage_retention_days < 0:
+            raise ConfigError("Retention must be a number of days, or 0 to keep everything.")
         if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
             raise ConfigError("The store URL must start with sqlite://, postgresql:// or memory://.")
         header = self.key_header.lower()

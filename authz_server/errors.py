@@ -43,6 +43,7 @@ class Reason(str, enum.Enum):
     CREDENTIAL_UNREADABLE = "credential_unreadable"
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
+    NOT_READY = "not_ready"
     INTERNAL = "internal"
 
 
@@ -101,6 +102,7 @@ REASONS: dict[Reason, ReasonInfo] = {
     ),
     Reason.RATE_LIMITED: ReasonInfo(429, "Too many requests for this account.", "Retry after the indicated delay."),
     Reason.OVERLOADED: ReasonInfo(503, "The authorization service is busy.", "Retry shortly."),
+    Reason.NOT_READY: ReasonInfo(503, "The authorization service is starting or has lost its store.", "Retry shortly."),
     Reason.INTERNAL: ReasonInfo(503, "The authorization service failed.", "Retry shortly; operators see the log."),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -100,7 +101,9 @@ class StateFollower:
         self.state = state
         self._poll = poll_interval
         self.last_error: str = ""
-        self.last_success: float = 0.0
+        self.last_success: float = 0.0  # time.monotonic() of the last successful load or poll
+        self.seen_seq = 0  # newest change-log seq read from the store
+        self.evictions = 0  # verified keys dropped from the cache by a change
 
     async def load(self) -> None:
         snap: Snapshot = await self._store.snapshot()
@@ -110,19 +113,18 @@ class StateFollower:
         st.servers = {s.name: self._server_entry(s) for s in snap.servers}
         st.keys = {k.key_id: _key_entry(k) for k in snap.keys}
         st.overrides = {(o.principal_id, o.server): self._override_entry(o) for o in snap.overrides}
-        st.seq = snap.seq
+        st.seq = self.seen_seq = snap.seq
         st.loaded = True
-        self.last_success = asyncio.get_running_loop().time()
+        self.last_success = time.monotonic()
         log.info("state loaded", extra={"seq": snap.seq, **st.counts()})
 
     async def run(self) -> None:
         """Apply changes until cancelled. A store outage is logged and retried;
         Check keeps answering from memory meanwhile."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 await self.poll_once()
-                self.last_success = loop.time()
+                self.last_success = time.monotonic()
                 if self.last_error:
                     log.info("store reachable again")
                     self.last_error = ""
@@ -143,6 +145,7 @@ class StateFollower:
             changes = await self._store.changes_since(self.state.seq)
             if not changes:
                 return total
+            self.seen_seq = max(self.seen_seq, changes[-1].seq)
             # The log names entities; re-read each changed one once, at its newest state.
             latest: dict[tuple[Entity, str], Change] = {(c.entity, c.entity_key): c for c in changes}
             for change in latest.values():
@@ -162,14 +165,16 @@ class StateFollower:
             _put(st.servers, key, self._server_entry(server) if server else None)
         elif change.entity is Entity.KEY:
             record = await store.get_key(key)
+            old = st.keys.get(key)
             if record is None:
                 st.keys.pop(key, None)
-                return
-            entry = _key_entry(record)
-            old = st.keys.get(key)
-            if old is not None and old.hash == entry.hash:
-                entry.verified_digest = old.verified_digest  # same secret: keep it verified
-            st.keys[key] = entry
+            else:
+                entry = _key_entry(record)
+                if old is not None and old.hash == entry.hash and record.revoked_at is None:
+                    entry.verified_digest = old.verified_digest  # unchanged secret, still valid: stay verified
+                st.keys[key] = entry
+            if old is not None and old.verified_digest is not None and st.keys.get(key, old).verified_digest is None:
+                self.evictions += 1
         elif change.entity is Entity.OVERRIDE:
             principal_id, _, server_name = key.partition("/")
             override = await store.get_override(principal_id, server_name)

@@ -34,7 +34,7 @@ KEY_FILE = DATA / "mcp-authz.key"  # beside the database, where the CLI looks by
 SIGNING_FILE = DATA / "demo-signing.secret"
 STORE_URL = f"sqlite:///{DB}"
 GATEWAY = "http://127.0.0.1:10000/mcp/demo"
-PORTS = {10000: "Envoy listener", 9901: "Envoy admin", 9001: "sidecar", 9100: "example MCP server"}
+PORTS = {10000: "Envoy listener", 9901: "Envoy admin", 9001: "sidecar", 9090: "sidecar metrics", 9100: "example MCP server"}
 DEMO_LABEL = "make-run"
 
 
@@ -127,6 +127,8 @@ mcp-authz is running: Envoy -> sidecar -> example MCP server.
 
 Call a tool through the gateway:
   MCP_AUTHZ_KEY={key} {bin_dir / 'python'} examples/call_tool.py {GATEWAY} echo_headers
+
+Metrics and health:  http://127.0.0.1:9090/metrics  /healthz  /readyz
 
 Manage it from another terminal:
   export MCP_AUTHZ_STORE={STORE_URL}

@@ -50,7 +50,7 @@ def allow(decision: Decision) -> CheckResponse:
 RPC_ERROR_CODE = {401: -32001, 403: -32003, 429: -32029, 503: -32053}
 
 
-def deny(denied: Denied, request_id: str, server: str = "") -> CheckResponse:
+def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> CheckResponse:
     """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id."""
     body = {
         "jsonrpc": "2.0",
@@ -79,6 +79,8 @@ def deny(denied: Denied, request_id: str, server: str = "") -> CheckResponse:
                 "principal_id": denied.principal_id,
                 "key_id": denied.key_id,
                 "server": denied.server or server,
+                "tool": tool,
+                "mcp_method": mcp_method,
                 "decision": "deny",
                 "reason": denied.reason,
             }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from authz_server.pipeline.resolve import Credentials
 from authz_server.pipeline.types import CheckInput, Decision, Identity
 from authz_server.state import ServerEntry
 
@@ -36,7 +37,7 @@ class Mutator:
         inp: CheckInput,
         identity: Identity,
         server: ServerEntry,
-        credentials: tuple[tuple[str, str], ...],
+        credentials: Credentials,
         now: float,
     ) -> Decision:
         principal = identity.principal
@@ -47,7 +48,7 @@ class Mutator:
             ",".join(r.value for r in principal.roles),
         )
         path = inp.path
-        to_set: list[tuple[str, str]] = list(credentials)
+        to_set: list[tuple[str, str]] = list(credentials.headers)
         presented = identity.key_source
         if presented.path_without_key is not None:
             path = presented.path_without_key
@@ -80,6 +81,8 @@ class Mutator:
                 "key_id": identity.key_id,
                 "server": server.name,
                 "tool": inp.tool,
+                "mcp_method": inp.mcp_method,
+                "credential": credentials.source,
                 "decision": "allow",
             },
             principal_id=principal.id,

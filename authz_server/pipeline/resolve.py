@@ -8,12 +8,20 @@ mode is a 403 naming the server; `none` injects nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from authz_server.errors import Denied, Reason
 from authz_server.models import PLACEHOLDER_RE, AuthMode, Secret
 from authz_server.pipeline.types import CheckInput, Identity
 from authz_server.state import AuthState, ServerEntry
 
 SERVER_EXTENSION = "mcp_server"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    source: str  # "override", "shared" or "none": recorded so an upstream 401 can mark an override invalid
+    headers: tuple[tuple[str, str], ...]
 
 
 def find_server(inp: CheckInput, state: AuthState) -> ServerEntry:
@@ -58,10 +66,10 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
         raise Denied(Reason.SCOPE_TOOL, f"This gateway key may not call the tool '{inp.tool}' on '{server}'.")
 
 
-def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthState, now: float) -> tuple[tuple[str, str], ...]:
-    """The rendered credential headers for this caller on this server."""
+def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthState, now: float) -> Credentials:
+    """The rendered credential headers for this caller on this server, and where they came from."""
     if server.mode is AuthMode.NONE:
-        return ()
+        return Credentials("none", ())
     if server.corrupt:
         raise Denied(Reason.CREDENTIAL_UNREADABLE)
     override = state.overrides.get((identity.principal.id, server.name))
@@ -69,10 +77,11 @@ def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthStat
     if override is not None and override.corrupt:
         raise Denied(Reason.CREDENTIAL_UNREADABLE)
     values: dict[str, Secret]
+    use_override = override is not None and not expired
     if server.mode is AuthMode.SHARED:
-        values = server.shared if override is None or expired else {**server.shared, **override.values}
-    elif override is not None and not expired:
-        values = override.values
+        values = {**server.shared, **override.values} if use_override else server.shared  # type: ignore[union-attr]
+    elif use_override:
+        values = override.values  # type: ignore[union-attr]
     else:
         what = "has expired" if expired else "is not configured"
         raise Denied(
@@ -80,7 +89,7 @@ def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthStat
             f"The MCP server '{server.name}' needs your own credential, and yours {what}.",
             hint=f"Add it with 'mcp-authz overrides set --server {server.name}', or ask a manager to set it for you.",
         )
-    return render(server, values)
+    return Credentials("override" if use_override else "shared", render(server, values))
 
 
 def render(server: ServerEntry, values: dict[str, Secret]) -> tuple[tuple[str, str], ...]:

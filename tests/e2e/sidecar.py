@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_server.admin.service import Actor, AdminService
@@ -113,18 +114,34 @@ def serving(port: int) -> bool:
 class Sidecar:
     process: ManagedProcess
     port: int
+    metrics_port: int
+
+    def http(self, path: str) -> httpx.Response:
+        """GET /metrics, /healthz or /readyz on the operator port."""
+        return httpx.get(f"http://{LOOPBACK}:{self.metrics_port}{path}", timeout=5)
 
     def logs(self) -> str:
         return self.process.stdout_path.read_text() + self.process.stderr_path.read_text()
 
 
 @contextmanager
-def run_sidecar(world: World, *, port: int | None = None, extra: Sequence[str] = (), name: str = "sidecar") -> Iterator[Sidecar]:
+def run_sidecar(
+    world: World,
+    *,
+    port: int | None = None,
+    extra: Sequence[str] = (),
+    name: str = "sidecar",
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Iterator[Sidecar]:
     port = port or free_port()
+    metrics_port = free_port()
     argv = [CLI, "serve", "--listen", f"{LOOPBACK}:{port}", "--poll-interval", "0.05", *extra]
-    process = _spawn(name, argv, world.dir, env=world.env)
+    full_env = {**world.env, "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{metrics_port}", **(env or {})}
+    process = _spawn(name, argv, world.dir, env=full_env)
     try:
-        wait_until(lambda: serving(port), timeout=20, what="sidecar", process=process)
-        yield Sidecar(process, port)
+        if wait:
+            wait_until(lambda: serving(port), timeout=20, what="sidecar", process=process)
+        yield Sidecar(process, port, metrics_port)
     finally:
         process.stop()

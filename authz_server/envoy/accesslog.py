@@ -1,0 +1,97 @@
+"""Envoy's gRPC access-log service: per-request usage attribution.
+
+Check leaves its decision in ext_authz dynamic metadata (principal, key id, server,
+tool, decision, and which credential it injected). Envoy's access-log entry carries
+that metadata next to the upstream status, bytes and duration; this servicer joins
+them into `UsageRecord`s, queued off the request path and written in batches.
+
+An upstream answering 401 or 403 to a request that carried a principal's override
+marks that override `invalid`, with the time and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import grpc
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from authz_server.models import UsageRecord
+from authz_server.observability.batch import BatchWriter
+
+log = logging.getLogger(__name__)
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+REJECTED_BY_UPSTREAM = frozenset({401, 403})
+
+
+def to_usage(entry: HTTPAccessLogEntry) -> tuple[UsageRecord, str] | None:
+    """The usage record of one entry and the credential source Check injected,
+    or None when Check never decided on it (a route without ext_authz, or the sidecar unreachable)."""
+    common = entry.common_properties
+    namespace = common.metadata.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
+    if namespace is None:
+        return None
+    md = {k: v.string_value for k, v in namespace.fields.items()}
+    if md.get("decision") not in ("allow", "deny"):
+        return None  # not ours; a bad record would make the store refuse its whole batch
+    duration = common.duration if common.HasField("duration") else common.time_to_last_downstream_tx_byte
+    record = UsageRecord(
+        at=common.start_time.ToDatetime(tzinfo=UTC),
+        request_id=entry.request.request_id,
+        principal_id=md.get("principal_id", ""),
+        key_id=md.get("key_id", ""),
+        server=md.get("server", ""),
+        tool=md.get("tool", ""),
+        mcp_method=md.get("mcp_method", ""),
+        decision=md["decision"],
+        reason=md.get("reason", ""),
+        upstream_status=entry.response.response_code.value,
+        request_bytes=entry.request.request_headers_bytes + entry.request.request_body_bytes,
+        response_bytes=entry.response.response_headers_bytes + entry.response.response_body_bytes,
+        duration_ms=duration.ToNanoseconds() / 1e6,
+    )
+    return record, md.get("credential", "")
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(
+        self,
+        usage: BatchWriter[UsageRecord],
+        rejected_overrides: BatchWriter[tuple[str, str, str, datetime]],
+        remark_after: float = 10.0,
+    ) -> None:
+        self._usage = usage
+        self._rejected = rejected_overrides
+        self._remark_after = remark_after
+        self._last_marked: dict[tuple[str, str], float] = {}
+        self.entries = 0  # every HTTP entry Envoy delivered
+        self.unattributed = 0  # of those, entries Check never decided on
+
+    async def StreamAccessLogs(  # noqa: N802
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                self.entries += 1
+                joined = to_usage(entry)
+                if joined is None:
+                    self.unattributed += 1
+                    continue
+                record, credential = joined
+                self._usage.put(record)
+                if credential == "override" and record.decision == "allow" and record.upstream_status in REJECTED_BY_UPSTREAM:
+                    self._mark_rejected(record)
+        return als_pb2.StreamAccessLogsResponse()
+
+    def _mark_rejected(self, record: UsageRecord) -> None:
+        pair = (record.principal_id, record.server)
+        now = time.monotonic()
+        if now - self._last_marked.get(pair, -self._remark_after) < self._remark_after:
+            return  # a burst of rejections is one status change, not one write each
+        self._last_marked[pair] = now
+        reason = f"upstream answered {record.upstream_status} (request {record.request_id})"
+        self._rejected.put((record.principal_id, record.server, reason, record.at))

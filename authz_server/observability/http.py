@@ -1,0 +1,63 @@
+"""The operator's HTTP port: /metrics (Prometheus), /healthz (alive), /readyz (serving Check).
+
+Served from a thread by the standard library's WSGI server, so a scrape never
+runs on the event loop that answers Check.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from authz_server.envoy.health import Health
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes are not worth a log line
+        pass
+
+
+def _app(registry: CollectorRegistry, health: Health) -> Callable[..., Iterable[bytes]]:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            status, body = "200 OK", {"status": "alive"}
+        elif path == "/readyz":
+            ready = health.serving
+            status = "200 OK" if ready else "503 Service Unavailable"
+            body = {"status": "ready" if ready else "not ready", "reason": health.reason}
+        else:
+            status, body = "404 Not Found", {"error": "not_found", "paths": ["/metrics", "/healthz", "/readyz"]}
+        payload = json.dumps(body).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
+        return [payload]
+
+    return app
+
+
+class OperatorHttp:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        self._server = make_server(host, port, _app(registry, health), server_class=_Server, handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="operator-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,120 @@
+"""Every Prometheus metric of mcp-authz, defined here and nowhere else.
+
+Two kinds:
+- recorded per request by the servicer wrapper (`Metrics.observe_check`): decisions
+  and Check latency;
+- read from the live components at scrape time (`_LiveCollector`): caches, Argon2,
+  change-log lag, write-behind queues, entity counts. The hot path pays nothing for these.
+
+Labels stay low-cardinality: decision, reason, server name, queue name. Never a
+principal, a key id or a key.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from authz_server import __version__
+
+if TYPE_CHECKING:
+    from authz_server.app import Sidecar
+
+# Check is memory-only: most answers take tens of microseconds; first-use Argon2 takes ~50 ms.
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    decisions: Counter
+    latency: Histogram
+
+    def observe_check(self, decision: str, reason: str, server: str, seconds: float) -> None:
+        self.decisions.labels(decision, reason, server).inc()
+        self.latency.observe(seconds)
+
+
+def create(sidecar: Sidecar | None = None) -> Metrics:
+    """A fresh registry with every metric; live gauges are read from `sidecar` when given."""
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(
+        registry,
+        Counter(
+            "mcp_authz_check_decisions",
+            "Check answers by decision, reason and MCP server.",
+            ["decision", "reason", "server"],
+            registry=registry,
+        ),
+        Histogram(
+            "mcp_authz_check_duration_seconds", "Time to answer one Check.", buckets=_LATENCY_BUCKETS, registry=registry
+        ),
+    )
+    Info("mcp_authz_build", "Build information.", registry=registry).info(
+        {"version": __version__, "python": platform.python_version()}
+    )
+    if sidecar is not None:
+        registry.register(_LiveCollector(sidecar))
+    return metrics
+
+
+class _LiveCollector(Collector):
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._s = sidecar
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._s
+        authn, follower, state = s.authenticator, s.follower, s.state
+
+        cache = CounterMetricFamily("mcp_authz_key_cache", "Verified-key cache lookups.", labels=["result"])
+        cache.add_metric(["hit"], authn.cache_hits)
+        cache.add_metric(["miss"], authn.cache_misses)
+        yield cache
+        yield CounterMetricFamily(
+            "mcp_authz_key_cache_evictions", "Verified keys evicted (revoked, rehashed or removed).",
+            value=follower.evictions,
+        )
+        yield CounterMetricFamily("mcp_authz_negative_cache_hits", "Wrong keys refused from the negative cache.",
+                                  value=authn.negative_hits)
+        yield GaugeMetricFamily("mcp_authz_negative_cache_size", "Entries in the negative cache.", value=len(authn.negative))
+        yield CounterMetricFamily("mcp_authz_argon2_verifications", "Argon2id verifications run.", value=authn.argon2_runs)
+        yield GaugeMetricFamily("mcp_authz_argon2_inflight", "Argon2id verifications running or queued.",
+                                value=authn.inflight)
+
+        yield GaugeMetricFamily("mcp_authz_changelog_lag_seconds",
+                                "Seconds since the in-memory state was last confirmed current with the store.",
+                                value=max(0.0, time.monotonic() - follower.last_success) if follower.last_success else 0.0)
+        yield GaugeMetricFamily("mcp_authz_changelog_lag_sequence",
+                                "Change-log entries seen in the store but not yet applied.",
+                                value=max(0, follower.seen_seq - state.seq))
+        yield GaugeMetricFamily("mcp_authz_changelog_applied_sequence", "Newest change-log entry applied.", value=state.seq)
+
+        depth = GaugeMetricFamily("mcp_authz_queue_depth", "Records waiting in a write-behind queue.", labels=["queue"])
+        dropped = CounterMetricFamily("mcp_authz_queue_dropped", "Records a write-behind queue dropped.", labels=["queue"])
+        written = CounterMetricFamily("mcp_authz_queue_written", "Records a write-behind queue wrote.", labels=["queue"])
+        for queue in s.queues():
+            depth.add_metric([queue.name], queue.depth)
+            dropped.add_metric([queue.name], queue.dropped)
+            written.add_metric([queue.name], queue.written)
+        yield depth
+        yield dropped
+        yield written
+
+        now = time.time()
+        keys = list(state.keys.values())  # one C-level copy: safe against the event loop's writes
+        active = sum(1 for k in keys if (k.revoked_at is None or k.revoked_at > now) and (k.expires_at is None or k.expires_at > now))
+        entities = GaugeMetricFamily("mcp_authz_entities", "Entities in memory.", labels=["kind"])
+        entities.add_metric(["active_keys"], active)
+        entities.add_metric(["principals"], len(state.principals))
+        entities.add_metric(["servers"], len(state.servers))
+        entities.add_metric(["overrides"], len(state.overrides))
+        entities.add_metric(["teams"], len(state.teams))
+        yield entities
+        yield GaugeMetricFamily("mcp_authz_ready", "1 when the sidecar serves Check.", value=1 if s.health.serving else 0)

@@ -1,0 +1,177 @@
+"""Write-behind queues, access-log attribution, override rejection, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf.struct_pb2 import Struct
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_server.envoy.accesslog import EXT_AUTHZ_NAMESPACE, AccessLogServicer, to_usage
+from authz_server.envoy.health import Health
+from authz_server.observability import metrics as metrics_module
+from authz_server.observability.batch import BatchWriter
+from authz_server.state import AuthState, KeyEntry
+
+
+class Sink:
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[object]] = []
+        self.fail = fail
+
+    async def write(self, records: Sequence[object]) -> None:
+        if self.fail:
+            raise ConnectionError("store down")
+        self.batches.append(list(records))
+
+
+async def test_batch_writer_batches_and_flushes_on_cancel() -> None:
+    sink = Sink()
+    writer: BatchWriter[int] = BatchWriter("t", sink.write, maxsize=100, batch=10)
+    for i in range(25):
+        writer.put(i)
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(0.05)
+    writer.put(99)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [r for b in sink.batches for r in b] == [*range(25), 99]
+    assert max(len(b) for b in sink.batches) <= 10
+    assert (writer.written, writer.dropped, writer.depth) == (26, 0, 0)
+
+
+async def test_batch_writer_counts_what_it_loses() -> None:
+    sink = Sink(fail=True)
+    writer: BatchWriter[int] = BatchWriter("t", sink.write, maxsize=3)
+    for i in range(5):
+        writer.put(i)  # 2 beyond the bound
+    assert writer.dropped == 2
+    await writer.flush()  # the store fails: the 3 queued are counted, not silently lost
+    assert (writer.written, writer.dropped) == (0, 5)
+
+
+def _entry(md: dict[str, str] | None, status: int = 200) -> HTTPAccessLogEntry:
+    e = HTTPAccessLogEntry()
+    e.common_properties.start_time.FromDatetime(datetime(2026, 11, 21, 12, 0, 0, 123456))
+    e.common_properties.duration.FromMilliseconds(12)
+    e.request.request_id = "rid-1"
+    e.request.request_headers_bytes = 100
+    e.request.request_body_bytes = 50
+    e.response.response_code.value = status
+    e.response.response_headers_bytes = 30
+    e.response.response_body_bytes = 70
+    if md is not None:
+        s = Struct()
+        s.update(md)
+        e.common_properties.metadata.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(s)
+    return e
+
+
+ALLOW = {"decision": "allow", "principal_id": "p_a", "key_id": "K1", "server": "github", "tool": "search",
+         "mcp_method": "tools/call", "credential": "override"}
+
+
+def test_access_log_entry_becomes_a_usage_record() -> None:
+    record, credential = to_usage(_entry(ALLOW, 201))  # type: ignore[misc]
+    assert credential == "override"
+    assert record.at == datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
+    assert (record.request_id, record.principal_id, record.key_id, record.server) == ("rid-1", "p_a", "K1", "github")
+    assert (record.tool, record.mcp_method, record.decision, record.reason) == ("search", "tools/call", "allow", "")
+    assert (record.upstream_status, record.request_bytes, record.response_bytes) == (201, 150, 100)
+    assert record.duration_ms == pytest.approx(12.0)
+
+
+def test_entries_check_never_decided_on_are_not_attributed() -> None:
+    assert to_usage(_entry(None)) is None
+    assert to_usage(_entry({"other": "x"})) is None
+
+
+async def _stream(servicer: AccessLogServicer, entries: list[HTTPAccessLogEntry]) -> None:
+    async def messages():  # type: ignore[no-untyped-def]
+        msg = als_pb2.StreamAccessLogsMessage()
+        msg.http_logs.log_entry.extend(entries)
+        yield msg
+
+    await servicer.StreamAccessLogs(messages(), None)  # type: ignore[arg-type]
+
+
+async def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
+    usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
+    rejected: BatchWriter[object] = BatchWriter("rejected", Sink().write, 100)
+    servicer = AccessLogServicer(usage, rejected)  # type: ignore[arg-type]
+    entries = [
+        _entry(ALLOW, 401),
+        _entry(ALLOW, 403),  # same pair, same burst
+        _entry({**ALLOW, "credential": "shared"}, 401),  # the shared default is not an override
+        _entry({**ALLOW, "decision": "deny", "reason": "credential_missing"}, 403),  # our own denial
+        _entry({**ALLOW, "principal_id": "p_b"}, 200),
+        _entry(None, 404),
+    ]
+    await _stream(servicer, entries)
+    assert (servicer.entries, servicer.unattributed, usage.depth) == (6, 1, 5)
+    assert rejected.depth == 1
+    principal, server, reason, _at = rejected._queue.get_nowait()  # type: ignore[misc]
+    assert (principal, server) == ("p_a", "github") and "401" in reason
+
+
+async def test_health_follows_store_reachability() -> None:
+    health = Health(store_outage_limit=0.2)
+    await health.start()
+    assert not health.serving and "starting" in health.reason
+    follower = SimpleNamespace(last_success=time.monotonic(), last_error="")
+    watch = asyncio.create_task(health.watch(follower, interval=0.02))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert health.serving
+    follower.last_error = "StoreError"
+    await asyncio.sleep(0.3)
+    assert not health.serving and "store unreachable" in health.reason and "StoreError" in health.reason
+    follower.last_success = time.monotonic()
+    await asyncio.sleep(0.05)
+    assert health.serving
+    watch.cancel()
+
+
+def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
+    state = AuthState()
+    now = time.time()
+    state.keys = {
+        "A": KeyEntry("A", "p_alice", "h", None, None, ()),
+        "B": KeyEntry("B", "p_alice", "h", None, now - 1, ()),  # revoked
+        "C": KeyEntry("C", "p_bob", "h", now - 1, None, ()),  # expired
+    }
+    queue: BatchWriter[int] = BatchWriter("usage", Sink().write, 10)
+    queue.put(1)
+    sidecar = SimpleNamespace(
+        authenticator=SimpleNamespace(cache_hits=7, cache_misses=2, negative_hits=3, negative=[1, 2], argon2_runs=2,
+                                      inflight=0),
+        follower=SimpleNamespace(evictions=1, last_success=time.monotonic(), seen_seq=12),
+        state=state,
+        health=SimpleNamespace(serving=True),
+        queues=lambda: [queue],
+    )
+    state.seq = 10
+    m = metrics_module.create(sidecar)  # type: ignore[arg-type]
+    m.observe_check("allow", "", "github", 0.0002)
+    m.observe_check("deny", "key_revoked", "github", 0.0001)
+    text = generate_latest(m.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert values[("mcp_authz_check_decisions_total", (("decision", "deny"), ("reason", "key_revoked"), ("server", "github")))] == 1
+    assert values[("mcp_authz_key_cache_total", (("result", "hit"),))] == 7
+    assert values[("mcp_authz_entities", (("kind", "active_keys"),))] == 1
+    assert values[("mcp_authz_changelog_lag_sequence", ())] == 2
+    assert values[("mcp_authz_queue_depth", (("queue", "usage"),))] == 1
+    assert values[("mcp_authz_check_duration_seconds_count", ())] == 2
+    assert "mcp_authz_build_info" in {s.name for f in families.values() for s in f.samples}
+    for (_, labels), _v in values.items():
+        for _k, v in labels:
+            assert "p_alice" not in v and "p_bob" not in v and "mgw_" not in v
