@@ -121,15 +121,17 @@ async def serve(
     *,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    store: Store | None = None,
 ) -> None:
-    """Run the sidecar until SIGINT/SIGTERM (or `stop` is set).
+    """Run the sidecar until SIGINT/SIGTERM (or `stop` is set). `store` replaces the one
+    named by the settings (tests inject one).
 
     The gRPC port opens first, answering health checks with NOT_SERVING, so Envoy
     sees the sidecar but sends it nothing until the state is loaded.
     """
     logs.configure(settings.log_level)
     stop = stop or _stop_on_signals()
-    sidecar = await build(settings, keyring)
+    sidecar = await build(settings, keyring, store)
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used),

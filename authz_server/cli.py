@@ -726,7 +726,13 @@ def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
 
 
 def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
-    ctx = _context(args, listen=args.listen, key_header=args.key_header, poll_interval=args.poll_interval)
+    ctx = _context(
+        args,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        key_header=args.key_header,
+        poll_interval=args.poll_interval,
+    )
     return ctx.settings, _load_keyring(ctx)
 
 
@@ -804,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (default: 127.0.0.1:9001)")
         p.add_argument("--key-header", metavar="H", help="custom header a gateway key may come in (default: x-api-key)")
         p.add_argument("--poll-interval", metavar="S", type=float, help="seconds between store polls (default: 0.1)")
+        p.add_argument(
+            "--metrics-listen", metavar="HOST:PORT", help="HTTP /metrics, /healthz, /readyz (default: 127.0.0.1:9090)"
+        )
         if name == "run":
             p.add_argument(
                 "--envoy-config",

@@ -1,0 +1,78 @@
+"""The composed sidecar in-process: health before and after the state loads, and the operator port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_server import app
+from authz_server.admin.service import Actor, AdminService
+from authz_server.config import Settings
+from authz_server.crypto.cipher import Keyring
+from authz_server.crypto.keys import KeyHasher
+from authz_server.models import Snapshot
+from authz_server.store.memory import MemoryStore
+
+from ..e2e.harness import free_port
+from .world import FAST
+
+
+class HeldStore(MemoryStore):
+    """A store whose first snapshot waits until released: start-up frozen mid-load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def snapshot(self) -> Snapshot:
+        await self.release.wait()
+        return await super().snapshot()
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=2)
+        return reply.status
+
+
+async def test_not_serving_until_loaded_then_serving() -> None:
+    keyring = Keyring.from_spec(Keyring.generate_spec())
+    store = HeldStore()
+    await store.migrate()
+    await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
+    grpc_port, http_port = free_port(), free_port()
+    settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", metrics_listen=f"127.0.0.1:{http_port}",
+                                 store_url="memory://")
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):  # the port opens before the state loads
+                try:
+                    status = await _health(grpc_port)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
+            assert ready.status_code == 503 and "loading" in ready.json()["reason"]
+            assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
+
+            store.release.set()
+            for _ in range(100):
+                if await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+            assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
+            text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
+            names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+            assert {"mcp_authz_ready", "mcp_authz_entities", "mcp_authz_key_cache_total"} <= names
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
