@@ -30,14 +30,20 @@ def to_input(request: CheckRequest) -> CheckInput:
 
 
 def _mcp_fields(struct: object) -> tuple[str, str]:
-    """`method` and `params.name` from the MCP filter's metadata, when present."""
+    """`method` and `params.name` from the MCP filter's metadata.
+
+    When the filter only read part of the body (`is_exceeding_limit`) or passed it on
+    with a reason (`passthrough_reason`, e.g. duplicate keys an upstream parser might
+    read differently), neither is trustworthy: both are returned empty, so a key
+    limited to certain tools is refused rather than judged on a guess.
+    """
     fields = struct.fields  # type: ignore[attr-defined]
+    if "passthrough_reason" in fields or ("is_exceeding_limit" in fields and fields["is_exceeding_limit"].bool_value):
+        return "", ""
     method = fields["method"].string_value if "method" in fields else ""
     tool = ""
     if "params" in fields:
         params = fields["params"].struct_value.fields
         if "name" in params:
             tool = params["name"].string_value
-    elif "params.name" in fields:
-        tool = fields["params.name"].string_value
     return method, tool

@@ -38,7 +38,8 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
     """An empty scope allows everything. Entries are "server" (all its tools) or "server:tool".
 
     A key limited to tools on this server needs the MCP method from Envoy's MCP
-    filter; without it we cannot tell a tool call apart, so we refuse (fail closed).
+    filter for every POST; without it we cannot tell a tool call apart, so we refuse
+    (fail closed). GET and DELETE carry no call and pass.
     """
     if not identity.scope:
         return
@@ -56,6 +57,8 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
         return
     if not tools:
         raise Denied(Reason.SCOPE_SERVER, f"This gateway key is not allowed to use the MCP server '{server}'.")
+    if inp.method != "POST":
+        return  # GET (the SSE stream) and DELETE carry no JSON-RPC call: no tool can be called
     if not inp.mcp_method:
         raise Denied(
             Reason.SCOPE_TOOL,

@@ -16,7 +16,7 @@ from authz_server.errors import REASONS, Denied, Reason
 from authz_server.pipeline.types import Decision
 
 
-def _check_request(with_mcp: bool = False) -> CheckRequest:
+def _check_request(with_mcp: bool = False, **mcp_extra: object) -> CheckRequest:
     r = CheckRequest()
     http = r.attributes.request.http
     http.method = "POST"
@@ -28,7 +28,8 @@ def _check_request(with_mcp: bool = False) -> CheckRequest:
     r.attributes.source.address.socket_address.address = "10.1.2.3"
     if with_mcp:
         s = Struct()
-        s.update({"method": "tools/call", "params": {"name": "search"}})
+        s.update({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "search"},
+                  "is_mcp_request": True, "status": "mcp_ok", **mcp_extra})
         r.attributes.metadata_context.filter_metadata[req.MCP_FILTER_NAMESPACE].CopyFrom(s)
     return r
 
@@ -44,6 +45,12 @@ def test_request_translation() -> None:
 def test_request_translation_reads_mcp_filter_metadata() -> None:
     inp = req.to_input(_check_request(with_mcp=True))
     assert (inp.mcp_method, inp.tool) == ("tools/call", "search")
+
+
+@pytest.mark.parametrize("extra", [{"is_exceeding_limit": True}, {"passthrough_reason": "mcp_duplicate_keys"}])
+def test_untrustworthy_mcp_metadata_is_ignored(extra: dict[str, object]) -> None:
+    inp = req.to_input(_check_request(with_mcp=True, **extra))
+    assert (inp.mcp_method, inp.tool) == ("", "")
 
 
 def test_allow_overwrites_every_header_and_removes() -> None:

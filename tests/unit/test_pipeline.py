@@ -82,6 +82,8 @@ CASES = [
          injected={"authorization": "Bearer alice-gh"}),
     Case("scope: tool scope without MCP metadata fails closed", lambda w: request(bearer=_alice(w, scope=("github:search",))), 403,
          "scope_tool"),
+    Case("scope: tool scope on the SSE GET", lambda w: request(bearer=_alice(w, scope=("github:search",)), method="GET"), 200,
+         injected={"authorization": "Bearer alice-gh"}),
     # 4. credentials
     Case("override injected", lambda w: request(bearer=_alice(w)), 200, injected={"authorization": "Bearer alice-gh"}),
     Case("individual without override", lambda w: request(bearer=_bob(w)), 403, "credential_missing"),
