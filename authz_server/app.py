@@ -137,9 +137,8 @@ async def serve(
         AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used),
         server,
     )
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogServicer(sidecar.usage, sidecar.rejected_overrides), server
-    )
+    access_log = AccessLogServicer(sidecar.usage, sidecar.rejected_overrides)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (
@@ -193,6 +192,16 @@ async def serve(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # What the write-behind queues did with what they were given: nothing is lost unreported.
+        log.info(
+            "stopped",
+            extra={
+                "access_log_entries": access_log.entries,
+                "access_log_unattributed": access_log.unattributed,
+                **{f"{q.name}_written": q.written for q in sidecar.queues()},
+                **{f"{q.name}_dropped": q.dropped + q.depth for q in sidecar.queues()},
+            },
+        )
         sidecar.authenticator.close()
         await sidecar.store.close()
 

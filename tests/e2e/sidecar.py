@@ -85,13 +85,13 @@ async def _seed(world: World, keyring: Keyring) -> None:
         await store.close()
 
 
-async def seed(directory: Path) -> World:
-    """A fresh store in `directory`, with a 0600 master key file beside it."""
+async def seed(directory: Path, store_url: str | None = None) -> World:
+    """A fresh store (SQLite in `directory` unless `store_url`), with a 0600 master key file there."""
     directory.mkdir(parents=True, exist_ok=True)
     spec = Keyring.generate_spec()
     key_file = directory / "master.key"
     write_key_file(key_file, spec)
-    world = World(directory, f"sqlite:///{directory / 'authz.db'}", key_file)
+    world = World(directory, store_url or f"sqlite:///{directory / 'authz.db'}", key_file)
     await _seed(world, Keyring.from_spec(spec))
     return world
 
