@@ -42,6 +42,7 @@ LOOPBACK = "127.0.0.1"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+MCP_FILTER = "envoy.filters.http.mcp"  # also the namespace of its dynamic metadata
 AUTHZ_CLUSTER = "mcp_authz"
 UPSTREAM_CLUSTER = "mcp_example"
 
@@ -291,6 +292,29 @@ class EnvoyProcess:
             if key == name:
                 return int(value)
         return None
+
+    def health_flags(self, cluster: str = AUTHZ_CLUSTER) -> list[str]:
+        """Each endpoint's health flags from ``/clusters``: ``"healthy"``, ``"/failed_active_hc"``..."""
+        flags = []
+        for line in self.admin("/clusters").text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster and parts[2] == "health_flags":
+                flags.append(parts[3])
+        return flags
+
+    async def wait_healthy(self, cluster: str = AUTHZ_CLUSTER, timeout: float = 10.0) -> None:
+        """Wait, without blocking the event loop, until Envoy's health checks pass on `cluster`.
+
+        Use it after starting Envoy against an in-process (grpc.aio) sidecar stub: the stub can
+        only answer health checks while the loop runs, and until it has, Envoy answers 503.
+        """
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while set(self.health_flags(cluster)) != {"healthy"}:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{cluster} not healthy after {timeout:.0f}s: {self.health_flags(cluster)}")
+            await asyncio.sleep(0.05)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 from .harness import (
     AUTHZ_CLUSTER,
     EXT_AUTHZ_FILTER,
+    MCP_FILTER,
     REPO_ROOT,
     SHIPPED_ENVOY_YAML,
     _hcm,
@@ -22,6 +24,7 @@ from .harness import (
 )
 
 SNIPPET_YAML = REPO_ROOT / "envoy" / "snippet.yaml"
+GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
 
 
 def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -42,6 +45,16 @@ def load(path: Path) -> dict[str, Any]:
 def ext_authz_filter(hcm: dict[str, Any]) -> dict[str, Any]:
     (flt,) = [f for f in hcm["http_filters"] if f["name"] == EXT_AUTHZ_FILTER]
     return flt
+
+
+def mcp_filter(hcm: dict[str, Any]) -> dict[str, Any]:
+    (flt,) = [f for f in hcm["http_filters"] if f["name"] == MCP_FILTER]
+    return flt
+
+
+def grpc_access_log(hcm: dict[str, Any]) -> dict[str, Any]:
+    (log,) = [a for a in hcm["access_log"] if a["name"] == GRPC_ACCESS_LOG]
+    return log
 
 
 def cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -69,10 +82,19 @@ def test_shipped_config_contract() -> None:
     hcm = _hcm(config)
     assert hcm["generate_request_id"] is True
 
-    # ext_authz runs before the router, fails closed with 503, sends only the needed headers.
+    # The MCP filter, then ext_authz (fed the MCP metadata), then the router.
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names.index(EXT_AUTHZ_FILTER) < names.index("envoy.filters.http.router")
+    assert names == [MCP_FILTER, EXT_AUTHZ_FILTER, "envoy.filters.http.router"]
+    mcp = mcp_filter(hcm)["typed_config"]
+    assert mcp["traffic_mode"] == "PASS_THROUGH"  # never rejects traffic itself
+    assert mcp["max_request_body_size"] == 65536
+    assert mcp["request_storage_mode"] == "DYNAMIC_METADATA"
+    assert mcp["reject_duplicate_keys"] is True  # flags only, in PASS_THROUGH
+    assert not mcp.get("clear_route_cache", False)
+
+    # ext_authz fails closed with 503 and sends only the needed headers and the MCP metadata.
     authz = ext_authz_filter(hcm)["typed_config"]
+    assert authz["metadata_context_namespaces"] == [MCP_FILTER]
     assert authz["transport_api_version"] == "V3"
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == AUTHZ_CLUSTER
     assert authz["grpc_service"]["timeout"] == "2s"
@@ -87,10 +109,32 @@ def test_shipped_config_contract() -> None:
         "x-mcp-authz-signature", "x-mcp-authz-timestamp",
     }  # fmt: skip
 
-    # The sidecar cluster speaks HTTP/2, declared explicitly.
-    options = cluster(config, AUTHZ_CLUSTER)["typed_extension_protocol_options"]
+    # Access logs: the stdout line (no path, no headers) and the sidecar's access-log service.
+    stdout, grpc_log = hcm["access_log"]
+    assert stdout["name"] == "envoy.access_loggers.stdout"
+    line = stdout["typed_config"]["log_format"]["text_format_source"]["inline_string"]
+    assert re.findall(r"%REQ\(([^)]*)\)%", line) == [":METHOD", "X-REQUEST-ID"] and "PATH" not in line
+    assert grpc_log == grpc_access_log(hcm)
+    als = grpc_log["typed_config"]
+    assert set(als) == {"@type", "common_config"}  # no extra headers logged
+    common = als["common_config"]
+    assert common["log_name"] == "mcp_authz_usage"
+    assert common["transport_api_version"] == "V3"
+    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}}  # no stream timeout
+    assert common["buffer_flush_interval"] == "0.5s"
+    assert common["buffer_size_bytes"] == 65536
+
+    # The sidecar cluster speaks HTTP/2, declared explicitly, and is health-checked over gRPC,
+    # failing closed (no panic routing) when no sidecar is healthy.
+    authz_cluster = cluster(config, AUTHZ_CLUSTER)
+    options = authz_cluster["typed_extension_protocol_options"]
     http_options = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert http_options["explicit_http_config"] == {"http2_protocol_options": {}}
+    (health,) = authz_cluster["health_checks"]
+    assert health["grpc_health_check"] == {"service_name": ""}
+    assert (health["interval"], health["timeout"], health["no_traffic_interval"]) == ("1s", "1s", "1s")
+    assert (health["unhealthy_threshold"], health["healthy_threshold"]) == (2, 1)
+    assert authz_cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
 
     # Routes: the demo MCP route, then a 404 catch-all; only the catch-all skips ext_authz.
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
@@ -109,8 +153,8 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     snippet = load(SNIPPET_YAML)
     shipped = load(SHIPPED_ENVOY_YAML)
 
-    (flt,) = snippet["http_filters"]
-    assert flt == ext_authz_filter(_hcm(shipped))
+    assert snippet["http_filters"] == [mcp_filter(_hcm(shipped)), ext_authz_filter(_hcm(shipped))]
+    assert snippet["access_log"] == [grpc_access_log(_hcm(shipped))]
     (authz_cluster,) = snippet["clusters"]
     assert authz_cluster == cluster(shipped, AUTHZ_CLUSTER)
     (route,) = snippet["routes"]
@@ -125,7 +169,8 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
     snippet = load(SNIPPET_YAML)
     upstream = copy.deepcopy(snippet["clusters"][0])
     upstream["name"] = upstream["load_assignment"]["cluster_name"] = snippet["routes"][0]["route"]["cluster"]
-    del upstream["typed_extension_protocol_options"]
+    for key in ("typed_extension_protocol_options", "health_checks", "common_lb_config"):
+        del upstream[key]
     config = {
         "static_resources": {
             "listeners": [
@@ -138,6 +183,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                             "@type": "type.googleapis.com/envoy.extensions.filters.network."
                             "http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "existing",
+                            "access_log": snippet["access_log"],
                             "route_config": {"virtual_hosts": [{
                                 "name": "all", "domains": ["*"],
                                 "routes": [
@@ -182,8 +228,13 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
         "address"
     ]["socket_address"]["port_value"] == 20002
 
-    # Everything but ports and MCP routes is as shipped.
-    assert ext_authz_filter(_hcm(rendered)) == ext_authz_filter(_hcm(shipped))
+    # Everything but ports and MCP routes is as shipped; the access log needs no port of its own
+    # (it uses the authz cluster).
+    assert _hcm(rendered)["http_filters"] == _hcm(shipped)["http_filters"]
+    assert _hcm(rendered)["access_log"] == _hcm(shipped)["access_log"]
+    rendered_authz, shipped_authz = cluster(rendered, AUTHZ_CLUSTER), cluster(shipped, AUTHZ_CLUSTER)
+    assert rendered_authz["health_checks"] == shipped_authz["health_checks"]
+    assert rendered_authz["common_lb_config"] == shipped_authz["common_lb_config"]
     assert routes[-1] == _hcm(shipped)["route_config"]["virtual_hosts"][0]["routes"][-1]
 
     result = envoy_validate(path)

@@ -1,6 +1,7 @@
 """The harness works: a stub ext_authz server behind the real Envoy, the example server and client.
 
-The stub (below) stands in for the sidecar. It allows ``authorization: Bearer ok``: it sets
+The stub (below) stands in for the sidecar (Check and gRPC health; it has no access-log service,
+so Envoy's log stream fails, which must not affect requests). It allows ``authorization: Bearer ok``: it sets
 ``x-injected: yes``, removes ``authorization`` and strips a trailing ``/strip-me`` from
 ``:path``. Anything else is denied with 401, ``WWW-Authenticate`` and a JSON body.
 The last tests check the example server's own gateway-signature and token checks, directly.
@@ -8,6 +9,7 @@ The last tests check the example server's own gateway-signature and token checks
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import time
@@ -22,6 +24,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from mcp.shared.exceptions import MCPError
 
 from .harness import (
@@ -110,9 +114,14 @@ class Stub:
 
 @pytest.fixture
 async def stub() -> AsyncIterator[Stub]:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # never share a port silently
     servicer = StubAuthz()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    # Envoy health-checks the authz cluster (grpc.health.v1, service "") and, with panic routing
+    # off, sends no Check to a sidecar that is not SERVING.
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
     await server.start()
     try:
@@ -122,10 +131,16 @@ async def stub() -> AsyncIterator[Stub]:
 
 
 @pytest.fixture
-def gateway(
+async def gateway(
     stub: Stub, example_server: ExampleServer, start_envoy: Callable[..., EnvoyProcess]
 ) -> EnvoyProcess:
-    return start_envoy(authz_port=stub.port, upstream_port=example_server.port, servers=["demo", "github"])
+    # Start Envoy off the event loop: the in-process stub must answer Envoy's health checks
+    # (the first is made before Envoy reports ready); until one passes, Envoy answers 503.
+    envoy: EnvoyProcess = await asyncio.to_thread(
+        start_envoy, authz_port=stub.port, upstream_port=example_server.port, servers=["demo", "github"]
+    )
+    await envoy.wait_healthy()
+    return envoy
 
 
 async def test_allowed_tool_call_sees_injected_header_and_no_client_authorization(
