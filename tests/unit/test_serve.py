@@ -76,3 +76,27 @@ async def test_not_serving_until_loaded_then_serving() -> None:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_retention_prunes_old_audit_and_usage_only() -> None:
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from authz_server.models import AuditEvent, UsageRecord
+
+    store = MemoryStore()
+    await store.migrate()
+    now = datetime.now(UTC)
+
+    def usage(days: float) -> UsageRecord:
+        return UsageRecord(now - timedelta(days=days), "r", "p", "k", "s", "", "", "allow", "", 200, 1, 1, 1.0)
+
+    await store.append_usage([usage(100), usage(1)])
+    await store.append_audit([AuditEvent(now - timedelta(days=400), "cli", "keys.revoke", "key:x", "ok"),
+                              AuditEvent(now - timedelta(days=2), "cli", "keys.revoke", "key:y", "ok")])
+    settings = Settings.from_env({}, store_url="memory://")  # defaults: audit 365 days, usage 90 days
+    task = asyncio.create_task(app._retention(SimpleNamespace(settings=settings, store=store)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert [r.at for r in await store.query_usage()] == [now - timedelta(days=1)]
+    assert [e.target for e in await store.query_audit()] == ["key:y"]
