@@ -260,3 +260,24 @@ async def test_unhealthy_sidecar_is_taken_out_and_envoy_answers_503(tmp_path: Pa
         await admin_conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin_conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_gone" CASCADE')
         await admin_conn.close()
+
+
+# MCP filter absent ---------------------------------------------------------------------------
+def _without_mcp_filter(cfg: dict) -> None:  # type: ignore[type-arg]
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.mcp"]
+
+
+async def test_without_the_mcp_filter_everything_works_but_tool_scopes_fail_closed(stack: Stack, tmp_path: Path) -> None:
+    with ExitStack() as stop:
+        envoy = stop.enter_context(
+            run_envoy(tmp_path, authz_port=stack.sidecar.port, upstream_port=stack.upstream.port,
+                      servers=("linear",), mutate=_without_mcp_filter)
+        )
+        assert "envoy.filters.http.mcp" not in envoy.config_path.read_text()
+        assert await call_tool(envoy.url("linear"), "add", {"a": 1, "b": 1}, headers=stack.bearer("bob")) == 2
+        done = stack.world.cli("keys", "create", "bob", "--label", "add-only-2", "--servers", "linear:add", "--json")
+        scoped = {"authorization": f"Bearer {json.loads(done.stdout)['api_key']}"}
+        r = await post_initialize(envoy.url("linear"), scoped)
+        assert r.status == 403 and r.body["error"]["data"]["reason"] == "scope_tool"
+        assert "MCP filter" in r.body["error"]["data"]["hint"]
