@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from mcp.shared.exceptions import MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -274,7 +275,9 @@ async def test_without_the_mcp_filter_everything_works_but_tool_scopes_fail_clos
             run_envoy(tmp_path, authz_port=stack.sidecar.port, upstream_port=stack.upstream.port,
                       servers=("linear",), mutate=_without_mcp_filter)
         )
-        assert "envoy.filters.http.mcp" not in envoy.config_path.read_text()
+        rendered = yaml.safe_load(envoy.config_path.read_text())
+        filters = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        assert [f["name"] for f in filters] == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
         assert await call_tool(envoy.url("linear"), "add", {"a": 1, "b": 1}, headers=stack.bearer("bob")) == 2
         done = stack.world.cli("keys", "create", "bob", "--label", "add-only-2", "--servers", "linear:add", "--json")
         scoped = {"authorization": f"Bearer {json.loads(done.stdout)['api_key']}"}
