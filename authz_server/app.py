@@ -132,7 +132,8 @@ async def serve(
     logs.configure(settings.log_level)
     stop = stop or _stop_on_signals()
     sidecar = await build(settings, keyring, store)
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second (stale) instance must fail to bind, not silently share the port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used),
         server,

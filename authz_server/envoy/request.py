@@ -42,7 +42,7 @@ def _mcp_fields(struct: object) -> tuple[str, str]:
         return "", ""
     method = fields["method"].string_value if "method" in fields else ""
     tool = ""
-    if "params" in fields:
+    if method == "tools/call" and "params" in fields:  # elsewhere params.name is a prompt, not a tool
         params = fields["params"].struct_value.fields
         if "name" in params:
             tool = params["name"].string_value

@@ -47,6 +47,11 @@ def test_request_translation_reads_mcp_filter_metadata() -> None:
     assert (inp.mcp_method, inp.tool) == ("tools/call", "search")
 
 
+def test_params_name_is_a_tool_only_for_tools_call() -> None:
+    inp = req.to_input(_check_request(with_mcp=True, method="prompts/get"))
+    assert (inp.mcp_method, inp.tool) == ("prompts/get", "")
+
+
 @pytest.mark.parametrize("extra", [{"is_exceeding_limit": True}, {"passthrough_reason": "mcp_duplicate_keys"}])
 def test_untrustworthy_mcp_metadata_is_ignored(extra: dict[str, object]) -> None:
     inp = req.to_input(_check_request(with_mcp=True, **extra))
