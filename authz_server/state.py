@@ -166,15 +166,12 @@ class StateFollower:
         elif change.entity is Entity.KEY:
             record = await store.get_key(key)
             old = st.keys.get(key)
-            if record is None:
-                st.keys.pop(key, None)
-            else:
-                entry = _key_entry(record)
-                if old is not None and old.hash == entry.hash and record.revoked_at is None:
-                    entry.verified_digest = old.verified_digest  # unchanged secret, still valid: stay verified
-                st.keys[key] = entry
-            if old is not None and old.verified_digest is not None and st.keys.get(key, old).verified_digest is None:
+            new = _key_entry(record) if record is not None else None
+            if new is not None and old is not None and old.hash == new.hash and new.revoked_at is None:
+                new.verified_digest = old.verified_digest  # unchanged secret, still valid: stay verified
+            if old is not None and old.verified_digest is not None and (new is None or new.verified_digest is None):
                 self.evictions += 1
+            _put(st.keys, key, new)
         elif change.entity is Entity.OVERRIDE:
             principal_id, _, server_name = key.partition("/")
             override = await store.get_override(principal_id, server_name)
