@@ -37,7 +37,7 @@ from authz_server.observability import metrics as metrics_module
 from authz_server.observability.batch import BatchWriter
 from authz_server.observability.http import OperatorHttp
 from authz_server.observability.metrics import Metrics
-from authz_server.observability.usage import LastUsed
+from authz_server.observability.last_used import LastUsed
 from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
 from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.mutate import Mutator

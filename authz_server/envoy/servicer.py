@@ -22,7 +22,7 @@ from authz_server.errors import Denied, Reason
 from authz_server.models import AuditEvent
 from authz_server.observability.batch import BatchWriter
 from authz_server.observability.metrics import Metrics
-from authz_server.observability.usage import LastUsed
+from authz_server.observability.last_used import LastUsed
 from authz_server.pipeline.pipeline import Pipeline
 from authz_server.pipeline.types import CheckInput
 
