@@ -23,5 +23,25 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The admin API's Python stubs and Envoy's descriptor set, from protos/ (checked in; a test
+# regenerates them into a temporary directory and fails if they differ).
+protos: venv
+	$(BIN)/python protos/generate.py
+
 clean:
 	rm -rf $(VENV) .run .pytest_cache
+
+# Benchmarks (issue 5): `make bench` (~12 min) or `BENCH_QUICK=1 make bench` (~3 min); writes
+# benchmarks/RESULTS.md. Needs wrk and h2load (Debian: wrk, nghttp2-client), installed when missing.
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y wrk nghttp2-client; }
+	$(BIN)/python -m benchmarks.run $(if $(filter-out 0,$(BENCH_QUICK)),--quick)

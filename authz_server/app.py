@@ -1,8 +1,10 @@
 """The composition root: settings in, a running sidecar out.
 
 Everything is wired here, once, from validated Settings: store, keyring check,
-in-memory state and its follower, the pipeline, the gRPC servicers, and the
-write-behind tasks. No other module builds these or keeps globals.
+in-memory state and its follower, the pipeline, the admin use cases, the gRPC
+servicers, and the write-behind tasks. No other module builds these or keeps
+globals. One gRPC server hosts Check, the access-log service, the admin API,
+health and reflection.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
+from authz_server.admin.api import AdminServicer
+from authz_server.admin.gen import admin_pb2_grpc
+from authz_server.admin.service import AdminService
 from authz_server.config import Settings, parse_hostport
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
@@ -62,6 +68,7 @@ class Sidecar:
     usage: BatchWriter[UsageRecord]
     rejected_overrides: BatchWriter[tuple[str, str, str, datetime]]
     last_used: LastUsed
+    admin: AdminService
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +119,7 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         BatchWriter("usage", store.append_usage, settings.usage_queue),
         BatchWriter("override_status", mark_rejected, 1000),
         LastUsed(store, settings.last_used_flush),
+        AdminService(store, keyring, KeyHasher(settings.argon2)),
     )
 
 
@@ -140,11 +148,24 @@ async def serve(
     )
     access_log = AccessLogServicer(sidecar.usage, sidecar.rejected_overrides)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
+    # The admin API authenticates with Check's own authenticator (same caches, same revocation);
+    # a key is never taken from a path here, only from the metadata.
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(
+            sidecar.admin,
+            sidecar.authenticator,
+            KeyExtractor(settings.key_header, path_keys=False),
+            sidecar.audit,
+            ready=lambda: sidecar.health.serving,
+        ),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+            ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

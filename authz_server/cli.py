@@ -1,8 +1,14 @@
-"""The `mcp-authz` command: local management (opening the store directly) and running the sidecar.
+"""The `mcp-authz` command: management, locally or against a remote sidecar, and running the sidecar.
 
-Every management command: resolve settings, load the master key, open the
-store, check the master key against it (`AdminService.verify_master_key`),
-run one use case as the local operator, render the result, close the store.
+Every management command runs one use case and renders its result, in one of two modes:
+- local (the default): resolve settings, load the master key, open the store,
+  check the master key against it (`AdminService.verify_master_key`), run the
+  use case as the local operator (an admin), close the store;
+- remote (`--server HOST:PORT` before the command, or `MCP_AUTHZ_SERVER`): run
+  it through the sidecar's admin gRPC API (`RemoteAdmin`, same operations and
+  views) as the principal whose gateway key is in `MCP_AUTHZ_KEY`; that
+  principal's roles decide what it may do.
+The mode is picked once, in `_admin_session`; the handlers do not know which.
 
 Output contract:
 - tables for people; with `--json`, exactly one JSON document on stdout
@@ -30,29 +36,42 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, Union
 
 from authz_server import __version__
 from authz_server.admin.service import (
+    STATUS_INDICATORS,
     Actor,
     AdminService,
+    AuditView,
+    CredentialStatusView,
     GatewayKeyView,
     OverrideView,
     PrincipalView,
+    ServerFormView,
     ServerView,
     TeamView,
     UsageView,
 )
-from authz_server.config import Settings
+from authz_server.config import Settings, parse_hostport
+from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.crypto.keys import KeyHasher
 from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput
-from authz_server.models import NAME_RE, AuthMode, McpServer, Placeholder, Secret
+from authz_server.models import NAME_RE, AuthMode, Placeholder, Secret
 from authz_server.store.base import Store
+
+if TYPE_CHECKING:
+    from authz_server.admin.remote import RemoteAdmin
+
+# The use cases, local (the store) or remote (the admin API): same methods, same views.
+Admin = Union[AdminService, "RemoteAdmin"]
 
 PROG = "mcp-authz"
 DEFAULT_KEY_FILE = "mcp-authz.key"
 ENV_ENVOY_CONFIG = "MCP_AUTHZ_ENVOY_CONFIG"
+ENV_SERVER = "MCP_AUTHZ_SERVER"  # remote mode: the sidecar's gRPC HOST:PORT
+ENV_GATEWAY_KEY = "MCP_AUTHZ_KEY"  # remote mode: the caller's gateway key
 DEFAULT_ENVOY_CONFIG = "envoy/envoy.yaml"
 DEFAULT_USAGE_LIMIT = 1000
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -101,12 +120,21 @@ def _print_error(json_mode: bool, reason: str, message: str, usage: str = "") ->
         print(f"error: {message}", file=sys.stderr)
 
 
+def _width(text: str) -> int:
+    """Terminal columns: wide characters (the status indicators 🟢 🟡 🔴 ⏰) take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
     if not rows:
         return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    widths = [max(_width(h), *(_width(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(_pad(h, w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(_pad(c, w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -189,9 +217,12 @@ class _Context:
     json: bool
     settings: Settings
     env: dict[str, str]  # the environment as load_keyring should see it
+    remote: str | None = None  # HOST:PORT of a sidecar's admin API: remote mode
 
 
-def _context(args: argparse.Namespace, **overrides: Any) -> _Context:
+def _context(args: argparse.Namespace, *, local: bool = False, **overrides: Any) -> _Context:
+    """Flags over the environment. `local`: a command that works on this host only, so
+    $MCP_AUTHZ_SERVER does not apply (and `--server` was refused already)."""
     env = dict(os.environ)
     key_file = getattr(args, "master_key_file", None)
     if key_file:
@@ -199,7 +230,27 @@ def _context(args: argparse.Namespace, **overrides: Any) -> _Context:
         env.pop(ENV_KEY, None)
         env[ENV_KEY_FILE] = key_file
     settings = Settings.from_env(env, store_url=getattr(args, "store", None), **overrides)
-    return _Context(bool(getattr(args, "json", False)), settings, env)
+    remote = None if local else _remote_target(args, env)
+    return _Context(bool(getattr(args, "json", False)), settings, env, remote)
+
+
+def _remote_target(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """`--server HOST:PORT`, else $MCP_AUTHZ_SERVER, else None (local mode)."""
+    target = getattr(args, "remote", None) or env.get(ENV_SERVER) or None
+    if target is None:
+        return None
+    try:
+        parse_hostport(target, "--server")
+    except ConfigError:
+        raise UsageError(
+            "",
+            "--server (or $MCP_AUTHZ_SERVER) is the sidecar's gRPC address, HOST:PORT (e.g. 127.0.0.1:9001). "
+            "Name an MCP server with --server-name after the command.",
+        ) from None
+    given = [f for f, n in (("--store", "store"), ("--master-key-file", "master_key_file")) if getattr(args, n, None)]
+    if given:
+        raise UsageError("", f"{' and '.join(given)} open a store locally: leave them out with --server.")
+    return target
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -260,6 +311,30 @@ async def _session(ctx: _Context) -> AsyncIterator[tuple[AdminService, Store]]:
         await store.close()
 
 
+@contextlib.asynccontextmanager
+async def _admin_session(ctx: _Context) -> AsyncIterator[Admin]:
+    """The use cases: the remote sidecar's admin API in remote mode, else the local store."""
+    if ctx.remote is None:
+        async with _session(ctx) as (service, _store):
+            yield service
+        return
+    key = ctx.env.get(ENV_GATEWAY_KEY, "").strip()
+    if not key:
+        raise ConfigError(f"Remote mode needs your gateway key in ${ENV_GATEWAY_KEY} (never on the command line).")
+    if not gateway_keys.looks_like_key(key):
+        raise ConfigError(f"${ENV_GATEWAY_KEY} does not hold a gateway key (mgw_ followed by 32 letters and digits).")
+    from authz_server.admin.remote import RemoteAdmin  # gRPC only for remote mode
+
+    async with RemoteAdmin(ctx.remote, Secret(key)) as remote:
+        yield remote
+
+
+def _local_only(args: argparse.Namespace, what: str) -> None:
+    """Refuse `--server` for a command that works on the local store or process only."""
+    if getattr(args, "remote", None):
+        raise UsageError("", f"{what} runs locally only: leave out --server.")
+
+
 # --- reading secrets -------------------------------------------------------------------
 
 
@@ -315,6 +390,7 @@ def read_values(placeholders: Sequence[Placeholder], stdin: TextIO, server: str)
 
 # --- commands -----------------------------------------------------------------------------
 
+# Local mode acts as the operator; in remote mode RemoteAdmin ignores the actor (the key decides).
 _OP = Actor.operator()
 
 
@@ -326,6 +402,7 @@ def _server_text(v: ServerView) -> str:
         f"created:      {_when(v.created_at)}",
         f"updated:      {_when(v.updated_at)}",
         f"signing:      {'configured' if v.has_signing_secret else 'none'}",
+        f"upstream:     {v.upstream_url or '-'}",
     ]
     if v.headers:
         lines.append("headers:")
@@ -374,11 +451,37 @@ def _keys_table(views: Sequence[GatewayKeyView]) -> str:
 
 def _overrides_table(views: Sequence[OverrideView]) -> str:
     rows = [
-        [v.server, v.principal, v.kind, ", ".join(f"{n}={m}" for n, m in v.masks), v.status, v.updated_by,
-         _when(v.updated_at)]
+        [v.server, v.principal, v.kind, ", ".join(f"{n}={m}" for n, m in v.masks),
+         f"{STATUS_INDICATORS.get(v.status, '?')} {v.status}", v.updated_by, _when(v.updated_at), _when(v.expires_at)]
         for v in views
     ]
-    return _table(["SERVER", "PRINCIPAL", "KIND", "VALUES", "STATUS", "UPDATED BY", "UPDATED"], rows, "(no overrides)")
+    headers = ["SERVER", "PRINCIPAL", "KIND", "VALUES", "STATUS", "UPDATED BY", "UPDATED", "EXPIRES"]
+    return _table(headers, rows, "(no overrides)")
+
+
+def _status_table(views: Sequence[CredentialStatusView]) -> str:
+    """The seed's key status table: one row per (server, principal), with its indicator."""
+    rows = [
+        [v.server, v.principal, v.kind, v.team, f"{v.indicator} {v.status}", v.source or "-",
+         ", ".join(f"{n}={m}" for n, m in v.masks) or "-", v.updated_by or "-", _when(v.updated_at),
+         _printable(v.reason)]
+        for v in views
+    ]
+    headers = ["SERVER", "PRINCIPAL", "KIND", "TEAM", "STATUS", "SOURCE", "VALUES", "UPDATED BY", "UPDATED", "REASON"]
+    legend = "  ".join(f"{i} {s}" for s, i in STATUS_INDICATORS.items())
+    table = _table(headers, rows, "(no principals, or no server that takes credentials)")
+    return f"{table}\n\n{legend}" if rows else table
+
+
+def _audit_table(views: Sequence[AuditView]) -> str:
+    rows = [
+        [str(v.id or "-"), v.at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"), _printable(v.actor),
+         _printable(v.action), _printable(v.target), _printable(v.outcome), _printable(v.request_id),
+         _printable(" ".join(f"{k}={val}" for k, val in v.details))]
+        for v in views
+    ]
+    headers = ["ID", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME", "REQUEST ID", "DETAILS"]
+    return _table(headers, rows, "(no audit events)")
 
 
 def _printable(text: str) -> str:
@@ -411,12 +514,12 @@ def _key_line(v: GatewayKeyView) -> str:
     return f"key {v.key_id} for {v.principal}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
-Handler = Callable[[AdminService, Store, argparse.Namespace], Awaitable[Rendered]]
+Handler = Callable[[Admin, argparse.Namespace], Awaitable[Rendered]]
 
 
-async def _servers_add(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+async def _servers_add(admin: Admin, a: argparse.Namespace) -> Rendered:
     optional = {n for item in a.optional for n in _csv(item)}
-    view, signing = await svc.add_server(_OP, a.name, a.mode, a.header, optional, a.description)
+    view, signing = await admin.add_server(_OP, a.name, a.mode, a.header, optional, a.description, a.upstream_url)
     text = f"Added server {view.name} ({view.mode}).\n\n"
     text += _once_block("Signing secret for upstream verification", signing)
     if view.mode == AuthMode.SHARED.value:
@@ -424,34 +527,40 @@ async def _servers_add(svc: AdminService, store: Store, a: argparse.Namespace) -
     return Rendered({"server": view.to_json(), "signing_secret": signing.reveal()}, text)
 
 
-async def _servers_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    views = await svc.list_servers(_OP)
+async def _servers_list(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_servers(_OP)
     return Rendered({"servers": [v.to_json() for v in views]}, _servers_table(views))
 
 
-async def _servers_show(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    view = await svc.show_server(_OP, a.name)
+async def _servers_show(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view = await admin.show_server(_OP, a.name)
     return Rendered({"server": view.to_json()}, _server_text(view))
 
 
-async def _servers_set_shared(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    server = await _server_for_input(store, a.name)
+async def _servers_update(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view = await admin.update_server(_OP, a.name, upstream_url=a.upstream_url, description=a.description)
+    return Rendered({"server": view.to_json()}, f"Updated server {view.name}.\n\n{_server_text(view)}")
+
+
+async def _servers_set_shared(admin: Admin, a: argparse.Namespace) -> Rendered:
+    server = await _form_for_input(admin, a.name)
     # Unknown server or wrong mode: let the use case refuse (and audit) before reading any secret.
-    values = read_values(server.placeholders, sys.stdin, a.name) if server and server.mode is AuthMode.SHARED else {}
-    view = await svc.set_shared(_OP, a.name, values)
+    shared = server is not None and server.mode == AuthMode.SHARED.value
+    values = read_values(server.placeholders, sys.stdin, a.name) if server and shared else {}
+    view = await admin.set_shared(_OP, a.name, values)
     return Rendered(
         {"server": view.to_json()},
         f"Set shared values of {view.name}: " + ", ".join(f"{n}={m}" for n, m in view.shared_masks),
     )
 
 
-async def _servers_remove(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    await svc.remove_server(_OP, a.name)
+async def _servers_remove(admin: Admin, a: argparse.Namespace) -> Rendered:
+    await admin.remove_server(_OP, a.name)
     return Rendered({"removed": {"server": a.name}}, f"Removed server {a.name} and its overrides.")
 
 
-async def _servers_rotate(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    signing = await svc.rotate_signing_secret(_OP, a.name)
+async def _servers_rotate(admin: Admin, a: argparse.Namespace) -> Rendered:
+    signing = await admin.rotate_signing_secret(_OP, a.name)
     return Rendered(
         {"server": a.name, "signing_secret": signing.reveal()},
         f"Rotated the signing secret of {a.name}; the old one no longer signs.\n\n"
@@ -459,8 +568,8 @@ async def _servers_rotate(svc: AdminService, store: Store, a: argparse.Namespace
     )
 
 
-async def _principals_add(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    view = await svc.add_principal(_OP, a.name, a.team, _csv(a.roles), a.kind, a.rate_limit)
+async def _principals_add(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view = await admin.add_principal(_OP, a.name, a.team, _csv(a.roles), a.kind, a.rate_limit)
     return Rendered(
         {"principal": view.to_json()},
         f"Added {view.kind} {view.name} ({view.id}) to team {view.team} with roles {','.join(view.roles)}.\n"
@@ -468,14 +577,14 @@ async def _principals_add(svc: AdminService, store: Store, a: argparse.Namespace
     )
 
 
-async def _principals_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    views = await svc.list_principals(_OP, a.team)
+async def _principals_list(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_principals(_OP, a.team)
     return Rendered({"principals": [v.to_json() for v in views]}, _principals_table(views))
 
 
 def _principals_toggle(disabled: bool) -> Handler:
-    async def handler(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-        view = await svc.set_principal_disabled(_OP, a.name, disabled)
+    async def handler(admin: Admin, a: argparse.Namespace) -> Rendered:
+        view = await admin.set_principal_disabled(_OP, a.name, disabled)
         state = "Disabled" if disabled else "Enabled"
         note = " Every key of this principal is refused." if disabled else ""
         return Rendered({"principal": view.to_json()}, f"{state} principal {view.name}.{note}")
@@ -483,14 +592,14 @@ def _principals_toggle(disabled: bool) -> Handler:
     return handler
 
 
-async def _teams_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    views = await svc.list_teams(_OP)
+async def _teams_list(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_teams(_OP)
     return Rendered({"teams": [v.to_json() for v in views]}, _teams_table(views))
 
 
 def _teams_toggle(disabled: bool) -> Handler:
-    async def handler(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-        view = await svc.set_team_disabled(_OP, a.name, disabled)
+    async def handler(admin: Admin, a: argparse.Namespace) -> Rendered:
+        view = await admin.set_team_disabled(_OP, a.name, disabled)
         state = "Disabled" if disabled else "Enabled"
         note = " Every key of every principal in it is refused." if disabled else ""
         return Rendered({"team": view.to_json()}, f"{state} team {view.name}.{note}")
@@ -498,28 +607,28 @@ def _teams_toggle(disabled: bool) -> Handler:
     return handler
 
 
-async def _keys_create(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+async def _keys_create(admin: Admin, a: argparse.Namespace) -> Rendered:
     scope = [s for item in a.servers for s in _csv(item)]
-    view, key = await svc.create_key(_OP, a.principal, a.label, a.expires, scope)
+    view, key = await admin.create_key(_OP, a.principal, a.label, a.expires, scope)
     return Rendered(
         {"key": view.to_json(), "api_key": key.reveal()},
         f"Created {_key_line(view)}.\n\n" + _once_block("Gateway key", key),
     )
 
 
-async def _keys_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    views = await svc.list_keys(_OP, a.principal)
+async def _keys_list(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_keys(_OP, a.principal)
     return Rendered({"keys": [v.to_json() for v in views]}, _keys_table(views))
 
 
-async def _keys_revoke(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    view = await svc.revoke_key(_OP, a.key_id)
+async def _keys_revoke(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view = await admin.revoke_key(_OP, a.key_id)
     text = f"Revoked key {view.key_id} of {view.principal} at {_when(view.revoked_at)}."
     return Rendered({"key": view.to_json()}, text)
 
 
-async def _keys_regenerate(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    view, key = await svc.regenerate_key(_OP, a.key_id, a.grace)
+async def _keys_regenerate(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view, key = await admin.regenerate_key(_OP, a.key_id, a.grace)
     old = (
         f"The old key {a.key_id} stops working in {a.grace} seconds."
         if a.grace
@@ -531,11 +640,11 @@ async def _keys_regenerate(svc: AdminService, store: Store, a: argparse.Namespac
     )
 
 
-async def _overrides_set(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    server = await _server_for_input(store, a.server)
-    ok = server is not None and server.mode is not AuthMode.NONE
-    values = read_values(server.placeholders, sys.stdin, a.server) if ok and server else {}
-    view = await svc.set_override(_OP, a.principal, a.server, values)
+async def _overrides_set(admin: Admin, a: argparse.Namespace) -> Rendered:
+    server = await _form_for_input(admin, a.server_name)
+    ok = server is not None and server.mode != AuthMode.NONE.value
+    values = read_values(server.placeholders, sys.stdin, a.server_name) if ok and server else {}
+    view = await admin.set_override(_OP, a.principal, a.server_name, values, a.expires)
     return Rendered(
         {"override": view.to_json()},
         f"Set the override of {view.principal} for {view.server}: "
@@ -543,22 +652,58 @@ async def _overrides_set(svc: AdminService, store: Store, a: argparse.Namespace)
     )
 
 
-async def _overrides_list(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    views = await svc.list_overrides(_OP, a.server, a.principal)
+async def _overrides_list(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_overrides(_OP, a.server_name, a.principal)
     return Rendered({"overrides": [v.to_json() for v in views]}, _overrides_table(views))
 
 
-async def _overrides_delete(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
-    await svc.delete_override(_OP, a.principal, a.server)
+async def _overrides_delete(admin: Admin, a: argparse.Namespace) -> Rendered:
+    await admin.delete_override(_OP, a.principal, a.server_name)
     return Rendered(
-        {"deleted": {"principal": a.principal, "server": a.server}},
-        f"Deleted the override of {a.principal} for {a.server}.",
+        {"deleted": {"principal": a.principal, "server": a.server_name}},
+        f"Deleted the override of {a.principal} for {a.server_name}." if a.principal
+        else f"Deleted your override for {a.server_name}.",
     )
 
 
-async def _usage_query(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+async def _overrides_status(admin: Admin, a: argparse.Namespace) -> Rendered:
+    views = await admin.credential_status(_OP, a.server_name, a.principal)
+    return Rendered({"statuses": [v.to_json() for v in views]}, _status_table(views))
+
+
+async def _overrides_test(admin: Admin, a: argparse.Namespace) -> Rendered:
+    view = await admin.test_override(_OP, a.server_name, a.principal)
+    verdict = {
+        "ok": "the upstream accepted it",
+        "rejected": "the upstream REJECTED it: it is marked invalid",
+        "inconclusive": "inconclusive, the status is unchanged",
+    }.get(view.result, view.result)
+    indicator = STATUS_INDICATORS.get(view.status, "?")
+    return Rendered(
+        {"test": view.to_json()},
+        f"Tested the credential of {view.principal} for {view.server}: {verdict} ({view.detail}).\n"
+        f"Status: {indicator} {view.status}",
+    )
+
+
+async def _whoami(admin: Admin, a: argparse.Namespace) -> Rendered:
+    me = await admin.whoami(_OP)
+    text = f"{me.name} ({me.id}), {me.kind}" + (f" in team {me.team}" if me.team else "")
+    return Rendered({"whoami": me.to_json()}, f"{text}, roles {','.join(me.roles)}")
+
+
+async def _audit_query(admin: Admin, a: argparse.Namespace) -> Rendered:
     limit = a.limit or DEFAULT_USAGE_LIMIT
-    views = await svc.query_usage(_OP, a.principal, a.server, a.tool, a.since, a.until, limit)
+    views = await admin.query_audit(_OP, a.actor, a.action, a.target, a.since, a.until, limit)
+    text = _audit_table(views)
+    if len(views) == limit:
+        text += f"\n(the oldest {limit} matching events; there may be more: narrow the filters, raise --limit, or --export)"
+    return Rendered({"events": [v.to_json() for v in views], "limit": limit}, text)
+
+
+async def _usage_query(admin: Admin, a: argparse.Namespace) -> Rendered:
+    limit = a.limit or DEFAULT_USAGE_LIMIT
+    views = await admin.query_usage(_OP, a.principal, a.server_name, a.tool, a.since, a.until, limit)
     text = _usage_table(views)
     if len(views) == limit:
         text += (
@@ -568,9 +713,9 @@ async def _usage_query(svc: AdminService, store: Store, a: argparse.Namespace) -
     return Rendered({"usage": [v.to_json() for v in views], "limit": limit}, text)
 
 
-async def _usage_prune(svc: AdminService, store: Store, a: argparse.Namespace) -> Rendered:
+async def _usage_prune(admin: Admin, a: argparse.Namespace) -> Rendered:
     before = datetime.now(timezone.utc) - a.older_than
-    pruned = await svc.prune_usage(_OP, before)
+    pruned = await admin.prune_usage(_OP, before)
     return Rendered(
         {"pruned": pruned, "before": before.isoformat().replace("+00:00", "Z")},
         f"Deleted {pruned} usage record{'' if pruned == 1 else 's'} older than {_when(before)}.",
@@ -579,14 +724,33 @@ async def _usage_prune(svc: AdminService, store: Store, a: argparse.Namespace) -
 
 def _cmd_usage_export(args: argparse.Namespace) -> int:
     """JSON lines on stdout, one record each, written page by page as the store is read."""
+
+    async def pages(admin: Admin) -> AsyncIterator[list[Any]]:
+        return await admin.export_usage(
+            _OP, args.principal, args.server_name, args.tool, args.since, args.until, args.limit
+        )
+
+    return _export(args, pages, "usage record")
+
+
+def _cmd_audit_export(args: argparse.Namespace) -> int:
+    """The audit trail as JSON lines, page by page."""
+
+    async def pages(admin: Admin) -> AsyncIterator[list[Any]]:
+        return await admin.export_audit(_OP, args.actor, args.action, args.target, args.since, args.until)
+
+    return _export(args, pages, "audit event")
+
+
+def _export(
+    args: argparse.Namespace, start: Callable[[Admin], Awaitable[AsyncIterator[list[Any]]]], what: str
+) -> int:
     ctx = _context(args)
 
     async def go() -> int:
         count = 0
-        async with _session(ctx) as (svc, _store):
-            pages = await svc.export_usage(_OP, args.principal, args.server, args.tool, args.since, args.until,
-                                           args.limit)
-            async for page in pages:
+        async with _admin_session(ctx) as admin:
+            async for page in await start(admin):
                 sys.stdout.write("".join(json.dumps(v.to_json(), separators=(",", ":")) + "\n" for v in page))
                 sys.stdout.flush()
                 count += len(page)
@@ -599,7 +763,7 @@ def _cmd_usage_export(args: argparse.Namespace) -> int:
         _discard_stdout()
         return 0
     if sys.stderr.isatty():
-        print(f"Exported {count} usage record{'' if count == 1 else 's'}.", file=sys.stderr)
+        print(f"Exported {count} {what}{'' if count == 1 else 's'}.", file=sys.stderr)
     return 0
 
 
@@ -618,12 +782,22 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     return _run_managed(_usage_query)(args)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.export:
+        return _cmd_audit_export(args)
+    return _run_managed(_audit_query)(args)
+
+
 def _cmd_usage_prune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    run = _run_managed(_usage_prune)
+    run = _run_managed(_usage_prune, local_only="usage prune")
 
     def cmd(args: argparse.Namespace) -> int:
         # `usage --principal x prune` would delete everyone's records: refuse filters rather than ignore them.
-        given = [f"--{n}" for n in ("principal", "server", "tool", "since", "until", "limit") if getattr(args, n)]
+        given = [
+            f"--{n.replace('_name', '')}"
+            for n in ("principal", "server_name", "tool", "since", "until", "limit")
+            if getattr(args, n)
+        ]
         if args.export:
             given.append("--export")
         if given:
@@ -633,18 +807,28 @@ def _cmd_usage_prune(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     return cmd
 
 
-async def _server_for_input(store: Store, name: str) -> McpServer | None:
-    # Only to learn which placeholders to read; the use case validates everything again.
-    return await store.get_server(name) if NAME_RE.match(name) else None
+async def _form_for_input(admin: Admin, name: str) -> ServerFormView | None:
+    """Which placeholders to read from stdin; None when the server is unknown or the name
+    invalid, so the use case itself refuses (and audits) before any secret is read."""
+    if not NAME_RE.match(name):
+        return None
+    try:
+        return await admin.server_form(_OP, name)
+    except AuthzError as exc:
+        if exc.reason in ("not_found", "invalid_input"):
+            return None
+        raise
 
 
-def _run_managed(handler: Handler) -> Callable[[argparse.Namespace], int]:
+def _run_managed(handler: Handler, local_only: str = "") -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        ctx = _context(args)
+        if local_only:
+            _local_only(args, local_only)
+        ctx = _context(args, local=bool(local_only))
 
         async def go() -> Rendered:
-            async with _session(ctx) as (svc, store):
-                return await handler(svc, store, args)
+            async with _admin_session(ctx) as admin:
+                return await handler(admin, args)
 
         _emit(ctx.json, asyncio.run(go()))
         return 0
@@ -663,7 +847,8 @@ def _emit(json_mode: bool, result: Rendered) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    ctx = _context(args)
+    _local_only(args, "init")
+    ctx = _context(args, local=True)
     for name, what in ((args.admin_name, "admin"), (args.team, "team")):
         if not NAME_RE.match(name):
             # Checked before a key file is written, so a typo leaves nothing behind.
@@ -726,8 +911,10 @@ def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
 
 
 def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
+    _local_only(args, args.command)
     ctx = _context(
         args,
+        local=True,
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         key_header=args.key_header,
@@ -785,7 +972,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Envoy ext_authz sidecar for MCP traffic: manage servers, principals, keys and overrides.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--server",
+        dest="remote",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help=f"run the command on the sidecar at HOST:PORT (its gRPC admin API), as the principal whose "
+        f"gateway key is in ${ENV_GATEWAY_KEY} (default: ${ENV_SERVER}; unset: local mode). Goes before the command",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def server_name(p: argparse.ArgumentParser, required: bool, help_text: str = "the MCP server's name") -> None:
+        # --server-name, as in remote mode; --server still works after the command (local habit).
+        p.add_argument("--server-name", "--server", dest="server_name", metavar="NAME", required=required,
+                       help=help_text)
 
     def leaf(
         group: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
@@ -836,6 +1036,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--optional", action="append", default=[], metavar="PLACEHOLDER", help="placeholder that may be left unset"
     )
     p.add_argument("--description", default="")
+    p.add_argument("--upstream-url", default="", metavar="URL",
+                   help="the upstream MCP endpoint, for 'overrides test' (e.g. https://mcp.example.com/mcp)")
+    p = leaf(servers, "update", "change a server's upstream URL or description", _run_managed(_servers_update))
+    p.add_argument("name")
+    p.add_argument("--upstream-url", metavar="URL", help="the upstream MCP endpoint ('' clears it)")
+    p.add_argument("--description")
     leaf(servers, "list", "list servers", _run_managed(_servers_list))
     leaf(servers, "show", "show one server", _run_managed(_servers_show)).add_argument("name")
     leaf(
@@ -869,7 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = group("keys", "gateway keys")
     p = leaf(keys, "create", "create a gateway key (shown once)", _run_managed(_keys_create))
-    p.add_argument("principal")
+    p.add_argument("principal", nargs="?", help="whose key (remote mode: default yourself)")
     p.add_argument("--label", default="")
     p.add_argument("--expires", type=parse_expiry, metavar="WHEN", help="ISO date or date-time, or a duration (30d)")
     p.add_argument(
@@ -884,19 +1090,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     overrides = group("overrides", "personal upstream credentials")
+    whose = "whose (remote mode: default yourself)"
     p = leaf(overrides, "set", "set a principal's values, read from stdin (or prompted)", _run_managed(_overrides_set))
-    p.add_argument("--principal", required=True)
-    p.add_argument("--server", required=True)
+    p.add_argument("--principal", help=whose)
+    server_name(p, True)
+    p.add_argument("--expires", type=parse_expiry, metavar="WHEN",
+                   help="the credential expires then: ISO date or date-time, or a duration (90d)")
     p = leaf(overrides, "list", "list overrides (masked)", _run_managed(_overrides_list))
     p.add_argument("--principal")
-    p.add_argument("--server")
+    server_name(p, False)
     p = leaf(overrides, "delete", "delete an override", _run_managed(_overrides_delete))
-    p.add_argument("--principal", required=True)
-    p.add_argument("--server", required=True)
+    p.add_argument("--principal", help=whose)
+    server_name(p, True)
+    p = leaf(
+        overrides, "status", "credential status per principal: configured, missing, invalid, expired",
+        _run_managed(_overrides_status),
+    )
+    p.add_argument("--principal", help="only this principal (default: everyone you may see)")
+    server_name(p, False, "only this server (default: every server that takes credentials)")
+    p = leaf(
+        overrides, "test", "send an MCP initialize upstream with the credential; a 401/403 marks it invalid",
+        _run_managed(_overrides_test),
+    )
+    p.add_argument("--principal", help=whose)
+    server_name(p, True)
+
+    leaf(sub, "whoami", "show who the gateway key in $MCP_AUTHZ_KEY is (remote mode)", _run_managed(_whoami))
 
     p = leaf(sub, "usage", "query per-request usage records, or export them as JSON lines", _cmd_usage)
     p.add_argument("--principal", metavar="NAME", help="only this principal's requests")
-    p.add_argument("--server", metavar="S", help="only requests to this server")
+    server_name(p, False, "only requests to this server")
     p.add_argument("--tool", metavar="T", help="only tools/call requests of this tool")
     when = "ISO date or date-time (UTC unless given), or a duration ago (1h, 7d)"
     p.add_argument("--since", type=parse_when, metavar="WHEN", help=f"from this time, inclusive: {when}")
@@ -919,6 +1142,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--older-than", required=True, type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 2w"
     )
+
+    p = leaf(sub, "audit", "query the audit trail (admins), or export it as JSON lines", _cmd_audit)
+    p.add_argument("--actor", metavar="NAME", help="a principal's name or id, 'cli', or '-' (unauthenticated)")
+    p.add_argument("--action", metavar="A", help="e.g. keys.revoke, or a prefix: 'keys.*', 'authn.*'")
+    p.add_argument("--target", metavar="T", help="e.g. key:AbC1234, override:alice/github, server:github")
+    p.add_argument("--since", type=parse_when, metavar="WHEN", help=f"from this time, inclusive: {when}")
+    p.add_argument("--until", type=parse_when, metavar="WHEN", help=f"before this time, exclusive: {when}")
+    p.add_argument("--limit", type=parse_limit, metavar="N",
+                   help=f"at most N events, oldest first (default: {DEFAULT_USAGE_LIMIT})")
+    p.add_argument("--export", action="store_true", help="write every matching event as JSON lines (not --json)")
     return parser
 
 

@@ -9,12 +9,16 @@
     ├── NotFound                    a management operation named something that does not exist
     ├── Conflict                    it would create something that exists already
     ├── PermissionDenied            the caller's role does not allow the operation
-    └── StoreError                  the store is unreachable, or a row cannot be read
-        └── CorruptRow              a row exists but does not decode (bad JSON, bad ciphertext)
+    ├── StoreError                  the store is unreachable, or a row cannot be read
+    │   └── CorruptRow              a row exists but does not decode (bad JSON, bad ciphertext)
+    └── RemoteError                 the remote CLI's admin API call was refused or failed; its
+                                    `reason` is the sidecar's (permission_denied, key_revoked...)
 
 `Check` never raises: the servicer turns every `Denied` into a denial response
 through `REASONS`, and anything unexpected into `Reason.INTERNAL` (503).
 No message in this module, or built by its callers, may contain a secret.
+The admin gRPC API maps this tree to gRPC status codes in one table
+(`authz_server.admin.api.ERROR_STATUS`).
 """
 
 from __future__ import annotations
@@ -177,3 +181,12 @@ class StoreError(AuthzError):
 
 class CorruptRow(StoreError):
     reason = "corrupt_row"
+
+
+class RemoteError(AuthzError):
+    """A call to a remote sidecar's admin API failed. `reason` is the one the sidecar sent
+    (its `mcp-authz-reason` trailer), or the transport's when no sidecar answered."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

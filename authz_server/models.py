@@ -137,6 +137,8 @@ class McpServer:
     description: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # Where `overrides test` sends an MCP initialize to validate a credential ("" when unknown).
+    upstream_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)

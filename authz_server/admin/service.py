@@ -1,4 +1,4 @@
-"""The management use cases: one layer behind the CLI now and the admin gRPC API later.
+"""The management use cases: one layer behind the local CLI and the admin gRPC API.
 
 `AdminService` owns every rule about *what* may be changed and *how* input is
 validated; the CLI and the API only translate arguments and render results.
@@ -8,7 +8,7 @@ Contract of every public coroutine:
   that decides whether the actor may, and a refusal raises `PermissionDenied`
   with the same message whether or not the target exists;
 - exactly one `AuditEvent` is appended per call, with outcome `ok`, `denied`
-  or `error`, and details that never contain a secret;
+  or `error`, the actor's request id, and details that never contain a secret;
 - bad input raises `InvalidInput`, a missing target `NotFound`, a duplicate
   `Conflict`; messages name fields and placeholders, never values;
 - results are small frozen views (`to_json()` gives plain JSON types). A view
@@ -19,15 +19,20 @@ Contract of every public coroutine:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
+import time
 import unicodedata
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
+from authz_server.admin.probe import CredentialProbe, HttpProbe, ProbeFailed
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
 from authz_server.crypto.keys import KeyHasher
@@ -59,6 +64,7 @@ from authz_server.models import (
     UsageRecord,
     mask,
 )
+from authz_server.pipeline.mutate import IDENTITY_HEADERS, REQUEST_ID_HEADER, sign
 from authz_server.store.base import Store
 
 CLI_ACTOR_ID = "cli"
@@ -69,6 +75,12 @@ MAX_DESCRIPTION_LEN = 500
 MAX_HEADERS = 16
 MAX_USAGE_LIMIT = 100_000  # records in one answer; an export streams any number
 USAGE_PAGE_SIZE = 1000  # records per store query when exporting
+MAX_AUDIT_LIMIT = 100_000
+AUDIT_PAGE_SIZE = 1000
+MAX_URL_LEN = 2048
+MAX_TARGET_LEN = 300
+# The seed's indicators for each credential status (shown by `overrides status`).
+STATUS_INDICATORS = {"configured": "🟢", "missing": "🟡", "invalid": "🔴", "expired": "⏰"}
 
 # Headers the gateway itself owns, or that would corrupt HTTP framing if a
 # template could set them: identity and signature headers must only ever
@@ -112,12 +124,19 @@ _OWNED_ACTIONS = frozenset(
         "overrides.set",
         "overrides.list",
         "overrides.delete",
+        # The status of a principal's credentials, and testing one against the upstream.
+        "overrides.status",
+        "overrides.test",
         # Usage records belong to the principal whose request they record.
         "usage.query",
         "usage.export",
     }
 )
 _SERVER_READ_ACTIONS = frozenset({"servers.list", "servers.show"})
+# Any authenticated principal: who am I, and which placeholders a server asks for (no values).
+_ANY_ROLE_ACTIONS = frozenset({"whoami", "servers.form"})
+_ACTION_FILTER_RE = re.compile(r"^(\*|[a-z_]+(\.[a-z_]+)?\.?\*?)$")
+_PRINCIPAL_ID_RE = re.compile(r"^p_[0-9A-Za-z]{12}$")
 
 
 def utcnow() -> datetime:
@@ -145,6 +164,9 @@ class Actor:
 
     principal_id: str
     roles: frozenset[Role]
+    # Per call, for the audit trail: the admin API's request id and the caller's address.
+    request_id: str = field(default="", compare=False)
+    source: str = field(default="", compare=False)
 
     @classmethod
     def operator(cls) -> Actor:
@@ -152,8 +174,12 @@ class Actor:
         return cls(CLI_ACTOR_ID, frozenset({Role.ADMIN}))
 
     @classmethod
-    def of(cls, principal: Principal) -> Actor:
-        return cls(principal.id, frozenset(principal.roles))
+    def of(cls, principal: Principal, request_id: str = "", source: str = "") -> Actor:
+        return cls(principal.id, frozenset(principal.roles), request_id, source)
+
+    @property
+    def is_operator(self) -> bool:
+        return self.principal_id == CLI_ACTOR_ID
 
 
 # --- views -----------------------------------------------------------------------
@@ -222,6 +248,7 @@ class ServerView:
     description: str
     created_at: datetime | None
     updated_at: datetime | None
+    upstream_url: str = ""
 
     @classmethod
     def of(cls, s: McpServer) -> ServerView:
@@ -240,6 +267,7 @@ class ServerView:
             s.description,
             s.created_at,
             s.updated_at,
+            s.upstream_url,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -252,9 +280,40 @@ class ServerView:
             "shared_status": self.shared_status,
             "has_signing_secret": self.has_signing_secret,
             "description": self.description,
+            "upstream_url": self.upstream_url,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFormView:
+    """What a server asks a principal for: its mode and placeholders, never a value."""
+
+    name: str
+    mode: str
+    placeholders: tuple[Placeholder, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "placeholders": [{"name": p.name, "required": p.required} for p in self.placeholders],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmIView:
+    """The caller: a principal, or the local operator (`id` "cli")."""
+
+    id: str
+    name: str
+    kind: str
+    team: str
+    roles: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "kind": self.kind, "team": self.team, "roles": list(self.roles)}
 
 
 def key_status(key: GatewayKey, now: datetime) -> str:
@@ -314,8 +373,9 @@ class OverrideView:
     masks: tuple[tuple[str, str], ...]  # (placeholder, mask)
     updated_by: str  # a principal's name, or "cli"
     updated_at: datetime
-    status: str
+    status: str  # "expired" once expires_at has passed, whatever was stored
     status_reason: str
+    expires_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -325,9 +385,121 @@ class OverrideView:
             "values": dict(self.masks),
             "updated_by": self.updated_by,
             "updated_at": iso(self.updated_at),
+            "expires_at": iso(self.expires_at),
             "status": self.status,
             "status_reason": self.status_reason,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialStatusView:
+    """One (principal, server) pair: is a credential there for Check to inject, and is it good?
+
+    `status` is configured, missing (required but not provided), invalid (the
+    upstream rejected it, or `overrides test` failed) or expired. `source` says
+    which credential Check would use: "override", "shared" (the server's
+    default), or "" when there is none.
+    """
+
+    server: str
+    mode: str
+    principal: str
+    kind: str
+    team: str
+    status: str
+    source: str
+    masks: tuple[tuple[str, str], ...]
+    updated_by: str
+    updated_at: datetime | None
+    reason: str
+
+    @property
+    def indicator(self) -> str:
+        return STATUS_INDICATORS.get(self.status, "?")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "mode": self.mode,
+            "principal": self.principal,
+            "kind": self.kind,
+            "team": self.team,
+            "status": self.status,
+            "source": self.source,
+            "values": dict(self.masks),
+            "updated_by": self.updated_by,
+            "updated_at": iso(self.updated_at),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideTestView:
+    """The outcome of `overrides test`: the upstream's answer to an MCP initialize
+    sent with the principal's credential.
+
+    `result` is "ok" (2xx: status set to configured), "rejected" (401/403: set to
+    invalid) or "inconclusive" (anything else: the status is left as it was).
+    """
+
+    principal: str
+    server: str
+    result: str
+    http_status: int  # 0 when no HTTP answer came
+    detail: str
+    status: str  # the override's status afterwards
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "server": self.server,
+            "result": self.result,
+            "http_status": self.http_status,
+            "detail": self.detail,
+            "status": self.status,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    """One audit event; `actor` is the principal's name (its id when gone, "cli", or "-")."""
+
+    id: int | None
+    at: datetime
+    actor: str
+    actor_id: str
+    action: str
+    target: str
+    outcome: str
+    request_id: str
+    details: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, e: AuditEvent, actor: str) -> AuditView:
+        return cls(e.id, e.at, actor, e.actor, e.action, e.target, e.outcome, e.request_id,
+                   tuple(sorted(e.details.items())))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": iso(self.at),
+            "actor": self.actor,
+            "actor_id": self.actor_id,
+            "action": self.action,
+            "target": self.target,
+            "outcome": self.outcome,
+            "request_id": self.request_id,
+            "details": dict(self.details),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _AuditFilter:
+    actor: str | None
+    action: str | None
+    target: str | None
+    since: datetime | None
+    until: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,12 +614,15 @@ class _Audit:
             details["message"] = exc.message  # safe by the error tree's contract
         elif exc is not None:
             details["reason"] = "internal"
+        if self.actor.source:
+            details["source"] = self.actor.source
         event = AuditEvent(
             at=self.clock(),
             actor=self.actor.principal_id,
             action=self.action,
             target=self.target,
             outcome=outcome,
+            request_id=self.actor.request_id,
             details=details,
         )
         try:
@@ -470,11 +645,13 @@ class AdminService:
         keyring: Keyring,
         hasher: KeyHasher,
         clock: Callable[[], datetime] = utcnow,
+        probe: CredentialProbe | None = None,
     ) -> None:
         self._store = store
         self._keyring = keyring
         self._hasher = hasher
         self._clock = clock
+        self._probe = probe or HttpProbe()
 
     # --- authorization --------------------------------------------------------------
 
@@ -488,12 +665,16 @@ class AdminService:
         does not exist. Callers look the target up, call this, and only then
         raise NotFound, so a refusal never tells whether the target exists.
 
-        admin: everything. manager: keys, overrides and usage records of
-        anyone, and reading servers. user: only their own keys, overrides and
-        usage records. Pruning usage (retention) is for admins.
+        admin: everything. manager: keys, overrides (with their status and
+        tests) and usage records of anyone, and reading servers. user: only
+        their own keys, overrides and usage records. Any role: who am I, and a
+        server's placeholder names. Pruning usage (retention) and reading the
+        audit trail are for admins.
         """
         roles = actor.roles
         if Role.ADMIN in roles:
+            return
+        if action in _ANY_ROLE_ACTIONS and roles:
             return
         if action in _OWNED_ACTIONS:
             if Role.MANAGER in roles:
@@ -578,8 +759,10 @@ class AdminService:
         headers: Sequence[str] = (),
         optional: Iterable[str] = (),
         description: str = "",
+        upstream_url: str = "",
     ) -> tuple[ServerView, Secret]:
-        """Register an MCP server. Returns its view and its signing secret, shown once."""
+        """Register an MCP server. Returns its view and its signing secret, shown once.
+        `upstream_url` (optional) is where `overrides test` sends an MCP initialize."""
         async with self._audit(actor, "servers.add", f"server:{name}") as op:
             self._authorize(actor, "servers.add", None)
             _check_name(name, "server")
@@ -587,6 +770,7 @@ class AdminService:
             templates = _parse_headers(headers)
             placeholders = _placeholders(auth_mode, templates, set(optional))
             _check_text(description, "description", MAX_DESCRIPTION_LEN)
+            _check_upstream_url(upstream_url)
             if await self._store.get_server(name) is not None:
                 raise Conflict(f"A server named {name} exists already.")
             now = self._now()
@@ -601,10 +785,51 @@ class AdminService:
                     description=description,
                     created_at=now,
                     updated_at=now,
+                    upstream_url=upstream_url,
                 )
             )
             op.details.update({"mode": auth_mode.value, "placeholders": ",".join(p.name for p in placeholders)})
+            if upstream_url:
+                op.details["upstream_url"] = upstream_url
             return ServerView.of(server), signing
+
+    async def update_server(
+        self, actor: Actor, name: str, *, upstream_url: str | None = None, description: str | None = None
+    ) -> ServerView:
+        """Change a server's upstream URL and/or description (None: unchanged, "": cleared)."""
+        async with self._audit(actor, "servers.update", f"server:{name}") as op:
+            self._authorize(actor, "servers.update", None)
+            server = await self._server(name)
+            if upstream_url is None and description is None:
+                raise InvalidInput("Nothing to change: give an upstream URL or a description.")
+            if upstream_url is not None:
+                _check_upstream_url(upstream_url)
+                op.details["upstream_url"] = upstream_url
+                server = replace(server, upstream_url=upstream_url)
+            if description is not None:
+                _check_text(description, "description", MAX_DESCRIPTION_LEN)
+                op.details["description"] = "changed"
+                server = replace(server, description=description)
+            return ServerView.of(await self._store.update_server(replace(server, updated_at=self._now())))
+
+    async def server_form(self, actor: Actor, name: str) -> ServerFormView:
+        """A server's mode and placeholder names, so a client knows what to ask its user for.
+        Any authenticated principal may read it: it holds no value."""
+        async with self._audit(actor, "servers.form", f"server:{name}"):
+            self._authorize(actor, "servers.form", None)
+            server = await self._server(name)
+            return ServerFormView(server.name, server.mode.value, server.placeholders)
+
+    async def whoami(self, actor: Actor) -> WhoAmIView:
+        """The caller, as the admin API authenticated it."""
+        async with self._audit(actor, "whoami", "self"):
+            self._authorize(actor, "whoami", None)
+            if actor.is_operator:
+                return WhoAmIView(CLI_ACTOR_ID, CLI_ACTOR_ID, "operator", "", tuple(r.value for r in actor.roles))
+            me = await self._store.get_principal(actor.principal_id)
+            if me is None:
+                raise NotFound("Your principal no longer exists.")
+            return WhoAmIView(me.id, me.name, me.kind.value, me.team, tuple(r.value for r in me.roles))
 
     async def list_servers(self, actor: Actor) -> list[ServerView]:
         async with self._audit(actor, "servers.list", "servers"):
@@ -745,13 +970,13 @@ class AdminService:
     async def create_key(
         self,
         actor: Actor,
-        principal_name: str,
+        principal_name: str | None,
         label: str = "",
         expires_at: datetime | None = None,
         scope: Iterable[str] = (),
     ) -> tuple[GatewayKeyView, Secret]:
-        """Issue a key for a principal. The key is returned once and stored only as a hash."""
-        async with self._audit(actor, "keys.create", f"principal:{principal_name}") as op:
+        """Issue a key for a principal (None: the caller). The key is returned once and stored only as a hash."""
+        async with self._audit(actor, "keys.create", f"principal:{principal_name or '(own)'}") as op:
             principal = await self._owned_principal(actor, "keys.create", principal_name)
             _check_text(label, "label", MAX_LABEL_LEN)
             now = self._now()
@@ -819,10 +1044,16 @@ class AdminService:
     # --- overrides ---------------------------------------------------------------------------
 
     async def set_override(
-        self, actor: Actor, principal_name: str, server_name: str, values: Mapping[str, str]
+        self,
+        actor: Actor,
+        principal_name: str | None,
+        server_name: str,
+        values: Mapping[str, str],
+        expires_at: datetime | None = None,
     ) -> OverrideView:
-        """Set (replace) a principal's own values for a server's placeholders."""
-        target = f"override:{principal_name}/{server_name}"
+        """Set (replace) a principal's own values for a server's placeholders (principal None: the
+        caller). With `expires_at`, the credential is `expired` from then on and no longer injected."""
+        target = f"override:{principal_name or '(own)'}/{server_name}"
         async with self._audit(actor, "overrides.set", target) as op:
             principal = await self._owned_principal(actor, "overrides.set", principal_name)
             server = await self._server(server_name)
@@ -830,6 +1061,11 @@ class AdminService:
                 raise InvalidInput(f"Server {server_name} is in none mode: it takes no credentials.")
             clean = _check_values(server, values)
             now = self._now()
+            expiry = None if expires_at is None else _as_utc(expires_at)
+            if expiry is not None:
+                if expiry <= now:
+                    raise InvalidInput("The expiry must be in the future.")
+                op.details["expires_at"] = iso(expiry) or ""
             override = await self._store.put_override(
                 Override(
                     principal_id=principal.id,
@@ -842,6 +1078,7 @@ class AdminService:
                     updated_at=now,
                     status=OverrideStatus.CONFIGURED,
                     status_at=now,
+                    expires_at=expiry,
                 )
             )
             op.details["fields"] = ",".join(sorted(clean))
@@ -868,14 +1105,278 @@ class AdminService:
             people = {p.id: p for p in await self._store.list_principals()}
             return [await self._override_view(o, people) for o in stored]
 
-    async def delete_override(self, actor: Actor, principal_name: str, server_name: str) -> None:
-        """Delete an override: the principal falls back to the server's shared value, if any."""
-        async with self._audit(actor, "overrides.delete", f"override:{principal_name}/{server_name}"):
+    async def delete_override(self, actor: Actor, principal_name: str | None, server_name: str) -> None:
+        """Delete an override (principal None: the caller's): the principal falls back to the
+        server's shared value, if any."""
+        async with self._audit(actor, "overrides.delete", f"override:{principal_name or '(own)'}/{server_name}"):
             principal = await self._owned_principal(actor, "overrides.delete", principal_name)
             _check_name(server_name, "server")
             if await self._store.get_override(principal.id, server_name) is None:
-                raise NotFound(f"{principal_name} has no override for server {server_name}.")
+                raise NotFound(f"{principal.name} has no override for server {server_name}.")
             await self._store.delete_override(principal.id, server_name)
+
+    async def credential_status(
+        self, actor: Actor, server_name: str | None = None, principal_name: str | None = None
+    ) -> list[CredentialStatusView]:
+        """The credential status of each (principal, server) pair, sorted by server then principal.
+
+        Servers: the one named, or every server that takes credentials. Principals:
+        the one named, or everyone the actor may see (a user: only themselves).
+        Values are masks; nothing is decrypted.
+        """
+        target = f"override:{principal_name or '*'}/{server_name or '*'}"
+        async with self._audit(actor, "overrides.status", target) as op:
+            if server_name is not None:
+                server = await self._server(server_name)
+                if server.mode is AuthMode.NONE:
+                    raise InvalidInput(f"Server {server_name} is in none mode: it takes no credentials.")
+                servers = [server]
+            else:
+                servers = [s for s in await self._store.list_servers() if s.mode is not AuthMode.NONE]
+            people = {p.id: p for p in await self._store.list_principals()}
+            if principal_name is not None:
+                principals = [await self._owned_principal(actor, "overrides.status", principal_name)]
+                principal_id: str | None = principals[0].id
+            elif self._sees_everyone(actor, "overrides.status"):
+                principals, principal_id = list(people.values()), None
+            else:
+                self._authorize(actor, "overrides.status", actor.principal_id)
+                me = people.get(actor.principal_id)
+                principals, principal_id = ([me] if me else []), actor.principal_id
+            overrides = {
+                (o.principal_id, o.server): o
+                for o in await self._store.list_overrides(server_name, principal_id)
+            }
+            now = self._now()
+            rows = [
+                await self._status_row(s, p, overrides.get((p.id, s.name)), people, now)
+                for s in servers
+                for p in sorted(principals, key=lambda p: p.name)
+            ]
+            op.details["count"] = str(len(rows))
+            return rows
+
+    async def test_override(
+        self, actor: Actor, server_name: str, principal_name: str | None = None
+    ) -> OverrideTestView:
+        """Validate a principal's override (None: the caller's) by sending an MCP `initialize`
+        to the server's upstream URL with it, signed and with the verified identity headers, as
+        Check would send it. A 2xx marks it configured, a 401 or 403 invalid; anything else
+        changes nothing. The result is recorded in the override's status and the audit trail."""
+        target = f"override:{principal_name or '(own)'}/{server_name}"
+        async with self._audit(actor, "overrides.test", target) as op:
+            principal = await self._owned_principal(actor, "overrides.test", principal_name)
+            server = await self._server(server_name)
+            if server.mode is AuthMode.NONE:
+                raise InvalidInput(f"Server {server_name} is in none mode: it takes no credentials.")
+            if not server.upstream_url:
+                raise InvalidInput(
+                    f"Server {server_name} has no upstream URL to test against; an admin sets one with "
+                    f"'mcp-authz servers update {server_name} --upstream-url URL'."
+                )
+            override = await self._store.get_override(principal.id, server.name)
+            if override is None:
+                raise NotFound(f"{principal.name} has no override for server {server_name}.")
+            headers = self._probe_headers(server, principal, override, actor.request_id)
+            try:
+                status = await self._probe.initialize(server.upstream_url, headers)
+            except ProbeFailed as failed:
+                status, detail = 0, failed.message
+            else:
+                detail = f"upstream answered {status}"
+            now = self._now()
+            if 200 <= status < 300:
+                result, new_status = "ok", OverrideStatus.CONFIGURED
+            elif status in (401, 403):
+                result, new_status = "rejected", OverrideStatus.INVALID
+            else:
+                result, new_status = "inconclusive", None
+            after = override.status
+            if new_status is not None:
+                reason = f"overrides test: {detail}"
+                with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to mark
+                    after = (
+                        await self._store.set_override_status(principal.id, server.name, new_status, reason, now)
+                    ).status
+            op.details.update({"result": result, "http_status": str(status), "principal": principal.name})
+            return OverrideTestView(principal.name, server.name, result, status, detail, after.value)
+
+    def _probe_headers(
+        self, server: McpServer, principal: Principal, override: Override, request_id: str
+    ) -> list[tuple[str, str]]:
+        """The headers Check would set: the rendered credential, the identity and a signature."""
+        values = {
+            name: self._keyring.open(sealed, aad_override(server.name, principal.id, name))
+            for name, sealed in override.values.items()
+        }
+        out: list[tuple[str, str]] = []
+        for header in server.headers:
+            missing = False
+
+            def fill(match: re.Match[str]) -> str:
+                nonlocal missing
+                secret = values.get(match.group(1))
+                if secret is None:
+                    missing = True
+                    return ""
+                return secret.reveal()
+
+            value = PLACEHOLDER_RE.sub(fill, header.template)
+            if not missing or not header.placeholders():
+                out.append((header.name.lower(), value))
+        identity = (principal.name, principal.kind.value, principal.team, ",".join(r.value for r in principal.roles))
+        out += [(n, v) for n, v in zip(IDENTITY_HEADERS, identity) if v]
+        request_id = request_id or str(uuid.uuid4())
+        out.append((REQUEST_ID_HEADER, request_id))
+        if server.signing_secret is not None:
+            secret = self._keyring.open(server.signing_secret, aad_signing(server.name)).reveal().encode()
+            timestamp = str(int(time.time()))
+            path = _request_target(server.upstream_url)
+            out.append(("x-mcp-authz-timestamp", timestamp))
+            out.append(("x-mcp-authz-signature", sign(secret, timestamp, "POST", path, identity, request_id)))
+        return out
+
+    async def _status_row(
+        self,
+        server: McpServer,
+        principal: Principal,
+        override: Override | None,
+        people: Mapping[str, Principal],
+        now: datetime,
+    ) -> CredentialStatusView:
+        if override is not None:
+            view = await self._override_view(override, people)
+            reason = override.status_reason
+            if view.status == OverrideStatus.EXPIRED.value and override.expires_at is not None:
+                reason = f"expired at {iso(override.expires_at)}: set it again"
+            return CredentialStatusView(
+                server.name, server.mode.value, principal.name, principal.kind.value, principal.team, view.status,
+                "override", view.masks, view.updated_by, override.updated_at, reason,
+            )
+        if server.mode is AuthMode.SHARED:
+            required = {p.name for p in server.placeholders if p.required}
+            ok = bool(server.shared_values) and required <= set(server.shared_values)
+            return CredentialStatusView(
+                server.name, server.mode.value, principal.name, principal.kind.value, principal.team,
+                "configured" if ok else "missing", "shared" if ok else "",
+                tuple(sorted(server.shared_masks.items())) if ok else (), "", None,
+                "the server's shared default" if ok else "the server's shared default is not set",
+            )
+        return CredentialStatusView(
+            server.name, server.mode.value, principal.name, principal.kind.value, principal.team, "missing", "",
+            (), "", None, "no personal credential set",
+        )
+
+    # --- audit trail -------------------------------------------------------------------------
+
+    async def query_audit(
+        self,
+        actor: Actor,
+        actor_name: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[AuditView]:
+        """Audit events matching every filter, oldest first, at most `limit`. Admins only.
+
+        `actor_name` is a principal's name (or id), "cli" for the local operator,
+        or "-" for unauthenticated callers; `action` may end in '*' (a prefix).
+        """
+        async with self._audit(actor, "audit.query", "audit") as op:
+            self._authorize(actor, "audit.query", None)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_AUDIT_LIMIT:
+                raise InvalidInput(f"The limit must be between 1 and {MAX_AUDIT_LIMIT} events.")
+            found = await self._audit_filter(op, actor_name, action, target, since, until)
+            events = await self._store.query_audit(
+                actor=found.actor, action=found.action, target=found.target, since=found.since,
+                until=found.until, limit=limit,
+            )
+            names: dict[str, str] = {}
+            views = [await self._audit_view(e, names) for e in events]
+            op.details.update({"limit": str(limit), "count": str(len(views))})
+            return views
+
+    async def export_audit(
+        self,
+        actor: Actor,
+        actor_name: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int = AUDIT_PAGE_SIZE,
+    ) -> AsyncIterator[list[AuditView]]:
+        """Like `query_audit`, for any number of events: authorizes and audits (`audit.export`)
+        now, then returns the events lazily, one store query of `page_size` per page, in id
+        order. Keep the store open until the pages are read."""
+        async with self._audit(actor, "audit.export", "audit") as op:
+            self._authorize(actor, "audit.export", None)
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_AUDIT_LIMIT:
+                raise InvalidInput(f"The page size must be between 1 and {MAX_AUDIT_LIMIT} events.")
+            found = await self._audit_filter(op, actor_name, action, target, since, until)
+        return self._audit_pages(found, page_size)
+
+    async def _audit_pages(self, found: _AuditFilter, page_size: int) -> AsyncIterator[list[AuditView]]:
+        names: dict[str, str] = {}
+        after: int | None = None
+        while True:
+            events = await self._store.query_audit(
+                actor=found.actor, action=found.action, target=found.target, since=found.since,
+                until=found.until, after_id=after, limit=page_size,
+            )
+            if not events:
+                return
+            yield [await self._audit_view(e, names) for e in events]
+            after = events[-1].id
+            if len(events) < page_size or after is None:
+                return
+
+    async def _audit_filter(
+        self,
+        op: _Audit,
+        actor_name: str | None,
+        action: str | None,
+        target: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> _AuditFilter:
+        actor_id: str | None = None
+        if actor_name is not None:
+            if actor_name in (CLI_ACTOR_ID, "-") or _PRINCIPAL_ID_RE.match(actor_name):
+                actor_id = actor_name
+            else:
+                actor_id = (await self._principal(actor_name)).id
+            op.details["actor"] = actor_name
+        if action is not None:
+            if not _ACTION_FILTER_RE.match(action):
+                raise InvalidInput(
+                    "The action filter is an action such as keys.revoke, or a prefix ending in '*' (keys.*)."
+                )
+            op.details["action"] = action
+        if target is not None:
+            _check_text(target, "target filter", MAX_TARGET_LEN)
+            if gateway_keys.looks_like_key(target):
+                raise InvalidInput("That is a whole gateway key: filter on a key id (key:ID) instead.")
+            op.details["target"] = target
+        start = None if since is None else _as_utc(since)
+        end = None if until is None else _as_utc(until)
+        if start is not None and end is not None and start >= end:
+            raise InvalidInput("The start of the time range (since) must be before its end (until).")
+        if start is not None:
+            op.details["since"] = iso(start) or ""
+        if end is not None:
+            op.details["until"] = iso(end) or ""
+        return _AuditFilter(actor_id, action, target, start, end)
+
+    async def _audit_view(self, event: AuditEvent, names: dict[str, str]) -> AuditView:
+        who = event.actor
+        if who in (CLI_ACTOR_ID, "-", ""):
+            return AuditView.of(event, who or "-")
+        if who not in names:
+            names[who] = await self._principal_name(who)
+        return AuditView.of(event, names[who])
 
     # --- usage -------------------------------------------------------------------------------
 
@@ -1088,9 +1589,17 @@ class AdminService:
         p = await self._store.get_principal(principal_id)
         return p.name if p else principal_id
 
-    async def _owned_principal(self, actor: Actor, action: str, name: str) -> Principal:
-        """Look the principal up, authorize, then report absence: in that order, so a
-        refused caller cannot probe which names exist."""
+    async def _owned_principal(self, actor: Actor, action: str, name: str | None) -> Principal:
+        """Look the principal up (None: the caller), authorize, then report absence: in that
+        order, so a refused caller cannot probe which names exist."""
+        if name is None:
+            if actor.is_operator:
+                raise InvalidInput("Name the principal (--principal NAME): the local operator has no keys or overrides.")
+            me = await self._store.get_principal(actor.principal_id)
+            self._authorize(actor, action, actor.principal_id)
+            if me is None:
+                raise NotFound("Your principal no longer exists.")
+            return me
         _check_name(name, "principal")
         principal = await self._store.get_principal_by_name(name)
         self._authorize(actor, action, principal.id if principal else None)
@@ -1129,6 +1638,7 @@ class AdminService:
         else:
             by = people.get(o.updated_by) or await self._store.get_principal(o.updated_by)
             updated_by = by.name if by else o.updated_by
+        expired = o.expires_at is not None and o.expires_at <= self._now()
         return OverrideView(
             principal=owner.name if owner else o.principal_id,
             kind=owner.kind.value if owner else "",
@@ -1136,8 +1646,9 @@ class AdminService:
             masks=tuple(sorted(o.masks.items())),
             updated_by=updated_by,
             updated_at=o.updated_at,
-            status=o.status.value,
+            status=OverrideStatus.EXPIRED.value if expired else o.status.value,
             status_reason=o.status_reason,
+            expires_at=o.expires_at,
         )
 
 
@@ -1171,6 +1682,34 @@ def _check_key_id(key_id: str) -> None:
         raise InvalidInput(
             f"A key id is {gateway_keys.KEY_ID_LEN} letters and digits, as shown by 'mcp-authz keys list'."
         )
+
+
+def _check_upstream_url(url: str) -> None:
+    """An http(s) URL without user info or fragment: where `overrides test` posts an initialize."""
+    if not isinstance(url, str):
+        raise InvalidInput("The upstream URL must be text.")
+    if not url:
+        return  # "" clears it
+    if len(url) > MAX_URL_LEN or _has_control(url) or any(c.isspace() for c in url):
+        raise InvalidInput(f"The upstream URL is longer than {MAX_URL_LEN} characters or contains spaces or control characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a bad port
+    except ValueError:
+        raise InvalidInput("The upstream URL is not a valid URL.") from None
+    del port
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("The upstream URL must be http:// or https:// with a host, e.g. https://mcp.example.com/mcp.")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInput("The upstream URL must not contain user info: credentials belong in overrides, not URLs.")
+    if parts.fragment:
+        raise InvalidInput("The upstream URL must not have a #fragment.")
+
+
+def _request_target(url: str) -> str:
+    """The path and query an upstream receives for `url` (what a signature covers)."""
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _check_usage_limit(limit: int) -> None:

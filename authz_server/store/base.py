@@ -141,9 +141,11 @@ class Store(Protocol):
         target: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AuditEvent]:
-        """Events matching every filter given (`action` may end in '*' for a prefix), oldest first."""
+        """Events matching every filter given (`action` may end in '*' for a prefix), in id
+        order (append order), at most `limit`. `after_id` resumes a listing: only ids above it."""
 
     async def prune_audit(self, before: datetime) -> int:
         """Delete events older than `before`; return how many."""

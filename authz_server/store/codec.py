@@ -55,6 +55,7 @@ SERVER_COLUMNS = (
     "description",
     "created_at",
     "updated_at",
+    "upstream_url",
 )
 KEY_COLUMNS = (
     "key_id",
@@ -408,6 +409,7 @@ class RowCodec:
             s.description,
             self.time(s.created_at),
             self.time(s.updated_at),
+            s.upstream_url,
         )
 
     def decode_server(self, row: Row) -> McpServer:
@@ -423,6 +425,7 @@ class RowCodec:
                 description=_text(row["description"]),
                 created_at=self.times.decode(row["created_at"]),
                 updated_at=self.times.decode(row["updated_at"]),
+                upstream_url=_text(row["upstream_url"]),
             )
 
     def encode_key(self, k: GatewayKey) -> tuple[Any, ...]:

@@ -50,7 +50,7 @@ def _own(record: _T) -> _T:
 class MemoryStore:
     """The Store in process memory. `memory://` in a store URL."""
 
-    SCHEMA_VERSION = 2  # as the SQL migrations: 1 initial, 2 usage records
+    SCHEMA_VERSION = 3  # as the SQL migrations: 1 initial, 2 usage records, 3 upstream_url
 
     def __init__(self) -> None:
         self._version = 0
@@ -329,6 +329,7 @@ class MemoryStore:
         target: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AuditEvent]:
         self._open()
@@ -346,6 +347,7 @@ class MemoryStore:
                 and (target is None or e.target == target)
                 and (since is None or e.at >= since)
                 and (until is None or e.at < until)
+                and (after_id is None or (e.id or 0) > after_id)
             )
 
         if limit <= 0:

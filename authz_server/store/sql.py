@@ -473,6 +473,7 @@ class SqlStore(abc.ABC):
         target: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
     ) -> list[AuditEvent]:
         if limit <= 0:
@@ -505,6 +506,9 @@ class SqlStore(abc.ABC):
         if until is not None:
             where.append("at < ?")
             args.append(self._codec.time(until))
+        if after_id is not None:
+            where.append("id > ?")
+            args.append(after_id)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         async with self._read() as tx:
             rows = await tx.fetch(f"SELECT * FROM audit_events {clause} ORDER BY id LIMIT ?", *args, limit)

@@ -43,6 +43,8 @@ LOOPBACK = "127.0.0.1"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 MCP_FILTER = "envoy.filters.http.mcp"  # also the namespace of its dynamic metadata
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"  # the admin API as JSON
+ADMIN_ROUTE = "admin_api"
 AUTHZ_CLUSTER = "mcp_authz"
 UPSTREAM_CLUSTER = "mcp_example"
 
@@ -116,6 +118,16 @@ def _mcp_server_of(route: dict[str, Any]) -> str | None:
     return per_filter.get("check_settings", {}).get("context_extensions", {}).get("mcp_server")
 
 
+def absolutize_descriptors(config: dict[str, Any], base: Path = REPO_ROOT) -> None:
+    """Make the transcoder's `proto_descriptor` absolute (it is relative to Envoy's working
+    directory, the repository, in the shipped file), so a rendered config works from anywhere."""
+    for flt in _hcm(config)["http_filters"]:
+        typed = flt.get("typed_config", {})
+        descriptor = typed.get("proto_descriptor")
+        if flt["name"] == TRANSCODER_FILTER and descriptor and not Path(descriptor).is_absolute():
+            typed["proto_descriptor"] = str(base / descriptor)
+
+
 def mcp_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The routes of a loaded Envoy config that carry ``context_extensions.mcp_server``."""
     return [
@@ -143,7 +155,8 @@ def render_envoy_config(
     Everything else stays as shipped, so the tests exercise the real file. The shipped demo
     route is the template: each name in ``servers`` gets a copy at ``/mcp/<name>``
     (``path_separated_prefix``) with ``context_extensions.mcp_server: <name>``, in place of the
-    demo route and before the catch-all. All routes go to the one upstream cluster.
+    demo route and before the catch-all. All routes go to the one upstream cluster. The admin
+    API route stays as shipped; the transcoder's descriptor path is made absolute.
     ``mutate``, if given, may edit the loaded dict last (e.g. to add an allowed header).
     Returns the path of the written file.
     """
@@ -153,6 +166,7 @@ def render_envoy_config(
         listener["address"]["socket_address"].update(address=LOOPBACK, port_value=listen_port)
     _set_cluster_port(_cluster(config, AUTHZ_CLUSTER), authz_port)
     _set_cluster_port(_cluster(config, UPSTREAM_CLUSTER), upstream_port)
+    absolutize_descriptors(config)
 
     for vhost in _hcm(config)["route_config"]["virtual_hosts"]:
         routes = vhost["routes"]

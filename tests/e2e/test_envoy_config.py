@@ -12,12 +12,15 @@ import pytest
 import yaml
 
 from .harness import (
+    ADMIN_ROUTE,
     AUTHZ_CLUSTER,
     EXT_AUTHZ_FILTER,
     MCP_FILTER,
     REPO_ROOT,
     SHIPPED_ENVOY_YAML,
+    TRANSCODER_FILTER,
     _hcm,
+    absolutize_descriptors,
     envoy_binary,
     mcp_routes,
     render_envoy_config,
@@ -52,6 +55,16 @@ def mcp_filter(hcm: dict[str, Any]) -> dict[str, Any]:
     return flt
 
 
+def transcoder_filter(hcm: dict[str, Any]) -> dict[str, Any]:
+    (flt,) = [f for f in hcm["http_filters"] if f["name"] == TRANSCODER_FILTER]
+    return flt
+
+
+def admin_route(hcm: dict[str, Any]) -> dict[str, Any]:
+    (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == ADMIN_ROUTE]
+    return route
+
+
 def grpc_access_log(hcm: dict[str, Any]) -> dict[str, Any]:
     (log,) = [a for a in hcm["access_log"] if a["name"] == GRPC_ACCESS_LOG]
     return log
@@ -82,9 +95,27 @@ def test_shipped_config_contract() -> None:
     hcm = _hcm(config)
     assert hcm["generate_request_id"] is True
 
-    # The MCP filter, then ext_authz (fed the MCP metadata), then the router.
+    # The MCP filter, then ext_authz (fed the MCP metadata), the admin API's transcoder, the router.
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == [MCP_FILTER, EXT_AUTHZ_FILTER, "envoy.filters.http.router"]
+    assert names == [MCP_FILTER, EXT_AUTHZ_FILTER, TRANSCODER_FILTER, "envoy.filters.http.router"]
+
+    # The transcoder is off by default and on for the admin route only, which skips ext_authz
+    # (the admin API authenticates keys itself) and the MCP filter, and goes to the sidecar.
+    transcoder = transcoder_filter(hcm)
+    assert transcoder["disabled"] is True
+    tc = transcoder["typed_config"]
+    assert tc["proto_descriptor"] == "envoy/admin.pb" and (REPO_ROOT / tc["proto_descriptor"]).is_file()
+    assert tc["services"] == ["mcp_authz.admin.v1.Admin"]
+    assert tc["match_incoming_request_route"] is True and tc["convert_grpc_status"] is True
+    assert tc["request_validation_options"] == {"reject_unknown_method": True, "reject_unknown_query_parameters": True}
+    admin = admin_route(hcm)
+    assert admin["match"] == {"prefix": "/admin/"}
+    assert admin["route"]["cluster"] == AUTHZ_CLUSTER
+    per_filter = admin["typed_per_filter_config"]
+    assert per_filter[TRANSCODER_FILTER] == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
+    assert per_filter[EXT_AUTHZ_FILTER]["disabled"] is True
+    assert per_filter[MCP_FILTER]["disabled"] is True
+    assert all(TRANSCODER_FILTER not in r.get("typed_per_filter_config", {}) for r in mcp_routes(config))
     mcp = mcp_filter(hcm)["typed_config"]
     assert mcp["traffic_mode"] == "PASS_THROUGH"  # never rejects traffic itself
     assert mcp["max_request_body_size"] == 65536
@@ -136,7 +167,8 @@ def test_shipped_config_contract() -> None:
     assert (health["unhealthy_threshold"], health["healthy_threshold"]) == (2, 1)
     assert authz_cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
 
-    # Routes: the demo MCP route, then a 404 catch-all; only the catch-all skips ext_authz.
+    # Routes: the admin API, the demo MCP route, then a 404 catch-all; only the admin API
+    # (authenticated by the sidecar itself) and the catch-all skip ext_authz.
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     (demo,) = mcp_routes(config)
     assert demo["match"] == {"path_separated_prefix": "/mcp/demo"}
@@ -145,8 +177,8 @@ def test_shipped_config_contract() -> None:
     assert catch_all["match"] == {"prefix": "/"}
     assert catch_all["direct_response"]["status"] == 404
     disabled = [r for r in routes if r.get("typed_per_filter_config", {}).get(EXT_AUTHZ_FILTER, {}).get("disabled")]
-    assert disabled == [catch_all]
-    assert all("direct_response" in r or r in mcp_routes(config) for r in routes)
+    assert disabled == [admin, catch_all]
+    assert all("direct_response" in r or r in mcp_routes(config) or r is admin for r in routes)
 
 
 def test_snippet_parses_and_matches_the_shipped_config() -> None:
@@ -162,6 +194,9 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     assert per_route["check_settings"]["context_extensions"]["mcp_server"] == "github"
     assert route["match"] == {"path_separated_prefix": "/mcp/github"}
     assert snippet["unchecked_route_example"]["typed_per_filter_config"][EXT_AUTHZ_FILTER]["disabled"] is True
+    # The optional admin API piece: the transcoder filter and its route, exactly as shipped.
+    assert snippet["admin_api_filter"] == [transcoder_filter(_hcm(shipped))]
+    assert snippet["admin_api_route"] == [admin_route(_hcm(shipped))]
 
 
 @pytest.mark.e2e
@@ -187,6 +222,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                             "route_config": {"virtual_hosts": [{
                                 "name": "all", "domains": ["*"],
                                 "routes": [
+                                    *snippet["admin_api_route"],
                                     *snippet["routes"],
                                     {"match": {"prefix": "/healthz"}, "direct_response": {"status": 200},
                                      **snippet["unchecked_route_example"]},
@@ -194,6 +230,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                             }]},
                             "http_filters": [
                                 *snippet["http_filters"],
+                                *snippet["admin_api_filter"],
                                 {"name": "envoy.filters.http.router", "typed_config": {
                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
                             ],
@@ -204,6 +241,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
             "clusters": [*snippet["clusters"], upstream],
         }
     }  # fmt: skip
+    absolutize_descriptors(config)
     path = tmp_path / "pasted.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     result = envoy_validate(path)
@@ -219,8 +257,9 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
     rendered, shipped = load(path), load(SHIPPED_ENVOY_YAML)
 
     routes = _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["name"] for r in routes] == ["mcp_demo", "mcp_github", "mcp_linear", "not_found"]
-    for route, name in zip(routes, ["demo", "github", "linear"], strict=False):
+    assert [r["name"] for r in routes] == [ADMIN_ROUTE, "mcp_demo", "mcp_github", "mcp_linear", "not_found"]
+    assert routes[0] == admin_route(_hcm(shipped))
+    for route, name in zip(routes[1:], ["demo", "github", "linear"], strict=False):
         assert route["match"] == {"path_separated_prefix": f"/mcp/{name}"}
         ext = route["typed_per_filter_config"][EXT_AUTHZ_FILTER]["check_settings"]["context_extensions"]
         assert ext == {"mcp_server": name}
@@ -230,6 +269,10 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
 
     # Everything but ports and MCP routes is as shipped; the access log needs no port of its own
     # (it uses the authz cluster).
+    # The transcoder's descriptor is made absolute (Envoy may run from anywhere); nothing else changes.
+    descriptor = transcoder_filter(_hcm(rendered))["typed_config"]["proto_descriptor"]
+    assert descriptor == str(REPO_ROOT / "envoy" / "admin.pb")
+    absolutize_descriptors(shipped)
     assert _hcm(rendered)["http_filters"] == _hcm(shipped)["http_filters"]
     assert _hcm(rendered)["access_log"] == _hcm(shipped)["access_log"]
     rendered_authz, shipped_authz = cluster(rendered, AUTHZ_CLUSTER), cluster(shipped, AUTHZ_CLUSTER)

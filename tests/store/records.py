@@ -60,6 +60,7 @@ def server(name: str, **kw: object) -> McpServer:
         "description": f"The {name} MCP server",
         "created_at": T0,
         "updated_at": minutes(1),
+        "upstream_url": f"http://127.0.0.1:9100/mcp/{name}",
     }
     fields.update(kw)
     return McpServer(name=name, **fields)  # type: ignore[arg-type]

@@ -24,7 +24,8 @@ from authz_server.models import (
     Snapshot,
     Team,
 )
-from authz_server.store import open_store, sql
+from authz_server.store import codec, open_store, sql
+from authz_server.store.memory import MemoryStore
 from authz_server.store.base import Store
 from tests.store.conftest import drop_schema
 from tests.store.records import (
@@ -184,6 +185,7 @@ async def test_server_round_trip(store: Store) -> None:
         description="",
         created_at=None,
         updated_at=None,
+        upstream_url="",
     )
     assert await store.add_server(github) == github
     assert await store.add_server(bare) == bare
@@ -220,6 +222,7 @@ async def test_update_server_replaces_all_but_name_and_created_at(store: Store) 
         description="changed",
         created_at=minutes(500),
         updated_at=minutes(30),
+        upstream_url="https://mcp.example.com/v1/mcp?x=1",
     )
     updated = await store.update_server(changed)
     expected = dataclasses.replace(changed, created_at=T0)
@@ -709,6 +712,16 @@ async def test_query_audit_filters(store: Store, events: list, filters: dict, ex
     assert [dataclasses.replace(e, id=None) for e in found] == [events[i] for i in expected]
 
 
+async def test_query_audit_resumes_after_an_id(store: Store, events: list) -> None:
+    await store.append_audit(events)
+    ids = [e.id for e in await store.query_audit()]
+    assert [e.id for e in await store.query_audit(after_id=ids[1])] == ids[2:]
+    assert [e.id for e in await store.query_audit(after_id=ids[1], limit=2)] == ids[2:4]
+    assert [e.id for e in await store.query_audit(after_id=ids[0], actor="cli")] == [ids[3], ids[5]]
+    assert await store.query_audit(after_id=ids[-1]) == []
+    assert [e.id for e in await store.query_audit(after_id=0)] == ids
+
+
 async def test_prune_audit_deletes_older_events(store: Store, events: list) -> None:
     await store.append_audit(events)
     before_prune = await store.query_audit()
@@ -904,37 +917,63 @@ async def persistent_url(request: pytest.FixtureRequest, tmp_path: object) -> As
         await drop_schema(base, schema)
 
 
-async def test_a_version_1_store_migrates_to_usage_and_keeps_its_data(
+class _RowWith:
+    """A row plus defaults for columns it lacks: how a newer codec reads an older schema's row."""
+
+    def __init__(self, row: object, **defaults: object) -> None:
+        self._row, self._defaults = row, defaults
+
+    def __getitem__(self, key: str) -> object:
+        return self._defaults[key] if key in self._defaults else self._row[key]  # type: ignore[index]
+
+
+def _as_version_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the SQL stores apply only 0001 and read and write servers without the later columns."""
+    every, encode, decode = sql.load_migrations, codec.RowCodec.encode_server, codec.RowCodec.decode_server
+    later = ("upstream_url",)  # server columns added after version 1, each last in SERVER_COLUMNS
+    monkeypatch.setattr(sql, "load_migrations", lambda dialect: every(dialect)[:1])
+    monkeypatch.setattr(sql, "SERVER_COLUMNS", codec.SERVER_COLUMNS[: -len(later)])
+    monkeypatch.setattr(codec.RowCodec, "encode_server", lambda self, s: encode(self, s)[: -len(later)])
+    monkeypatch.setattr(codec.RowCodec, "decode_server", lambda self, row: decode(self, _RowWith(row, upstream_url="")))
+
+
+async def test_a_version_1_store_migrates_to_the_newest_and_keeps_its_data(
     persistent_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     every = sql.load_migrations
-    monkeypatch.setattr(sql, "load_migrations", lambda dialect: every(dialect)[:1])
-    old = await open_store(persistent_url)  # only 0001 applied
-    try:
-        assert await old.schema_version() == 1
-        await seed(old)
-        await old.add_key(key("k-1", "p-alice", scope=("github",)))
-        await old.put_override(override("p-alice", "github"))
-        await old.put_key_checks({1: sealed("check")})
-        await old.append_audit([audit(T0, "cli", "keys.create", "k-1")])
-        with pytest.raises(StoreError):
-            await old.query_usage()
-        snap, changes, events = await old.snapshot(), await old.changes_since(0), await old.query_audit()
-    finally:
-        await old.close()
+    with monkeypatch.context() as old_code:
+        _as_version_1(old_code)
+        old = await open_store(persistent_url)  # only 0001 applied
+        try:
+            assert await old.schema_version() == 1
+            await seed(old)
+            await old.add_key(key("k-1", "p-alice", scope=("github",)))
+            await old.put_override(override("p-alice", "github"))
+            await old.put_key_checks({1: sealed("check")})
+            await old.append_audit([audit(T0, "cli", "keys.create", "k-1")])
+            with pytest.raises(StoreError):
+                await old.query_usage()
+            snap, changes, events = await old.snapshot(), await old.changes_since(0), await old.query_audit()
+        finally:
+            await old.close()
 
-    monkeypatch.setattr(sql, "load_migrations", every)
-    new = await open_store(persistent_url)  # open_store migrates: 0002 only
+    newest = len(every("sqlite"))
+    assert newest == len(every("postgres")) == MemoryStore.SCHEMA_VERSION == 3
+    new = await open_store(persistent_url)  # open_store migrates: 0002 and 0003
     try:
-        assert await new.schema_version() == len(every(new.dialect)) == 2  # type: ignore[attr-defined]
+        assert await new.schema_version() == newest
         assert await new.snapshot() == snap
+        assert all(s.upstream_url == "" for s in snap.servers)  # the new column's default
         assert await new.changes_since(0) == changes
         assert await new.query_audit() == events
         assert await new.get_key_checks() == {1: sealed("check")}
         await new.append_usage([usage(T0)])
+        github = await new.get_server("github")
+        assert github is not None
+        await new.update_server(dataclasses.replace(github, upstream_url="http://127.0.0.1:9/mcp"))
         await new.migrate()  # idempotent: nothing re-applied, nothing lost
-        assert await new.schema_version() == 2
+        assert await new.schema_version() == newest
         assert [dataclasses.replace(r, id=None) for r in await new.query_usage()] == [usage(T0)]
-        assert await new.changes_since(0) == changes
+        assert (await new.get_server("github")).upstream_url == "http://127.0.0.1:9/mcp"  # type: ignore[union-attr]
     finally:
         await new.close()

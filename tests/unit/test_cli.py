@@ -248,6 +248,7 @@ def test_every_command_prints_one_json_document(ready: Cli) -> None:
         "values": {"API_KEY": "ghp_…8899"},
         "updated_by": "cli",
         "updated_at": override["override"]["updated_at"],
+        "expires_at": None,
         "status": "configured",
         "status_reason": "",
     }
@@ -383,7 +384,8 @@ def test_set_shared_from_stdin_and_mode_checks(ready: Cli) -> None:
     [
         ([], "the following arguments are required: COMMAND"),
         (["keys"], "the following arguments are required: ACTION"),
-        (["keys", "create"], "the following arguments are required: principal"),
+        (["keys", "revoke"], "the following arguments are required: key_id"),
+        (["overrides", "set", "--principal", "a"], "the following arguments are required: --server-name"),
         (["keys", "create", "bob", "--expires", "soonish"], "argument --expires: expected an ISO date"),
         (["keys", "regenerate", "AAAAAAA", "--grace", "forever"], "argument --grace: expected a duration"),
         (["servers", "add", "x", "--mode", "oauth"], "argument --mode: invalid choice"),
