@@ -81,6 +81,15 @@ class Settings:
                     values[name] = kind(env[var])
                 except ValueError:
                     raise ConfigError(f"{var} must be a number, got {env[var]!r}.") from None
+        argon2 = {}
+        for field_name, var in (("memory_cost_kib", "MCP_AUTHZ_ARGON2_MEMORY_KIB"), ("time_cost", "MCP_AUTHZ_ARGON2_TIME_COST")):
+            if env.get(var):
+                try:
+                    argon2[field_name] = int(env[var])
+                except ValueError:
+                    raise ConfigError(f"{var} must be a whole number, got {env[var]!r}.") from None
+        if argon2:
+            values["argon2"] = replace(Argon2Params(), **argon2)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values).validated()
 
@@ -101,6 +110,8 @@ class Settings:
             )
         if not 0.01 <= self.poll_interval <= 60:
             raise ConfigError("The poll interval must be between 0.01 and 60 seconds.")
+        if not 1024 <= self.argon2.memory_cost_kib <= 4 * 1024 * 1024 or not 1 <= self.argon2.time_cost <= 10:
+            raise ConfigError("Argon2 cost: memory must be 1024 KiB to 4 GiB, and time cost 1 to 10.")
         if not 1 <= self.argon2_workers <= 64:
             raise ConfigError("Argon2 workers must be between 1 and 64.")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

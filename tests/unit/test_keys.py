@@ -94,7 +94,25 @@ def test_argon2id_hash_and_verify() -> None:
     assert not hasher.verify("not a hash", key.reveal())
 
 
-def test_default_argon2_profile_is_argon2id_owasp_minimum() -> None:
+def test_default_argon2_profile_is_argon2id_and_cheap() -> None:
     _, key = keys.generate()
     stored = keys.KeyHasher().hash(key)
-    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert stored.startswith("$argon2id$v=19$m=2048,t=1,p=1$")
+
+
+def test_hashes_verify_at_their_own_recorded_cost() -> None:
+    """Keys hashed under an older, costlier profile keep working after the default changes."""
+    _, key = keys.generate()
+    old = keys.KeyHasher(keys.Argon2Params(time_cost=2, memory_cost_kib=19456)).hash(key)
+    assert keys.KeyHasher().verify(old, key.reveal())
+
+
+def test_argon2_cost_is_configurable_and_validated() -> None:
+    from authz_server.config import Settings
+    from authz_server.errors import ConfigError
+
+    s = Settings.from_env({"MCP_AUTHZ_ARGON2_MEMORY_KIB": "19456", "MCP_AUTHZ_ARGON2_TIME_COST": "2"})
+    assert (s.argon2.memory_cost_kib, s.argon2.time_cost) == (19456, 2)
+    for bad in ({"MCP_AUTHZ_ARGON2_MEMORY_KIB": "64"}, {"MCP_AUTHZ_ARGON2_TIME_COST": "x"}):
+        with pytest.raises(ConfigError):
+            Settings.from_env(bad)
