@@ -6,6 +6,8 @@ analysis between the ANALYSIS markers of an existing RESULTS.md is kept when it 
 
 from __future__ import annotations
 
+from authz_server.crypto.keys import Argon2Params
+
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -165,7 +167,9 @@ def render(r: dict[str, Any]) -> str:
         cold_errors = sum(x["ext_authz_error"] + x["rq_timeout"] for x in cold)
         cold_p50 = lats[len(lats) // 2]
         cold_p99 = lats[min(len(lats) - 1, int(0.99 * len(lats)))]
-        add("## C-cold: first use of each key (Argon2id at the default cost, 19 MiB, t=2)\n")
+        cost = Argon2Params()
+        add(f"## C-cold: first use of each key (Argon2id at the default cost, "
+            f"{cost.memory_cost_kib} KiB, t={cost.time_cost})\n")
         add(f"{plan['cold_keys']} never-used keys sent at once through Envoy + mcp-authz (one connection each), "
             f"{len(cold)} round(s), {len(lats)} keys in all; the sidecar verifies with its default 2 Argon2 threads.\n")
         add("| per-key first-use latency p50 | p99 | max | HTTP statuses | Envoy ext_authz errors + timeouts | Argon2 runs |")

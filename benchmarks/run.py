@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report.render(results)
     report.write(args.out, text)
     print(text)
-    log(f"done in {results['elapsed_seconds']:.0f}s; wrote {args.out.relative_to(REPO_ROOT)}")
+    shown = args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out
+    log(f"done in {results['elapsed_seconds']:.0f}s; wrote {shown}")
     if strays:
         print("stray Envoy processes:\n" + "\n".join(strays), file=sys.stderr)
         return 1
