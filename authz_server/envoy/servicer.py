@@ -52,6 +52,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             if not self._health.serving:
                 raise Denied(Reason.NOT_READY)
             decision = await self._pipeline.decide(inp)
+            response = response_translator.allow(decision)
         except Denied as denied:
             response = self._denied(denied, inp)
             self._metrics.observe_check("deny", denied.reason, _server(inp), time.perf_counter() - started)
@@ -62,7 +63,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
             return response
         self._last_used.mark(decision.key_id, time.time())
-        response = response_translator.allow(decision)
         self._metrics.observe_check("allow", "", decision.server, time.perf_counter() - started)
         return response
 

@@ -24,11 +24,14 @@ class CountingHasher(keys.KeyHasher):
         super().__init__(keys.Argon2Params(time_cost=1, memory_cost_kib=8, parallelism=1))
         self.calls = 0
         self.delay = delay
+        self.gate = threading.Event()  # verifications wait here until released
+        self.gate.set()
         self._lock = threading.Lock()
 
     def verify(self, stored_hash: str, presented: str) -> bool:
         with self._lock:
             self.calls += 1
+        self.gate.wait(10)
         time.sleep(self.delay)
         return super().verify(stored_hash, presented)
 
@@ -87,17 +90,20 @@ async def test_garbage_never_reaches_argon2() -> None:
 
 
 async def test_queue_bound_answers_overloaded_and_valid_cached_keys_still_pass() -> None:
-    w, hasher, authn, key = _setup(delay=0.2, queue_limit=2)
+    w, hasher, authn, key = _setup(queue_limit=2)
     await authn.authenticate(_p(key))  # warm
+    hasher.gate.clear()  # from here every Argon2 verification blocks until released
     newcomers = [w.key(w.principal(f"n{i}")) for i in range(4)]
     tasks = [asyncio.create_task(authn.authenticate(_p(k))) for k in newcomers]
     await asyncio.sleep(0.01)
-    started = time.monotonic()
-    assert (await authn.authenticate(_p(key))).principal.name == "alice"  # not stuck behind Argon2
-    assert time.monotonic() - started < 0.1
+    # The cached key is answered while both verification slots are still held: not stuck behind Argon2.
+    assert (await authn.authenticate(_p(key))).principal.name == "alice"
+    assert authn.inflight == 2 and not any(t.done() and not t.exception() for t in tasks)
+    hasher.gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     overloaded = [o for o in outcomes if isinstance(o, Denied) and o.reason == "overloaded"]
     assert len(overloaded) == 2 and all(o.status == 503 for o in overloaded)
+    assert sum(1 for o in outcomes if not isinstance(o, Exception)) == 2
 
 
 async def test_revocation_evicts_a_cached_key() -> None:

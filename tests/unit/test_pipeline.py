@@ -103,7 +103,7 @@ CASES = [
     Case("corrupt override", lambda w: (w.override(w.principal("hal"), "linear", {}, corrupt=True),
                                           request(bearer=w.key(w.state.principals["p_hal"]), server="linear"))[1], 503, "credential_unreadable"),
     # 5. usage limit
-    Case("rate limit of zero requests left", lambda w: request(bearer=w.key(w.principal("ivy", rate=1)), server="linear"), 200,
+    Case("under its rate limit", lambda w: request(bearer=w.key(w.principal("ivy", rate=1)), server="linear"), 200,
          injected={"authorization": "Bearer shared-linear"}),
     # key sources
     Case("key in custom header", lambda w: request(headers={"x-api-key": _alice(w)}), 200, injected={"authorization": "Bearer alice-gh"}),
