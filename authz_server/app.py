@@ -5,12 +5,19 @@ in-memory state and its follower, the pipeline, the admin use cases, the gRPC
 servicers, and the write-behind tasks. No other module builds these or keeps
 globals. One gRPC server hosts Check, the access-log service, the admin API,
 health and reflection.
+
+Threads: the gRPC server is the sync one, whose worker threads run Check, the
+access-log streams and health checks straight from memory. Everything that
+touches the store (the change-log follower, the write-behind queues, the admin
+use cases) runs on the asyncio event loop in the main thread; admin calls are
+handed to it (admin/bridge.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import shutil
 import signal
@@ -22,12 +29,13 @@ from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin.api import AdminServicer
+from authz_server.admin.bridge import OnLoop
 from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.service import AdminService
 from authz_server.config import Settings, parse_hostport
@@ -141,25 +149,23 @@ async def serve(
     stop = stop or _stop_on_signals()
     sidecar = await build(settings, keyring, store)
     # No SO_REUSEPORT: a second (stale) instance must fail to bind, not silently share the port.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used),
-        server,
+    server = grpc.server(
+        ThreadPoolExecutor(settings.grpc_threads, thread_name_prefix="grpc"), options=[("grpc.so_reuseport", 0)]
     )
+    check = AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used)
+    server.add_generic_rpc_handlers((check.handler(),))
     access_log = AccessLogServicer(sidecar.usage, sidecar.rejected_overrides)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     # The admin API authenticates with Check's own authenticator (same caches, same revocation);
     # a key is never taken from a path here, only from the metadata.
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(
-            sidecar.admin,
-            sidecar.authenticator,
-            KeyExtractor(settings.key_header, path_keys=False),
-            sidecar.audit,
-            ready=lambda: sidecar.health.serving,
-        ),
-        server,
+    admin = AdminServicer(
+        sidecar.admin,
+        sidecar.authenticator,
+        KeyExtractor(settings.key_header, path_keys=False),
+        sidecar.audit,
+        ready=lambda: sidecar.health.serving,
     )
+    admin_pb2_grpc.add_AdminServicer_to_server(OnLoop(admin, asyncio.get_running_loop()), server)
     health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (
@@ -171,10 +177,14 @@ async def serve(
         ),
         server,
     )
-    if server.add_insecure_port(settings.listen) == 0:
+    try:
+        bound = server.add_insecure_port(settings.listen)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
         raise ConfigError(f"Cannot listen on {settings.listen}.")
-    await sidecar.health.start()
-    await server.start()
+    sidecar.health.start()
+    server.start()
     http = None
     if settings.metrics_listen:
         host, port = parse_hostport(settings.metrics_listen, "The metrics address")
@@ -195,7 +205,7 @@ async def serve(
             asyncio.create_task(sidecar.last_used.run(), name="last-used"),
             asyncio.create_task(_retention(sidecar), name="retention"),
         ]
-        await sidecar.health.set(True, "ok")
+        sidecar.health.set(True, "ok")
         log.info(
             "ready",
             extra={"listen": settings.listen, "metrics": settings.metrics_listen, **sidecar.state.counts()},
@@ -205,8 +215,9 @@ async def serve(
         await stop.wait()
     finally:
         log.info("stopping")
-        await sidecar.health.stop()
-        await server.stop(grace=2)
+        sidecar.health.stop()
+        # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
+        await asyncio.get_running_loop().run_in_executor(None, lambda: server.stop(grace=2).wait())
         if http is not None:
             http.stop()
         for task in tasks:

@@ -38,6 +38,7 @@ class Settings:
     path_keys: bool = True  # accept a key as a path segment (MCPGate URL form)
     poll_interval: float = 0.1  # seconds between change-log polls
     argon2: Argon2Params = field(default_factory=Argon2Params)
+    grpc_threads: int = 16  # gRPC worker threads: Check, the access-log streams, admin calls, health
     argon2_workers: int = 2  # threads for first-use verification
     argon2_queue: int = 256  # first-use verifications waiting at most; beyond: 503 overloaded
     negative_cache_size: int = 100_000
@@ -70,6 +71,7 @@ class Settings:
         numbers = {
             "poll_interval": ("MCP_AUTHZ_POLL_INTERVAL", float),
             "argon2_workers": ("MCP_AUTHZ_ARGON2_WORKERS", int),
+            "grpc_threads": ("MCP_AUTHZ_GRPC_THREADS", int),
             "last_used_flush": ("MCP_AUTHZ_LAST_USED_FLUSH", float),
             "store_outage_limit": ("MCP_AUTHZ_STORE_OUTAGE_LIMIT", float),
             "audit_retention_days": ("MCP_AUTHZ_AUDIT_RETENTION_DAYS", float),
@@ -114,6 +116,8 @@ class Settings:
             raise ConfigError("Argon2 cost: memory must be 1024 KiB to 4 GiB, and time cost 1 to 10.")
         if not 1 <= self.argon2_workers <= 64:
             raise ConfigError("Argon2 workers must be between 1 and 64.")
+        if not 4 <= self.grpc_threads <= 256:
+            raise ConfigError("gRPC threads must be between 4 and 256 (access-log streams hold one each).")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("The log level must be DEBUG, INFO, WARNING or ERROR.")
         return replace(self, key_header=header, log_level=self.log_level.upper())

@@ -3,8 +3,9 @@
 `Check` reads only `AuthState`: plain dicts, decrypted credentials, times as
 epoch floats. `StateFollower` loads a snapshot at start, then applies the
 change log: for each changed entity it re-reads that one row and replaces the
-entry. Everything runs on the event loop, so readers never see a half-applied
-entry.
+entry, then bumps `version`. The follower runs on the event loop; Check reads
+from gRPC worker threads. Each entry is replaced whole (one dict store), so a
+reader sees the old entry or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class OverrideEntry:
 @dataclass(slots=True)
 class AuthState:
     seq: int = 0
+    version: int = 0  # bumped on every applied change: cached grants built from an older one are rebuilt
     loaded: bool = False
     teams: dict[str, Team] = field(default_factory=dict)
     principals: dict[str, Principal] = field(default_factory=dict)
@@ -114,6 +116,7 @@ class StateFollower:
         st.keys = {k.key_id: _key_entry(k) for k in snap.keys}
         st.overrides = {(o.principal_id, o.server): self._override_entry(o) for o in snap.overrides}
         st.seq = self.seen_seq = snap.seq
+        st.version += 1
         st.loaded = True
         self.last_success = time.monotonic()
         log.info("state loaded", extra={"seq": snap.seq, **st.counts()})
@@ -176,6 +179,7 @@ class StateFollower:
             principal_id, _, server_name = key.partition("/")
             override = await store.get_override(principal_id, server_name)
             _put(st.overrides, (principal_id, server_name), self._override_entry(override) if override else None)
+        st.version += 1
 
     def _server_entry(self, server: McpServer) -> ServerEntry:
         shared: dict[str, Secret] = {}

@@ -161,41 +161,53 @@ def _per(total_seconds: float, count: int) -> float | None:
 # --------------------------------------------------------------------------------- set-up
 
 
-def start_configs(group: ProcessGroup, world: World, work: Path) -> dict[str, Config]:
-    """Start every configuration of the max-throughput phase (see report.DESCRIPTIONS)."""
+def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] | None = None) -> dict[str, Config]:
+    """Start every configuration of the max-throughput phase (see report.DESCRIPTIONS), or those in `only`."""
     configs: dict[str, Config] = {}
+
+    def want(*names: str) -> bool:
+        return only is None or any(n in only for n in names)
 
     def envoy(name: str, wait_healthy: bool, **kwargs: Any) -> Envoy:
         lp, ap = free_port(), free_port()
         return start_envoy(group, name, envoy_config.derive(listen_port=lp, admin_port=ap, server=world.server,
                                                             **kwargs), lp, ap, work, wait_healthy)  # fmt: skip
 
-    configs["A"] = Config("A", "", envoy("A", False, auth="none"), latency=True)
-    credentials = [(k, f"user{i:06d}") for i, k in enumerate(world.keys)]
-    configs["B"] = Config("B", "", envoy("B", False, auth="api_key", api_keys=credentials), latency=True)
-    noop = {mode: start_noop(group, f"noop-{mode}", mode) for mode in ("aio", "sync", "uvloop")}
-    pair = [start_noop(group, f"noop-aio-{i}", "aio") for i in (1, 2)]
-    configs["C0"] = Config("C0", "", envoy("C0", True, auth="ext_authz", authz_ports=[noop["aio"].port], als=False),
-                           [noop["aio"]], latency=True)  # fmt: skip
-    for mode in ("sync", "uvloop"):
-        configs[f"C0-{mode}"] = Config(f"C0-{mode}", "", envoy(f"C0-{mode}", True, auth="ext_authz",
-                                                                  authz_ports=[noop[mode].port], als=False),
-                                        [noop[mode]])  # fmt: skip
-    configs["C0-x2"] = Config("C0-x2", "", envoy("C0-x2", True, auth="ext_authz",
-                                                  authz_ports=[p.port for p in pair], als=False), pair)  # fmt: skip
-
-    main = start_sidecar(group, "sidecar-C", world)
-    uv = start_sidecar(group, "sidecar-C-uvloop", world, uvloop=True)
-    twins = [start_sidecar(group, f"sidecar-C-x2-{i}", world) for i in (1, 2)]
-    for sidecar in (main, uv, *twins):
-        warm_direct(sidecar, world.keys, world.server)
-    configs["C"] = Config("C", "", envoy("C", True, auth="ext_authz", authz_ports=[main.port]), [main], latency=True)
-    configs["C-noals"] = Config("C-noals", "", envoy("C-noals", True, auth="ext_authz", authz_ports=[main.port],
-                                                      als=False), [main])  # fmt: skip
-    configs["C-uvloop"] = Config("C-uvloop", "", envoy("C-uvloop", True, auth="ext_authz", authz_ports=[uv.port]),
-                                 [uv])  # fmt: skip
-    configs["C-x2"] = Config("C-x2", "", envoy("C-x2", True, auth="ext_authz", authz_ports=[t.port for t in twins]),
-                             twins)  # fmt: skip
+    if want("A"):
+        configs["A"] = Config("A", "", envoy("A", False, auth="none"), latency=True)
+    if want("B"):
+        credentials = [(k, f"user{i:06d}") for i, k in enumerate(world.keys)]
+        configs["B"] = Config("B", "", envoy("B", False, auth="api_key", api_keys=credentials), latency=True)
+    for mode in ("aio", "sync", "uvloop"):
+        name = "C0" if mode == "aio" else f"C0-{mode}"
+        if want(name):
+            noop = start_noop(group, f"noop-{mode}", mode)
+            configs[name] = Config(name, "", envoy(name, True, auth="ext_authz", authz_ports=[noop.port], als=False),
+                                   [noop], latency=mode == "aio")  # fmt: skip
+    if want("C0-x2"):
+        pair = [start_noop(group, f"noop-aio-{i}", "aio") for i in (1, 2)]
+        configs["C0-x2"] = Config("C0-x2", "", envoy("C0-x2", True, auth="ext_authz",
+                                                      authz_ports=[p.port for p in pair], als=False), pair)  # fmt: skip
+    if want("C", "C-noals"):
+        main = start_sidecar(group, "sidecar-C", world)
+        warm_direct(main, world.keys, world.server)
+        if want("C"):
+            configs["C"] = Config("C", "", envoy("C", True, auth="ext_authz", authz_ports=[main.port]), [main],
+                                  latency=True)  # fmt: skip
+        if want("C-noals"):
+            configs["C-noals"] = Config("C-noals", "", envoy("C-noals", True, auth="ext_authz",
+                                                              authz_ports=[main.port], als=False), [main])  # fmt: skip
+    if want("C-uvloop"):
+        uv = start_sidecar(group, "sidecar-C-uvloop", world, uvloop=True)
+        warm_direct(uv, world.keys, world.server)
+        configs["C-uvloop"] = Config("C-uvloop", "", envoy("C-uvloop", True, auth="ext_authz", authz_ports=[uv.port]),
+                                     [uv])  # fmt: skip
+    if want("C-x2"):
+        twins = [start_sidecar(group, f"sidecar-C-x2-{i}", world) for i in (1, 2)]
+        for sidecar in twins:
+            warm_direct(sidecar, world.keys, world.server)
+        configs["C-x2"] = Config("C-x2", "", envoy("C-x2", True, auth="ext_authz",
+                                                    authz_ports=[t.port for t in twins]), twins)  # fmt: skip
     for config in configs.values():
         config.what = report.DESCRIPTIONS[config.name]
     return configs
@@ -505,6 +517,44 @@ def machine_and_versions(plan: Plan) -> dict[str, Any]:
     }
 
 
+def compare(only: set[str], plan: Plan) -> int:
+    """Max throughput of a few configurations, interleaved, with medians printed."""
+    unknown = only - set(report.DESCRIPTIONS)
+    if unknown:
+        print(f"unknown configurations: {', '.join(sorted(unknown))}; known: {', '.join(report.DESCRIPTIONS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    work = WORK / "compare"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    group = ProcessGroup(work / "logs")
+    try:
+        world = seed_sync(work / "world", principals=plan.principals, cold=0)
+        keys_file = write_keys_file(work / "keys.txt", world.keys)
+        configs = start_configs(group, world, work, only)
+        check_configs(configs, world)
+        rows = phase_max(configs, keys_file, plan, log)
+    finally:
+        group.stop_all()
+    print(f"{'config':10s} {'req/s':>9s} {'sidecar us/check':>17s} {'in Check() us':>14s} {'envoy us/req':>13s}")
+    for name in configs:
+        mine = [r for r in rows if r["config"] == name]
+
+        def med(key: str, rows: list[dict[str, Any]] = mine) -> float:
+            values = [r[key] for r in rows if r[key] is not None]
+            return statistics.median(values) if values else 0.0
+
+        print(f"{name:10s} {med('rps'):9.0f} {med('sidecar_cpu_us'):17.0f} {med('servicer_us'):14.0f} "
+              f"{med('envoy_cpu_us'):13.0f}")  # fmt: skip
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (make interrupted, a time-out) unwinds like Ctrl-C, so every finally block runs."""
     raise KeyboardInterrupt
@@ -516,7 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
     parser.add_argument("--no-scale", action="store_true", help="skip benchmarks/scale.py")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="comma-separated configurations (e.g. C,C0-sync): max throughput only, "
+                             "printed, RESULTS.md untouched; for trying a change")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.only:
+        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full())
     plan = Plan.quick() if args.quick else Plan.full()
     started = time.monotonic()
 

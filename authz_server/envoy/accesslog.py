@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import grpc
@@ -71,10 +71,11 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.entries = 0  # every HTTP entry Envoy delivered
         self.unattributed = 0  # of those, entries Check never decided on
 
-    async def StreamAccessLogs(  # noqa: N802
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    def StreamAccessLogs(  # noqa: N802
+        self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: grpc.ServicerContext | None
     ) -> als_pb2.StreamAccessLogsResponse:
-        async for message in request_iterator:
+        """One stream per Envoy worker, each held by one gRPC worker thread for its lifetime."""
+        for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 self.entries += 1
                 joined = to_usage(entry)

@@ -12,8 +12,7 @@ import asyncio
 import logging
 import time
 
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health, health_pb2
 
 from authz_server.state import StateFollower
 
@@ -25,21 +24,21 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Health:
     def __init__(self, store_outage_limit: float) -> None:
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = health.HealthServicer()  # thread-safe; served by the gRPC worker threads
         self._limit = store_outage_limit
         self.serving = False
         self.reason = "starting: loading state"
 
-    async def start(self) -> None:
+    def start(self) -> None:
         for service in SERVICES:
-            await self.servicer.set(service, _NOT_SERVING)
+            self.servicer.set(service, _NOT_SERVING)
 
-    async def set(self, serving: bool, reason: str) -> None:
+    def set(self, serving: bool, reason: str) -> None:
         if serving == self.serving and reason == self.reason:
             return
         self.serving, self.reason = serving, reason
         for service in SERVICES:
-            await self.servicer.set(service, _SERVING if serving else _NOT_SERVING)
+            self.servicer.set(service, _SERVING if serving else _NOT_SERVING)
         log.log(logging.INFO if serving else logging.WARNING, "health", extra={"serving": serving, "reason": reason})
 
     async def watch(self, follower: StateFollower, interval: float = 0.25) -> None:
@@ -47,11 +46,11 @@ class Health:
         while True:
             stale_for = time.monotonic() - follower.last_success
             if stale_for > self._limit:
-                await self.set(False, f"store unreachable for {stale_for:.0f}s: {follower.last_error or 'no answer'}")
+                self.set(False, f"store unreachable for {stale_for:.0f}s: {follower.last_error or 'no answer'}")
             else:
-                await self.set(True, "ok")
+                self.set(True, "ok")
             await asyncio.sleep(interval)
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         self.serving, self.reason = False, "stopping"
-        await self.servicer.enter_graceful_shutdown()
+        self.servicer.enter_graceful_shutdown()

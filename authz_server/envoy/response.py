@@ -1,13 +1,19 @@
-"""Decision / Denied -> CheckResponse. The only place that builds Envoy's response protobuf.
+"""Decision / Denied -> serialized CheckResponse. The only place that builds Envoy's response protobuf.
 
 Every header carries `append_action: OVERWRITE_IF_EXISTS_OR_ADD`: since Envoy
 1.37 a header without it may be appended, which would let a client-sent value
 survive next to ours.
+
+An allow is sent as two serialized CheckResponses, concatenated: the grant's
+(serialized once, kept on the grant) and this request's few headers and metadata.
+Protobuf parses concatenated messages as one merged message: the repeated
+`headers` append, and the `ok_response` and `dynamic_metadata` sub-messages merge.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse, DeniedHttpResponse, OkHttpResponse
@@ -28,21 +34,25 @@ def _header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
-def _metadata(values: dict[str, str]) -> Struct:
+def _metadata(values: Mapping[str, str]) -> Struct:
     struct = Struct()
     struct.update(values)
     return struct
 
 
-def allow(decision: Decision) -> CheckResponse:
-    return CheckResponse(
-        status=_OK_STATUS,
-        ok_response=OkHttpResponse(
-            headers=[_header(n, v) for n, v in decision.headers_to_set],
-            headers_to_remove=decision.headers_to_remove,
-        ),
-        dynamic_metadata=_metadata(dict(decision.metadata)),
-    )
+def allow(decision: Decision) -> bytes:
+    grant = decision.grant
+    wire = grant.wire
+    if not wire:
+        wire = grant.wire = CheckResponse(
+            status=_OK_STATUS,
+            ok_response=OkHttpResponse(headers=[_header(n, v) for n, v in grant.headers], headers_to_remove=grant.remove),
+            dynamic_metadata=_metadata(grant.metadata),
+        ).SerializeToString()
+    this_request = CheckResponse(ok_response=OkHttpResponse(headers=[_header(n, v) for n, v in decision.request_headers]))
+    if decision.request_metadata:
+        this_request.dynamic_metadata.update(decision.request_metadata)
+    return wire + this_request.SerializeToString()
 
 
 # JSON-RPC server-error codes for denials, so MCP clients (which only surface JSON-RPC
@@ -50,7 +60,7 @@ def allow(decision: Decision) -> CheckResponse:
 RPC_ERROR_CODE = {401: -32001, 403: -32003, 429: -32029, 503: -32053}
 
 
-def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> CheckResponse:
+def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> bytes:
     """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id."""
     body = {
         "jsonrpc": "2.0",
@@ -85,4 +95,4 @@ def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_
                 "reason": denied.reason,
             }
         ),
-    )
+    ).SerializeToString()

@@ -3,6 +3,10 @@
 It translates, decides, and records (metrics, audit, last-used) in this one place.
 `Check` never raises: a Denied becomes its denial, and anything unexpected a 503
 with reason `internal`, logged without the request's headers.
+
+Check runs on the sync gRPC server's worker threads (measured faster than
+grpc.aio for this unary call: benchmarks/RESULTS.md) and returns the response
+already serialized, so the gRPC layer sends the bytes as they are.
 """
 
 from __future__ import annotations
@@ -12,8 +16,7 @@ import time
 from datetime import UTC, datetime
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
 from authz_server.envoy import request as request_translator
 from authz_server.envoy import response as response_translator
@@ -27,9 +30,10 @@ from authz_server.pipeline.pipeline import Pipeline
 from authz_server.pipeline.types import CheckInput
 
 log = logging.getLogger(__name__)
+SERVICE = "envoy.service.auth.v3.Authorization"
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationServicer:
     def __init__(
         self,
         pipeline: Pipeline,
@@ -44,14 +48,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._audit = audit
         self._last_used = last_used
 
-    async def Check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> CheckResponse:  # noqa: N802
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Check, registered with no response serializer: it returns serialized bytes."""
+        check = grpc.unary_unary_rpc_method_handler(self.Check, request_deserializer=CheckRequest.FromString)
+        return grpc.method_handlers_generic_handler(SERVICE, {"Check": check})
+
+    def Check(self, request: CheckRequest, context: grpc.ServicerContext | None) -> bytes:  # noqa: N802
         started = time.perf_counter()
         inp: CheckInput | None = None
         try:
             inp = request_translator.to_input(request)
             if not self._health.serving:
                 raise Denied(Reason.NOT_READY)
-            decision = await self._pipeline.decide(inp)
+            decision = self._pipeline.decide(inp)
             response = response_translator.allow(decision)
         except Denied as denied:
             response = self._denied(denied, inp)
@@ -66,7 +75,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._metrics.observe_check("allow", "", decision.server, time.perf_counter() - started)
         return response
 
-    def _denied(self, denied: Denied, inp: CheckInput | None) -> CheckResponse:
+    def _denied(self, denied: Denied, inp: CheckInput | None) -> bytes:
         request_id = inp.request_id if inp else ""
         server = _server(inp)
         if denied.status == 401:

@@ -1,10 +1,12 @@
 """Write-behind of per-key usage: `last_used_at` is recorded on the request path
-in memory only, and flushed to the store every few seconds."""
+in memory only, and flushed to the store every few seconds. `mark` is called from
+Check's worker threads; the flush runs on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from datetime import UTC, datetime
 
 from authz_server.store.base import Store
@@ -17,9 +19,11 @@ class LastUsed:
         self._store = store
         self._interval = interval
         self._pending: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def mark(self, key_id: str, now: float) -> None:
-        self._pending[key_id] = now
+        with self._lock:
+            self._pending[key_id] = now
 
     async def run(self) -> None:
         try:
@@ -31,12 +35,14 @@ class LastUsed:
             raise
 
     async def flush(self) -> None:
-        if not self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
             return
-        pending, self._pending = self._pending, {}
         try:
             await self._store.touch_keys({k: datetime.fromtimestamp(t, UTC) for k, t in pending.items()})
         except Exception as exc:  # noqa: BLE001 - retried on the next flush
-            for key_id, t in pending.items():
-                self._pending.setdefault(key_id, t)
+            with self._lock:
+                for key_id, t in pending.items():
+                    self._pending.setdefault(key_id, t)
             log.warning("last_used_at flush failed", extra={"error": type(exc).__name__})

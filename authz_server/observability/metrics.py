@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -37,8 +37,14 @@ class Metrics:
     decisions: Counter
     latency: Histogram
 
+    _children: dict[tuple[str, str, str], Counter] = field(default_factory=dict)
+
     def observe_check(self, decision: str, reason: str, server: str, seconds: float) -> None:
-        self.decisions.labels(decision, reason, server).inc()
+        labels = (decision, reason, server)
+        child = self._children.get(labels)
+        if child is None:  # `labels()` takes a lock and builds a key: once per label set, not per request
+            child = self._children[labels] = self.decisions.labels(*labels)
+        child.inc()
         self.latency.observe(seconds)
 
 

@@ -8,15 +8,20 @@ Costs, cheapest first, so garbage never reaches Argon2:
   Argon2id in a bounded pool, single-flight per presented key; beyond the
   queue bound -> 503 overloaded, so a flood cannot pile up work.
 Principal and team checks come after, against the live in-memory state.
+
+Check calls `authenticate` from gRPC worker threads and blocks on first use;
+the admin API calls `authenticate_async` on the event loop. Both share the
+caches and the single-flight table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from authz_server.crypto import keys
@@ -95,8 +100,9 @@ class NegativeCache:
 
 
 class Authenticate(Protocol):
-    async def authenticate(self, presented: PresentedKey) -> Identity:
-        """Return the caller's identity, or raise Denied (401, or 503 when overloaded)."""
+    def authenticate(self, presented: PresentedKey) -> Identity:
+        """Return the caller's identity, or raise Denied (401, or 503 when overloaded).
+        Blocks while a first-use verification runs."""
 
 
 class Authenticator:
@@ -116,10 +122,12 @@ class Authenticator:
         self._hasher = hasher
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
         self._queue_limit = queue_limit
-        self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+        self._inflight: dict[bytes, Future[bool]] = {}
+        self._lock = threading.Lock()  # guards _inflight and the negative cache across threads
         self.negative = negative
         self._clock = clock
-        # Read by the metrics collector; plain ints, bumped on the event loop only.
+        # Read by the metrics collector. Plain ints: `+= 1` on an int attribute is not
+        # interrupted by another thread in CPython, and a scrape tolerates a stale read.
         self.cache_hits = 0
         self.cache_misses = 0
         self.negative_hits = 0
@@ -132,17 +140,29 @@ class Authenticator:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def authenticate(self, presented: PresentedKey) -> Identity:
+    def authenticate(self, presented: PresentedKey) -> Identity:
         parsed = keys.parse(presented.key)
         entry = self._usable_entry(parsed.key_id)
         if entry.verified_digest == parsed.digest:
             self.cache_hits += 1
         else:
             self.cache_misses += 1
-            await self._verify(entry, parsed, presented.key)
-            entry = self._usable_entry(parsed.key_id)  # it may have been revoked meanwhile
-            if entry.verified_digest != parsed.digest:
-                raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+            entry = self._verified(entry, parsed, self._start_verify(entry, parsed, presented.key).result())
+        return self._identity(entry, presented)
+
+    async def authenticate_async(self, presented: PresentedKey) -> Identity:
+        """`authenticate` for callers on the event loop: a first-use verification is awaited, not blocked on."""
+        parsed = keys.parse(presented.key)
+        entry = self._usable_entry(parsed.key_id)
+        if entry.verified_digest == parsed.digest:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+            future = self._start_verify(entry, parsed, presented.key)
+            entry = self._verified(entry, parsed, await asyncio.wrap_future(future))
+        return self._identity(entry, presented)
+
+    def _identity(self, entry: KeyEntry, presented: PresentedKey) -> Identity:
         principal = self._state.principals.get(entry.principal_id)
         if principal is None:
             raise Denied(Reason.KEY_UNKNOWN, key_id=entry.key_id)
@@ -164,24 +184,40 @@ class Authenticator:
             raise Denied(Reason.KEY_EXPIRED, key_id=key_id)
         return entry
 
-    async def _verify(self, entry: KeyEntry, parsed: ParsedKey, presented: str) -> None:
+    def _start_verify(self, entry: KeyEntry, parsed: ParsedKey, presented: str) -> Future[bool]:
+        """The running (or a new) Argon2 verification of this presented key; single-flight by digest."""
         digest = parsed.digest
-        if digest in self.negative:
-            self.negative_hits += 1
-            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
-        future = self._inflight.get(digest)
-        if future is None:
+        with self._lock:
+            if digest in self.negative:
+                self.negative_hits += 1
+                raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+            future = self._inflight.get(digest)
+            if future is not None:
+                return future
             if len(self._inflight) >= self._queue_limit:
                 raise Denied(Reason.OVERLOADED, key_id=parsed.key_id)
             self.argon2_runs += 1
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._pool, self._hasher.verify, entry.hash, presented)
+            future = self._pool.submit(self._hasher.verify, entry.hash, presented)
             self._inflight[digest] = future
-            future.add_done_callback(lambda _f: self._inflight.pop(digest, None))
-        ok = await asyncio.shield(future)
+        # Outside the lock: a future already done runs its callback right here, and the callback takes the lock.
+        future.add_done_callback(lambda _f: self._forget(digest))
+        return future
+
+    def _forget(self, digest: bytes) -> None:
+        with self._lock:
+            self._inflight.pop(digest, None)
+
+    def _verified(self, entry: KeyEntry, parsed: ParsedKey, ok: bool) -> KeyEntry:
+        """Record a verification's outcome; return the key's current entry, or raise Denied."""
+        digest = parsed.digest
         if not ok:
-            self.negative.add(digest)
+            with self._lock:
+                self.negative.add(digest)
             raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
         current = self._state.keys.get(entry.key_id)
         if current is not None and current.hash == entry.hash:
             current.verified_digest = digest
+        current = self._usable_entry(parsed.key_id)  # it may have been revoked meanwhile
+        if current.verified_digest != digest:
+            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
+        return current

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from authz_server.crypto import keys
 from authz_server.pipeline.resolve import Credentials
-from authz_server.pipeline.types import CheckInput, Decision, Identity
+from authz_server.pipeline.types import CheckInput, Decision, Grant, Identity
 from authz_server.state import ServerEntry
 
 IDENTITY_HEADERS = ("x-user-id", "x-user-type", "x-user-team", "x-user-roles")
@@ -32,14 +33,17 @@ class Mutator:
         self._signature_header = signature_header
         self._timestamp_header = timestamp_header
 
-    def allow(
+    def grant(
         self,
-        inp: CheckInput,
         identity: Identity,
         server: ServerEntry,
         credentials: Credentials,
-        now: float,
-    ) -> Decision:
+        strip_authorization: bool,
+        version: int,
+    ) -> Grant:
+        """The mutations every request of this key on this server gets. `strip_authorization`:
+        the request's Authorization header carried the gateway key, so it must not reach upstream
+        unless a credential template overwrites it."""
         principal = identity.principal
         identity_values = (
             principal.name,
@@ -47,45 +51,61 @@ class Mutator:
             principal.team,
             ",".join(r.value for r in principal.roles),
         )
-        path = inp.path
         to_set: list[tuple[str, str]] = list(credentials.headers)
-        presented = identity.key_source
-        if presented.path_without_key is not None:
-            path = presented.path_without_key
-            to_set.append((":path", path))
         to_remove: list[str] = []
         for name, value in zip(IDENTITY_HEADERS, identity_values):
             if value:
                 to_set.append((name, value))
             else:
                 to_remove.append(name)  # an empty value could be dropped by Envoy, leaving the client's
-        if inp.request_id:
-            to_set.append((REQUEST_ID_HEADER, inp.request_id))
-        timestamp = str(int(now))
-        to_set.append((self._timestamp_header, timestamp))
-        to_set.append(
-            (self._signature_header, sign(server.signing_secret, timestamp, inp.method, path, identity_values, inp.request_id))
-        )
         set_names = {name for name, _ in to_set}
         if self._key_header not in set_names:
             to_remove.append(self._key_header)
-        auth = inp.headers.get("authorization", "")
-        if "authorization" not in set_names and (presented.source == "bearer" or "mgw_" in auth):
+        if strip_authorization and "authorization" not in set_names:
             to_remove.append("authorization")
-        return Decision(
-            headers_to_set=tuple(to_set),
-            headers_to_remove=tuple(to_remove),
+        return Grant(
+            headers=tuple(to_set),
+            remove=tuple(to_remove),
             metadata={
                 "principal": principal.name,
                 "principal_id": principal.id,
                 "key_id": identity.key_id,
                 "server": server.name,
-                "tool": inp.tool,
-                "mcp_method": inp.mcp_method,
                 "credential": credentials.source,
                 "decision": "allow",
             },
+            identity_values=identity_values,
+            signing_secret=server.signing_secret,
             principal_id=principal.id,
             key_id=identity.key_id,
             server=server.name,
+            version=version,
+            expires_at=credentials.expires_at,
         )
+
+    def allow(self, grant: Grant, inp: CheckInput, identity: Identity, now: float) -> Decision:
+        """This request's part: the path without a key, the request id, the timestamp and the signature."""
+        path = inp.path
+        headers: list[tuple[str, str]] = []
+        stripped = identity.key_source.path_without_key
+        if stripped is not None:
+            path = stripped
+            headers.append((":path", path))
+        if inp.request_id:
+            headers.append((REQUEST_ID_HEADER, inp.request_id))
+        timestamp = str(int(now))
+        headers.append((self._timestamp_header, timestamp))
+        headers.append(
+            (self._signature_header, sign(grant.signing_secret, timestamp, inp.method, path, grant.identity_values, inp.request_id))
+        )
+        metadata = {}
+        if inp.tool:
+            metadata["tool"] = inp.tool
+        if inp.mcp_method:
+            metadata["mcp_method"] = inp.mcp_method
+        return Decision(grant, tuple(headers), metadata)
+
+
+def strips_authorization(inp: CheckInput, identity: Identity) -> bool:
+    """Whether the request's Authorization header held a gateway key."""
+    return identity.key_source.source == "bearer" or keys.PREFIX in inp.headers.get("authorization", "")

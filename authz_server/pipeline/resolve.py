@@ -22,6 +22,7 @@ SERVER_EXTENSION = "mcp_server"
 class Credentials:
     source: str  # "override", "shared" or "none": recorded so an upstream 401 can mark an override invalid
     headers: tuple[tuple[str, str], ...]
+    expires_at: float | None = None  # the override's expiry, when one is injected
 
 
 def find_server(inp: CheckInput, state: AuthState) -> ServerEntry:
@@ -92,7 +93,9 @@ def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthStat
             f"The MCP server '{server.name}' needs your own credential, and yours {what}.",
             hint=f"Add it with 'mcp-authz overrides set --server {server.name}', or ask a manager to set it for you.",
         )
-    return Credentials("override" if use_override else "shared", render(server, values))
+    if use_override:
+        return Credentials("override", render(server, values), override.expires_at)  # type: ignore[union-attr]
+    return Credentials("shared", render(server, values))
 
 
 def render(server: ServerEntry, values: dict[str, Secret]) -> tuple[tuple[str, str], ...]:

@@ -52,7 +52,7 @@ def _p(key: str) -> PresentedKey:
 async def test_argon2_runs_once_then_cache_hits() -> None:
     _, hasher, authn, key = _setup()
     for _ in range(5):
-        identity = await authn.authenticate(_p(key))
+        identity = await authn.authenticate_async(_p(key))
         assert identity.principal.name == "alice"
     assert hasher.calls == 1
     assert (authn.cache_misses, authn.cache_hits) == (1, 4)
@@ -60,9 +60,38 @@ async def test_argon2_runs_once_then_cache_hits() -> None:
 
 async def test_single_flight_for_concurrent_first_use() -> None:
     _, hasher, authn, key = _setup(delay=0.05)
-    results = await asyncio.gather(*(authn.authenticate(_p(key)) for _ in range(20)))
+    results = await asyncio.gather(*(authn.authenticate_async(_p(key)) for _ in range(20)))
     assert {r.key_id for r in results} == {key[4:11]}
     assert hasher.calls == 1
+
+
+def test_single_flight_across_check_threads() -> None:
+    """Check's worker threads block on one shared verification; the cache answers afterwards."""
+    _, hasher, authn, key = _setup()
+    hasher.gate.clear()
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(authn.authenticate(_p(key)).key_id)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    assert authn.inflight == 1 and not results  # all eight wait on the one verification
+    hasher.gate.set()
+    for t in threads:
+        t.join(5)
+    assert results == [key[4:11]] * 8
+    assert hasher.calls == 1 and authn.inflight == 0
+    assert authn.authenticate(_p(key)).principal.name == "alice" and hasher.calls == 1
+
+
+def test_wrong_secret_is_refused_and_negatively_cached_from_a_check_thread() -> None:
+    _, hasher, authn, key = _setup()
+    head = key[:11] + keys.generate()[1].reveal()[11:30]
+    wrong = head + keys._checksum(head)
+    for _ in range(3):
+        with pytest.raises(Denied) as exc:
+            authn.authenticate(_p(wrong))
+        assert exc.value.reason == "key_invalid"
+    assert hasher.calls == 1 and authn.negative_hits == 2
 
 
 async def test_wrong_secret_is_negatively_cached() -> None:
@@ -72,11 +101,11 @@ async def test_wrong_secret_is_negatively_cached() -> None:
     wrong = head + keys._checksum(head)
     for _ in range(3):
         with pytest.raises(Denied) as exc:
-            await authn.authenticate(_p(wrong))
+            await authn.authenticate_async(_p(wrong))
         assert exc.value.reason == "key_invalid"
     assert hasher.calls == 1 and authn.negative_hits == 2
     # The real key still works, and a wrong guess never poisons it.
-    await authn.authenticate(_p(key))
+    await authn.authenticate_async(_p(key))
 
 
 async def test_garbage_never_reaches_argon2() -> None:
@@ -84,20 +113,20 @@ async def test_garbage_never_reaches_argon2() -> None:
     garbage = ["mgw_" + "x" * 32, key[:-1] + ("0" if key[-1] != "0" else "1"), keys.generate()[1].reveal(), "", "mgw_"]
     for g in garbage * 50:
         with pytest.raises(Denied) as exc:
-            await authn.authenticate(_p(g))
+            await authn.authenticate_async(_p(g))
         assert exc.value.status == 401
     assert hasher.calls == 0
 
 
 async def test_queue_bound_answers_overloaded_and_valid_cached_keys_still_pass() -> None:
     w, hasher, authn, key = _setup(queue_limit=2)
-    await authn.authenticate(_p(key))  # warm
+    await authn.authenticate_async(_p(key))  # warm
     hasher.gate.clear()  # from here every Argon2 verification blocks until released
     newcomers = [w.key(w.principal(f"n{i}")) for i in range(4)]
-    tasks = [asyncio.create_task(authn.authenticate(_p(k))) for k in newcomers]
+    tasks = [asyncio.create_task(authn.authenticate_async(_p(k))) for k in newcomers]
     await asyncio.sleep(0.01)
     # The cached key is answered while both verification slots are still held: not stuck behind Argon2.
-    assert (await authn.authenticate(_p(key))).principal.name == "alice"
+    assert (await authn.authenticate_async(_p(key))).principal.name == "alice"
     assert authn.inflight == 2 and not any(t.done() and not t.exception() for t in tasks)
     hasher.gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -108,21 +137,21 @@ async def test_queue_bound_answers_overloaded_and_valid_cached_keys_still_pass()
 
 async def test_revocation_evicts_a_cached_key() -> None:
     w, _, authn, key = _setup()
-    await authn.authenticate(_p(key))
+    await authn.authenticate_async(_p(key))
     entry = w.state.keys[key[4:11]]
     w.state.keys[entry.key_id] = replace(entry, revoked_at=time.time() - 1, verified_digest=None)
     with pytest.raises(Denied) as exc:
-        await authn.authenticate(_p(key))
+        await authn.authenticate_async(_p(key))
     assert exc.value.reason == "key_revoked"
 
 
 async def test_disabled_principal_is_refused_even_when_cached() -> None:
     w, _, authn, key = _setup()
-    await authn.authenticate(_p(key))
+    await authn.authenticate_async(_p(key))
     alice = w.state.principals["p_alice"]
     w.state.principals[alice.id] = replace(alice, disabled=True)
     with pytest.raises(Denied) as exc:
-        await authn.authenticate(_p(key))
+        await authn.authenticate_async(_p(key))
     assert exc.value.reason == "principal_disabled"
 
 

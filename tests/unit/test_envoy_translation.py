@@ -6,14 +6,14 @@ import json
 
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
-from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2
 
 from authz_server.envoy import request as req
 from authz_server.envoy import response as resp
 from authz_server.errors import REASONS, Denied, Reason
-from authz_server.pipeline.types import Decision
+from authz_server.pipeline.types import Decision, Grant
 
 
 def _check_request(with_mcp: bool = False, **mcp_extra: object) -> CheckRequest:
@@ -58,24 +58,50 @@ def test_untrustworthy_mcp_metadata_is_ignored(extra: dict[str, object]) -> None
     assert (inp.mcp_method, inp.tool) == ("", "")
 
 
-def test_allow_overwrites_every_header_and_removes() -> None:
-    decision = Decision(
-        headers_to_set=(("authorization", "Bearer up"), (":path", "/mcp/github"), ("x-user-id", "alice")),
-        headers_to_remove=("x-api-key",),
+def _grant() -> Grant:
+    return Grant(
+        headers=(("authorization", "Bearer up"), ("x-user-id", "alice")),
+        remove=("x-api-key",),
         metadata={"principal": "alice", "decision": "allow"},
+        identity_values=("alice", "user", "eng", "user"),
+        signing_secret=b"s",
+        principal_id="p_alice",
+        key_id="K1",
+        server="github",
+        version=1,
+        expires_at=None,
     )
-    r = resp.allow(decision)
+
+
+def test_allow_overwrites_every_header_and_removes() -> None:
+    grant = _grant()
+    decision = Decision(grant, ((":path", "/mcp/github"), ("x-request-id", "rid-1")), {"tool": "search"})
+    r = CheckResponse.FromString(resp.allow(decision))
     assert r.status.code == code_pb2.OK
     assert [(h.header.key, h.header.value) for h in r.ok_response.headers] == list(decision.headers_to_set)
     assert all(h.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for h in r.ok_response.headers)
     assert list(r.ok_response.headers_to_remove) == ["x-api-key"]
-    assert r.dynamic_metadata.fields["principal"].string_value == "alice"
+    assert {k: v.string_value for k, v in r.dynamic_metadata.fields.items()} == {
+        "principal": "alice", "decision": "allow", "tool": "search"}
+
+
+def test_a_grant_is_serialized_once_and_each_request_keeps_its_own_headers() -> None:
+    grant = _grant()
+    first = CheckResponse.FromString(resp.allow(Decision(grant, (("x-request-id", "rid-1"),), {})))
+    wire = grant.wire
+    second = CheckResponse.FromString(resp.allow(Decision(grant, (("x-request-id", "rid-2"),), {"tool": "add"})))
+    assert grant.wire is wire  # reused, not rebuilt
+    assert dict((h.header.key, h.header.value) for h in first.ok_response.headers)["x-request-id"] == "rid-1"
+    assert dict((h.header.key, h.header.value) for h in second.ok_response.headers)["x-request-id"] == "rid-2"
+    assert "tool" not in first.dynamic_metadata.fields
+    assert second.dynamic_metadata.fields["tool"].string_value == "add"
+    assert second.dynamic_metadata.fields["principal"].string_value == "alice"
 
 
 @pytest.mark.parametrize("reason", list(Reason))
 def test_every_reason_has_a_json_denial(reason: Reason) -> None:
     denied = Denied(reason, retry_after=7 if reason is Reason.RATE_LIMITED else None)
-    r = resp.deny(denied, "rid-9", "github")
+    r = CheckResponse.FromString(resp.deny(denied, "rid-9", "github"))
     status = r.denied_response.status.code
     assert status == REASONS[reason].status
     assert r.status.code != code_pb2.OK

@@ -95,16 +95,13 @@ def test_entries_check_never_decided_on_are_not_attributed() -> None:
     assert to_usage(_entry({"other": "x"})) is None
 
 
-async def _stream(servicer: AccessLogServicer, entries: list[HTTPAccessLogEntry]) -> None:
-    async def messages():  # type: ignore[no-untyped-def]
-        msg = als_pb2.StreamAccessLogsMessage()
-        msg.http_logs.log_entry.extend(entries)
-        yield msg
-
-    await servicer.StreamAccessLogs(messages(), None)  # type: ignore[arg-type]
+def _stream(servicer: AccessLogServicer, entries: list[HTTPAccessLogEntry]) -> None:
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.extend(entries)
+    servicer.StreamAccessLogs(iter([msg]), None)
 
 
-async def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
+def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
     usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
     rejected: BatchWriter[object] = BatchWriter("rejected", Sink().write, 100)
     servicer = AccessLogServicer(usage, rejected)  # type: ignore[arg-type]
@@ -116,16 +113,16 @@ async def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
         _entry({**ALLOW, "principal_id": "p_b"}, 200),
         _entry(None, 404),
     ]
-    await _stream(servicer, entries)
+    _stream(servicer, entries)
     assert (servicer.entries, servicer.unattributed, usage.depth) == (6, 1, 5)
     assert rejected.depth == 1
-    principal, server, reason, _at = rejected._queue.get_nowait()  # type: ignore[misc]
+    principal, server, reason, _at = rejected._queue.popleft()  # type: ignore[misc]
     assert (principal, server) == ("p_a", "github") and "401" in reason
 
 
 async def test_health_follows_store_reachability() -> None:
     health = Health(store_outage_limit=0.2)
-    await health.start()
+    health.start()
     assert not health.serving and "starting" in health.reason
     follower = SimpleNamespace(last_success=time.monotonic(), last_error="")
     watch = asyncio.create_task(health.watch(follower, interval=0.02))  # type: ignore[arg-type]

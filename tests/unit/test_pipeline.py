@@ -133,12 +133,12 @@ async def test_decision_order(case: Case) -> None:
     inp = case.build(w)
     pipeline = w.pipeline()
     if case.status == 200:
-        decision = await pipeline.decide(inp)
+        decision = pipeline.decide(inp)
         injected = {n: v for n, v in decision.headers_to_set if not n.startswith(("x-user-", "x-request-id", "x-mcp-authz-", ":"))}
         assert injected == case.injected
         return
     with pytest.raises(Denied) as exc:
-        await pipeline.decide(inp)
+        pipeline.decide(inp)
     assert (exc.value.status, exc.value.reason) == (case.status, case.reason)
 
 
@@ -146,7 +146,7 @@ async def test_order_authentication_before_server() -> None:
     """An unknown server with a bad key is a 401, not a 403: authenticate first."""
     w = _world()
     with pytest.raises(Denied) as exc:
-        await w.pipeline().decide(request(bearer="mgw_bad", server="nope"))
+        w.pipeline().decide(request(bearer="mgw_bad", server="nope"))
     assert exc.value.status == 401
 
 
@@ -154,7 +154,7 @@ async def test_order_scope_before_credentials() -> None:
     w = _world()
     key = _bob(w, scope=("linear",))  # bob has no github credential either
     with pytest.raises(Denied) as exc:
-        await w.pipeline().decide(request(bearer=key))
+        w.pipeline().decide(request(bearer=key))
     assert exc.value.reason == "scope_server"
 
 
@@ -164,7 +164,7 @@ async def test_order_credentials_before_rate_limit() -> None:
     pipeline = w.pipeline()
     for _ in range(3):
         with pytest.raises(Denied) as exc:
-            await pipeline.decide(request(bearer=key))  # github, individual, no override
+            pipeline.decide(request(bearer=key))  # github, individual, no override
         assert exc.value.reason == "credential_missing"
 
 
@@ -173,18 +173,18 @@ async def test_rate_limit_answers_429_with_retry_after() -> None:
     key = w.key(w.principal("kim", rate=2))
     pipeline = w.pipeline()
     for _ in range(2):
-        await pipeline.decide(request(bearer=key, server="linear"))
+        pipeline.decide(request(bearer=key, server="linear"))
     with pytest.raises(Denied) as exc:
-        await pipeline.decide(request(bearer=key, server="linear"))
+        pipeline.decide(request(bearer=key, server="linear"))
     assert exc.value.status == 429 and exc.value.retry_after == 30
     w.now += 31
-    await pipeline.decide(request(bearer=key, server="linear"))
+    pipeline.decide(request(bearer=key, server="linear"))
 
 
 async def test_individual_denial_names_server_and_how_to_add() -> None:
     w = _world()
     with pytest.raises(Denied) as exc:
-        await w.pipeline().decide(request(bearer=_bob(w)))
+        w.pipeline().decide(request(bearer=_bob(w)))
     assert "'github'" in exc.value.message
     assert "mcp-authz overrides set --server github" in exc.value.hint
 
@@ -192,7 +192,7 @@ async def test_individual_denial_names_server_and_how_to_add() -> None:
 async def test_denials_after_authn_carry_identity() -> None:
     w = _world()
     with pytest.raises(Denied) as exc:
-        await w.pipeline().decide(request(bearer=_bob(w)))
+        w.pipeline().decide(request(bearer=_bob(w)))
     assert exc.value.principal_id == "p_bob" and exc.value.key_id and exc.value.server == "github"
 
 
@@ -207,7 +207,7 @@ async def test_allow_mutations() -> None:
             "x-user-team": "root",
         },
     )
-    decision: Decision = await w.pipeline().decide(inp)
+    decision: Decision = w.pipeline().decide(inp)
     sets = dict(decision.headers_to_set)
     assert sets[":path"] == "/mcp/github?x=1"
     assert sets["x-user-id"] == "alice"
@@ -229,9 +229,9 @@ async def test_allow_mutations() -> None:
 async def test_bearer_key_removed_unless_template_overwrites() -> None:
     w = _world()
     key = _bob(w)
-    open_decision = await w.pipeline().decide(request(bearer=key, server="open"))
+    open_decision = w.pipeline().decide(request(bearer=key, server="open"))
     assert "authorization" in open_decision.headers_to_remove
-    linear_decision = await w.pipeline().decide(request(bearer=key, server="linear"))
+    linear_decision = w.pipeline().decide(request(bearer=key, server="linear"))
     assert "authorization" not in linear_decision.headers_to_remove
     assert dict(linear_decision.headers_to_set)["authorization"] == "Bearer shared-linear"
 
@@ -239,7 +239,7 @@ async def test_bearer_key_removed_unless_template_overwrites() -> None:
 async def test_empty_roles_header_is_removed_not_passed_through() -> None:
     w = _world()
     key = w.key(w.principal("svc", roles=(), kind=PrincipalKind.SERVICE))
-    decision = await w.pipeline().decide(request(bearer=key, server="open", headers={"x-user-roles": "admin"}))
+    decision = w.pipeline().decide(request(bearer=key, server="open", headers={"x-user-roles": "admin"}))
     assert "x-user-roles" in decision.headers_to_remove
     assert dict(decision.headers_to_set)["x-user-type"] == "service"
 
@@ -247,10 +247,10 @@ async def test_empty_roles_header_is_removed_not_passed_through() -> None:
 async def test_custom_key_header_is_configurable() -> None:
     w = _world()
     key = _alice(w)
-    decision = await w.pipeline(key_header="x-gateway-key").decide(request(headers={"x-gateway-key": key}))
+    decision = w.pipeline(key_header="x-gateway-key").decide(request(headers={"x-gateway-key": key}))
     assert "x-gateway-key" in decision.headers_to_remove
     with pytest.raises(Denied) as exc:
-        await w.pipeline(key_header="x-gateway-key").decide(request(headers={"x-api-key": key}))
+        w.pipeline(key_header="x-gateway-key").decide(request(headers={"x-api-key": key}))
     assert exc.value.reason == "key_missing"
 
 
@@ -259,9 +259,9 @@ async def test_key_sources_in_priority_order() -> None:
     w = _world()
     key = _alice(w)
     with pytest.raises(Denied) as exc:
-        await w.pipeline().decide(request(path=f"/mcp/github/{key}", headers={"x-api-key": "junk"}))
+        w.pipeline().decide(request(path=f"/mcp/github/{key}", headers={"x-api-key": "junk"}))
     assert exc.value.reason == "key_malformed"
-    decision = await w.pipeline().decide(request(bearer=key, path=f"/mcp/github/{key}/sub?q=1"))
+    decision = w.pipeline().decide(request(bearer=key, path=f"/mcp/github/{key}/sub?q=1"))
     assert dict(decision.headers_to_set)[":path"] == "/mcp/github/sub?q=1"  # the path copy never leaks
-    plain = await w.pipeline().decide(request(bearer=key, path="/mcp/github?q=1"))
+    plain = w.pipeline().decide(request(bearer=key, path="/mcp/github?q=1"))
     assert ":path" not in dict(plain.headers_to_set)
