@@ -517,7 +517,7 @@ def machine_and_versions(plan: Plan) -> dict[str, Any]:
     }
 
 
-def compare(only: set[str], plan: Plan) -> int:
+def compare(only: set[str], plan: Plan, profile_dir: Path | None = None) -> int:
     """Max throughput of a few configurations, interleaved, with medians printed."""
     unknown = only - set(report.DESCRIPTIONS)
     if unknown:
@@ -540,9 +540,15 @@ def compare(only: set[str], plan: Plan) -> int:
         configs = start_configs(group, world, work, only)
         check_configs(configs, world)
         rows = phase_max(configs, keys_file, plan, log)
+        if profile_dir is not None and "C" in configs:
+            with BackgroundWrk(configs["C"].envoy.base_url, keys_file, plan.profile_seconds + 3, plan.connections, 0):
+                time.sleep(1)
+                summary = profile.record(configs["C"].sidecars[0].proc.pid, plan.profile_seconds, profile_dir, "c")
+            log(f"profile: {summary['samples']} samples -> {profile_dir}")
     finally:
         group.stop_all()
-    print(f"{'config':10s} {'req/s':>9s} {'sidecar us/check':>17s} {'in Check() us':>14s} {'envoy us/req':>13s}")
+    print(f"{'config':10s} {'req/s':>9s} {'sidecar us/check':>17s} {'user + sys':>11s} {'in Check() us':>14s} "
+          f"{'envoy us/req':>13s}")  # fmt: skip
     for name in configs:
         mine = [r for r in rows if r["config"] == name]
 
@@ -550,7 +556,8 @@ def compare(only: set[str], plan: Plan) -> int:
             values = [r[key] for r in rows if r[key] is not None]
             return statistics.median(values) if values else 0.0
 
-        print(f"{name:10s} {med('rps'):9.0f} {med('sidecar_cpu_us'):17.0f} {med('servicer_us'):14.0f} "
+        print(f"{name:10s} {med('rps'):9.0f} {med('sidecar_cpu_us'):17.0f} "
+              f"{med('sidecar_user_us'):5.0f} + {med('sidecar_sys_us'):3.0f} {med('servicer_us'):14.0f} "
               f"{med('envoy_cpu_us'):13.0f}")  # fmt: skip
     return 0
 
@@ -569,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated configurations (e.g. C,C0-sync): max throughput only, "
                              "printed, RESULTS.md untouched; for trying a change")  # fmt: skip
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="with --only including C: also py-spy the sidecar under load, summaries to DIR")
     args = parser.parse_args(argv)
     if args.only:
-        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full())
+        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile)
     plan = Plan.quick() if args.quick else Plan.full()
     started = time.monotonic()
 

@@ -32,6 +32,7 @@ SECRET_LEN = 19
 CHECKSUM_LEN = 6
 BODY_LEN = KEY_ID_LEN + SECRET_LEN + CHECKSUM_LEN
 KEY_LEN = len(PREFIX) + BODY_LEN
+KEY_ID_SLICE = slice(len(PREFIX), len(PREFIX) + KEY_ID_LEN)  # where the key id sits in a well-formed key
 _BASE62 = frozenset(ALPHABET)
 
 
@@ -71,6 +72,11 @@ def looks_like_key(text: str) -> bool:
     return len(text) == KEY_LEN and text.startswith(PREFIX)
 
 
+def digest(presented: str) -> bytes:
+    """SHA-256 of a whole presented key: how caches index it, so the key itself is never kept."""
+    return hashlib.sha256(presented.encode("ascii", "replace")).digest()
+
+
 def parse(presented: str) -> ParsedKey:
     """Check format and checksum without touching any store. Raises Denied."""
     if len(presented) != KEY_LEN or not presented.startswith(PREFIX):
@@ -81,7 +87,7 @@ def parse(presented: str) -> ParsedKey:
     key_id = body[:KEY_ID_LEN]
     if _checksum(presented[: -CHECKSUM_LEN]) != body[-CHECKSUM_LEN:]:
         raise Denied(Reason.KEY_CHECKSUM, key_id=key_id)
-    return ParsedKey(key_id, hashlib.sha256(presented.encode("ascii")).digest())
+    return ParsedKey(key_id, digest(presented))
 
 
 @dataclass(frozen=True, slots=True)

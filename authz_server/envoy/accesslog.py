@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 from datetime import UTC, datetime
 
 import grpc
@@ -35,26 +36,34 @@ def to_usage(entry: HTTPAccessLogEntry) -> tuple[UsageRecord, str] | None:
     namespace = common.metadata.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
     if namespace is None:
         return None
-    md = {k: v.string_value for k, v in namespace.fields.items()}
-    if md.get("decision") not in ("allow", "deny"):
+    fields = namespace.fields
+    decision = _text(fields, "decision")
+    if decision not in ("allow", "deny"):
         return None  # not ours; a bad record would make the store refuse its whole batch
+    start = common.start_time
     duration = common.duration if common.HasField("duration") else common.time_to_last_downstream_tx_byte
+    request, response = entry.request, entry.response
     record = UsageRecord(
-        at=common.start_time.ToDatetime(tzinfo=UTC),
-        request_id=entry.request.request_id,
-        principal_id=md.get("principal_id", ""),
-        key_id=md.get("key_id", ""),
-        server=md.get("server", ""),
-        tool=md.get("tool", ""),
-        mcp_method=md.get("mcp_method", ""),
-        decision=md["decision"],
-        reason=md.get("reason", ""),
-        upstream_status=entry.response.response_code.value,
-        request_bytes=entry.request.request_headers_bytes + entry.request.request_body_bytes,
-        response_bytes=entry.response.response_headers_bytes + entry.response.response_body_bytes,
-        duration_ms=duration.ToNanoseconds() / 1e6,
+        at=datetime.fromtimestamp(start.seconds, UTC).replace(microsecond=start.nanos // 1000),
+        request_id=request.request_id,
+        principal_id=_text(fields, "principal_id"),
+        key_id=_text(fields, "key_id"),
+        server=_text(fields, "server"),
+        tool=_text(fields, "tool"),
+        mcp_method=_text(fields, "mcp_method"),
+        decision=decision,
+        reason=_text(fields, "reason"),
+        upstream_status=response.response_code.value,
+        request_bytes=request.request_headers_bytes + request.request_body_bytes,
+        response_bytes=response.response_headers_bytes + response.response_body_bytes,
+        duration_ms=duration.seconds * 1e3 + duration.nanos / 1e6,
     )
-    return record, md.get("credential", "")
+    return record, _text(fields, "credential")
+
+
+def _text(fields: Any, name: str) -> str:
+    """A string field of the decision's metadata; "" when absent. Reads one map entry, not the whole map."""
+    return fields[name].string_value if name in fields else ""
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):

@@ -2,7 +2,8 @@
 
 Two kinds:
 - recorded per request by the servicer wrapper (`Metrics.observe_check`): decisions
-  and Check latency;
+  and Check latency, counted per thread without a lock (Check runs on many
+  threads) and summed at scrape time;
 - read from the live components at scrape time (`_LiveCollector`): caches, Argon2,
   change-log lag, write-behind queues, entity counts. The hot path pays nothing for these.
 
@@ -13,13 +14,14 @@ principal, a key id or a key.
 from __future__ import annotations
 
 import platform
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from authz_server import __version__
@@ -31,44 +33,84 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
-@dataclass
-class Metrics:
-    registry: CollectorRegistry
-    decisions: Counter
-    latency: Histogram
+class _ThreadCounts:
+    """One thread's Check counts. Only its own thread writes them, so no lock."""
 
-    _children: dict[tuple[str, str, str], Counter] = field(default_factory=dict)
+    __slots__ = ("buckets", "decisions", "seconds")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.decisions: dict[tuple[str, str, str], int] = {}
+        self.buckets = [0] * (n_buckets + 1)  # the last one is +Inf
+        self.seconds = 0.0
+
+
+class Metrics:
+    """The registry, and the per-request recording point for Check."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._local = threading.local()
+        self._threads: list[_ThreadCounts] = []
+        self._lock = threading.Lock()  # taken once per thread, to register its counts
 
     def observe_check(self, decision: str, reason: str, server: str, seconds: float) -> None:
+        counts: _ThreadCounts | None = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._local.counts = _ThreadCounts(len(_LATENCY_BUCKETS))
+            with self._lock:
+                self._threads.append(counts)
         labels = (decision, reason, server)
-        child = self._children.get(labels)
-        if child is None:  # `labels()` takes a lock and builds a key: once per label set, not per request
-            child = self._children[labels] = self.decisions.labels(*labels)
-        child.inc()
-        self.latency.observe(seconds)
+        counts.decisions[labels] = counts.decisions.get(labels, 0) + 1
+        counts.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        counts.seconds += seconds
+
+    def collect_checks(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        """The Check families, summed over threads (each read is a snapshot; a scrape may lag by a request)."""
+        decisions: dict[tuple[str, str, str], int] = {}
+        buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        seconds = 0.0
+        with self._lock:
+            threads = list(self._threads)
+        for counts in threads:
+            for labels, n in list(counts.decisions.items()):
+                decisions[labels] = decisions.get(labels, 0) + n
+            buckets = [a + b for a, b in zip(buckets, list(counts.buckets), strict=True)]
+            seconds += counts.seconds
+        family = CounterMetricFamily(
+            "mcp_authz_check_decisions", "Check answers by decision, reason and MCP server.",
+            labels=["decision", "reason", "server"],
+        )
+        for labels, n in sorted(decisions.items()):
+            family.add_metric(list(labels), n)
+        yield family
+        cumulative, total = [], 0
+        for bound, n in zip([*map(str, _LATENCY_BUCKETS), "+Inf"], buckets, strict=True):
+            total += n
+            cumulative.append((bound, total))
+        yield HistogramMetricFamily(
+            "mcp_authz_check_duration_seconds", "Time to answer one Check.", buckets=cumulative, sum_value=seconds
+        )
 
 
 def create(sidecar: Sidecar | None = None) -> Metrics:
     """A fresh registry with every metric; live gauges are read from `sidecar` when given."""
     registry = CollectorRegistry(auto_describe=True)
-    metrics = Metrics(
-        registry,
-        Counter(
-            "mcp_authz_check_decisions",
-            "Check answers by decision, reason and MCP server.",
-            ["decision", "reason", "server"],
-            registry=registry,
-        ),
-        Histogram(
-            "mcp_authz_check_duration_seconds", "Time to answer one Check.", buckets=_LATENCY_BUCKETS, registry=registry
-        ),
-    )
+    metrics = Metrics(registry)
+    registry.register(_CheckCollector(metrics))
     Info("mcp_authz_build", "Build information.", registry=registry).info(
         {"version": __version__, "python": platform.python_version()}
     )
     if sidecar is not None:
         registry.register(_LiveCollector(sidecar))
     return metrics
+
+
+class _CheckCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        return self._metrics.collect_checks()
 
 
 class _LiveCollector(Collector):

@@ -141,14 +141,29 @@ class Authenticator:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def authenticate(self, presented: PresentedKey) -> Identity:
+        entry = self._cached(presented.key)
+        if entry is not None:
+            self.cache_hits += 1
+            return self._identity(entry, presented)
         parsed = keys.parse(presented.key)
         entry = self._usable_entry(parsed.key_id)
-        if entry.verified_digest == parsed.digest:
+        if entry.verified_digest == parsed.digest:  # verified just now by another request
             self.cache_hits += 1
         else:
             self.cache_misses += 1
             entry = self._verified(entry, parsed, self._start_verify(entry, parsed, presented.key).result())
         return self._identity(entry, presented)
+
+    def _cached(self, key: str) -> KeyEntry | None:
+        """The usable entry when this exact key was verified before: the common case, decided
+        without the checksum (a digest match proves the key is the one verified). Revoked and
+        expired keys return an entry too; `_usable_entry` refuses them."""
+        entry = self._state.keys.get(key[keys.KEY_ID_SLICE])
+        if entry is None or entry.verified_digest is None or len(key) != keys.KEY_LEN:
+            return None
+        if entry.verified_digest != keys.digest(key):
+            return None
+        return self._usable_entry(entry.key_id)
 
     async def authenticate_async(self, presented: PresentedKey) -> Identity:
         """`authenticate` for callers on the event loop: a first-use verification is awaited, not blocked on."""

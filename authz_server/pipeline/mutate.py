@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from authz_server.crypto import keys
@@ -24,7 +23,7 @@ REQUEST_ID_HEADER = "x-request-id"
 
 def sign(secret: bytes, timestamp: str, method: str, path: str, identity: tuple[str, ...], request_id: str) -> str:
     message = "\n".join(("v1", timestamp, method.upper(), path, *identity, request_id))
-    return "v1=" + hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+    return "v1=" + hmac.digest(secret, message.encode(), "sha256").hex()
 
 
 class Mutator:

@@ -98,6 +98,29 @@ def test_a_grant_is_serialized_once_and_each_request_keeps_its_own_headers() -> 
     assert second.dynamic_metadata.fields["principal"].string_value == "alice"
 
 
+@pytest.mark.parametrize(
+    ("headers", "metadata"),
+    [
+        ((), {}),
+        (((":path", "/mcp/github?x=1"), ("x-request-id", "rid")), {"tool": "search", "mcp_method": "tools/call"}),
+        ((("x-long", "v" * 200), ("x-longer", "w" * 20_000)), {"tool": "t" * 300}),  # multi-byte lengths
+        ((("x-user-id", "zoë ☃"),), {"tool": "añadir"}),  # UTF-8
+    ],
+)
+def test_request_part_parses_merged_with_the_grant(
+    headers: tuple[tuple[str, str], ...], metadata: dict[str, str]
+) -> None:
+    grant = _grant()
+    got = CheckResponse.FromString(resp.allow(Decision(grant, headers, metadata)))
+    expected = CheckResponse.FromString(grant.wire)
+    for name, value in headers:
+        option = expected.ok_response.headers.add(append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+        option.header.key, option.header.value = name, value
+    if metadata:
+        expected.dynamic_metadata.update(metadata)
+    assert got == expected
+
+
 @pytest.mark.parametrize("reason", list(Reason))
 def test_every_reason_has_a_json_denial(reason: Reason) -> None:
     denied = Denied(reason, retry_after=7 if reason is Reason.RATE_LIMITED else None)

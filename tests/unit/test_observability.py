@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -172,3 +173,27 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     for (_, labels), _v in values.items():
         for _k, v in labels:
             assert "p_alice" not in v and "p_bob" not in v and "mgw_" not in v
+
+
+def test_check_metrics_counted_on_many_threads_add_up_exactly() -> None:
+    m = metrics_module.create()
+
+    def work() -> None:
+        for i in range(2000):
+            m.observe_check("allow", "", "github", 0.0001 if i % 2 else 0.003)  # 0.0001 is a bucket bound: le
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    m.observe_check("deny", "key_unknown", "", 0.0002)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(m.registry).decode()) for s in f.samples}
+    assert samples[("mcp_authz_check_decisions_total", (("decision", "allow"), ("reason", ""), ("server", "github")))] == 8000
+    assert samples[("mcp_authz_check_duration_seconds_count", ())] == 8001
+    assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "0.0001"),))] == 4000
+    assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "0.00025"),))] == 4001
+    assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "0.0025"),))] == 4001
+    assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "+Inf"),))] == 8001
+    assert abs(samples[("mcp_authz_check_duration_seconds_sum", ())] - (4000 * 0.0001 + 4000 * 0.003 + 0.0002)) < 1e-9
