@@ -13,6 +13,7 @@ messages as one merged message: the repeated `headers` append, and the
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 
@@ -74,38 +75,53 @@ RPC_ERROR_CODE = {401: -32001, 403: -32003, 429: -32029, 503: -32053}
 
 
 def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> bytes:
-    """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id."""
+    """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id.
+
+    Like an allow, two concatenated parts: the status, headers and body template of
+    this kind of denial (built once), then this request's body and metadata."""
+    head, body_before, body_after = _denial(denied.status, denied.reason, denied.message, denied.hint, denied.retry_after)
+    response = CheckResponse()
+    response.denied_response.body = body_before + json.dumps(request_id) + body_after
+    fields = response.dynamic_metadata.fields
+    for key, text in (
+        ("principal_id", denied.principal_id),
+        ("key_id", denied.key_id),
+        ("server", denied.server or server),
+        ("tool", tool),
+        ("mcp_method", mcp_method),
+        ("decision", "deny"),
+        ("reason", denied.reason),
+    ):
+        fields[key].string_value = text
+    return head + response.SerializeToString()
+
+
+_REQUEST_ID_SLOT = "\x00request-id\x00"
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: messages may name a server or tool
+def _denial(status: int, reason: str, message: str, hint: str, retry_after: int | None) -> tuple[bytes, str, str]:
+    """The serialized constant part of a denial, and its JSON body around the request id."""
     body = {
         "jsonrpc": "2.0",
         "id": None,
         "error": {
-            "code": RPC_ERROR_CODE[denied.status],
-            "message": denied.message,
-            "data": {"reason": denied.reason, "status": denied.status, "hint": denied.hint, "request_id": request_id},
+            "code": RPC_ERROR_CODE[status],
+            "message": message,
+            "data": {"reason": reason, "status": status, "hint": hint, "request_id": _REQUEST_ID_SLOT},
         },
     }
+    before, _, after = json.dumps(body).partition(json.dumps(_REQUEST_ID_SLOT))
     headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
-    if denied.status == 401:
+    if status == 401:
         challenge = 'Bearer realm="mcp-authz"'
-        if denied.reason != "key_missing":
-            challenge += f', error="invalid_token", error_description="{denied.message}"'
+        if reason != "key_missing":
+            challenge += f', error="invalid_token", error_description="{message}"'
         headers.append(_header("www-authenticate", challenge))
-    if denied.retry_after is not None:
-        headers.append(_header("retry-after", str(denied.retry_after)))
-    return CheckResponse(
-        status=status_pb2.Status(code=_RPC_CODE.get(denied.status, code_pb2.UNAVAILABLE), message=denied.reason),
-        denied_response=DeniedHttpResponse(
-            status=HttpStatus(code=denied.status), headers=headers, body=json.dumps(body)
-        ),
-        dynamic_metadata=_metadata(
-            {
-                "principal_id": denied.principal_id,
-                "key_id": denied.key_id,
-                "server": denied.server or server,
-                "tool": tool,
-                "mcp_method": mcp_method,
-                "decision": "deny",
-                "reason": denied.reason,
-            }
-        ),
+    if retry_after is not None:
+        headers.append(_header("retry-after", str(retry_after)))
+    head = CheckResponse(
+        status=status_pb2.Status(code=_RPC_CODE.get(status, code_pb2.UNAVAILABLE), message=reason),
+        denied_response=DeniedHttpResponse(status=HttpStatus(code=status), headers=headers),
     ).SerializeToString()
+    return head, before, after

@@ -26,6 +26,7 @@ from authz_server.models import AuditEvent
 from authz_server.observability.batch import BatchWriter
 from authz_server.observability.metrics import Metrics
 from authz_server.observability.last_used import LastUsed
+from authz_server.observability.logs import Sampler
 from authz_server.pipeline.pipeline import Pipeline
 from authz_server.pipeline.types import CheckInput
 
@@ -47,6 +48,7 @@ class AuthorizationServicer:
         self._metrics = metrics
         self._audit = audit
         self._last_used = last_used
+        self._log_sampler = Sampler()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Check, registered with no response serializer: it returns serialized bytes."""
@@ -91,10 +93,12 @@ class AuthorizationServicer:
                     details={"source": inp.source_ip if inp else "", "server": server},
                 )
             )
-        log.info(
-            "denied",
-            extra={"request_id": request_id, "reason": denied.reason, "key_id": denied.key_id, "server": server},
-        )
+        skipped = self._log_sampler.admit(denied.reason)
+        if skipped is not None:
+            extra = {"request_id": request_id, "reason": denied.reason, "key_id": denied.key_id, "server": server}
+            if skipped:
+                extra["not_logged_before"] = skipped  # same reason, over the per-second log budget
+            log.info("denied", extra=extra)
         return response_translator.deny(
             denied, request_id, server, inp.tool if inp else "", inp.mcp_method if inp else ""
         )

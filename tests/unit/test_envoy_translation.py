@@ -145,3 +145,16 @@ def test_every_reason_has_a_json_denial(reason: Reason) -> None:
         assert headers["retry-after"] == "7"
     assert r.dynamic_metadata.fields["reason"].string_value == reason.value
     assert r.dynamic_metadata.fields["server"].string_value == "github"
+
+
+def test_denials_of_one_kind_share_a_template_but_keep_their_own_request_id() -> None:
+    denied = Denied(Reason.KEY_UNKNOWN, key_id="K1")
+    tricky = 'rid "quoted" \\ \u2603'
+    first = CheckResponse.FromString(resp.deny(denied, "rid-1", "github"))
+    second = CheckResponse.FromString(resp.deny(denied, tricky, "slack", tool="add"))
+    assert json.loads(first.denied_response.body)["error"]["data"]["request_id"] == "rid-1"
+    assert json.loads(second.denied_response.body)["error"]["data"]["request_id"] == tricky  # escaped, not spliced raw
+    assert first.denied_response.headers == second.denied_response.headers
+    assert second.dynamic_metadata.fields["server"].string_value == "slack"
+    assert second.dynamic_metadata.fields["tool"].string_value == "add"
+    assert second.dynamic_metadata.fields["key_id"].string_value == "K1"

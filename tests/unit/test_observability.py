@@ -20,6 +20,7 @@ from authz_server.envoy.accesslog import EXT_AUTHZ_NAMESPACE, AccessLogServicer,
 from authz_server.envoy.health import Health
 from authz_server.observability import metrics as metrics_module
 from authz_server.observability.batch import BatchWriter
+from authz_server.observability.logs import Sampler
 from authz_server.state import AuthState, KeyEntry
 
 
@@ -197,3 +198,13 @@ def test_check_metrics_counted_on_many_threads_add_up_exactly() -> None:
     assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "0.0025"),))] == 4001
     assert samples[("mcp_authz_check_duration_seconds_bucket", (("le", "+Inf"),))] == 8001
     assert abs(samples[("mcp_authz_check_duration_seconds_sum", ())] - (4000 * 0.0001 + 4000 * 0.003 + 0.0002)) < 1e-9
+
+
+def test_log_sampler_caps_lines_per_reason_and_reports_what_it_left_out() -> None:
+    now = [0.0]
+    sampler = Sampler(per_second=3, clock=lambda: now[0])
+    assert [sampler.admit("key_checksum") for _ in range(5)] == [0, 0, 0, None, None]
+    assert sampler.admit("key_unknown") == 0  # each reason has its own budget
+    now[0] = 1.5
+    assert sampler.admit("key_checksum") == 2  # the next line says how many were not logged
+    assert sampler.admit("key_checksum") == 0
