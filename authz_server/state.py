@@ -11,7 +11,9 @@ reader sees the old entry or the new one, never half of one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +30,7 @@ from authz_server.models import (
     Override,
     OverrideStatus,
     Principal,
+    Role,
     Secret,
     Snapshot,
     Team,
@@ -106,20 +109,33 @@ class StateFollower:
         self.last_success: float = 0.0  # time.monotonic() of the last successful load or poll
         self.seen_seq = 0  # newest change-log seq read from the store
         self.evictions = 0  # verified keys dropped from the cache by a change
+        self._roles: dict[tuple[Role, ...], tuple[Role, ...]] = {}  # one tuple per distinct set of roles
 
     async def load(self) -> None:
         snap: Snapshot = await self._store.snapshot()
+        seq, teams, principals, servers = snap.seq, snap.teams, snap.principals, snap.servers
+        keys, overrides = list(snap.keys), list(snap.overrides)
+        del snap
         st = self.state
-        st.teams = {t.name: t for t in snap.teams}
-        st.principals = {p.id: p for p in snap.principals}
-        st.servers = {s.name: self._server_entry(s) for s in snap.servers}
-        st.keys = {k.key_id: _key_entry(k) for k in snap.keys}
-        st.overrides = {(o.principal_id, o.server): self._override_entry(o) for o in snap.overrides}
-        st.seq = self.seen_seq = snap.seq
+        st.teams = {t.name: t for t in teams}
+        st.principals = {p.id: self._lean(p) for p in principals}
+        del principals
+        st.servers = {s.name: self._server_entry(s) for s in servers}
+        # Each row is dropped as soon as it is converted, so its memory is reused for the next
+        # entries instead of the process holding every row and every entry at its peak.
+        st.keys = {}
+        while keys:
+            key = _key_entry(keys.pop())
+            st.keys[key.key_id] = key
+        st.overrides = {}
+        while overrides:
+            override = overrides.pop()
+            st.overrides[(override.principal_id, sys.intern(override.server))] = self._override_entry(override)
+        st.seq = self.seen_seq = seq
         st.version += 1
         st.loaded = True
         self.last_success = time.monotonic()
-        log.info("state loaded", extra={"seq": snap.seq, **st.counts()})
+        log.info("state loaded", extra={"seq": seq, **st.counts()})
 
     async def run(self) -> None:
         """Apply changes until cancelled. A store outage is logged and retried;
@@ -162,7 +178,8 @@ class StateFollower:
             team = await store.get_team(key)
             _put(st.teams, key, team)
         elif change.entity is Entity.PRINCIPAL:
-            _put(st.principals, key, await store.get_principal(key))
+            principal = await store.get_principal(key)
+            _put(st.principals, key, self._lean(principal) if principal else None)
         elif change.entity is Entity.SERVER:
             server = await store.get_server(key)
             _put(st.servers, key, self._server_entry(server) if server else None)
@@ -180,6 +197,12 @@ class StateFollower:
             override = await store.get_override(principal_id, server_name)
             _put(st.overrides, (principal_id, server_name), self._override_entry(override) if override else None)
         st.version += 1
+
+    def _lean(self, p: Principal) -> Principal:
+        """The principal as Check keeps it: shared team names and role tuples, no creation time.
+        At 100k principals the copies would cost tens of MB."""
+        roles = self._roles.setdefault(p.roles, p.roles)
+        return dataclasses.replace(p, team=sys.intern(p.team), roles=roles, created_at=None)
 
     def _server_entry(self, server: McpServer) -> ServerEntry:
         shared: dict[str, Secret] = {}

@@ -71,6 +71,11 @@ class _PgTx:
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return list(await self._conn.fetch(_numbered(sql), *args))
 
+    async def fetch_chunks(self, sql: str, *args: Any, size: int = 1000) -> AsyncIterator[list[Row]]:
+        cursor = await self._conn.cursor(_numbered(sql), *args)  # server-side: needs the open transaction
+        while rows := list(await cursor.fetch(size)):
+            yield rows
+
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         row: Row | None = await self._conn.fetchrow(_numbered(sql), *args)
         return row

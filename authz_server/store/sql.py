@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from importlib import resources
@@ -59,6 +59,10 @@ class Tx(Protocol):
     changed: bool
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    def fetch_chunks(self, sql: str, *args: Any, size: int = 1000) -> AsyncIterator[list[Row]]:
+        """The rows `size` at a time, so a big table never sits in memory as rows all at once."""
+        ...
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
 
@@ -439,22 +443,26 @@ class SqlStore(abc.ABC):
 
     async def snapshot(self) -> Snapshot:
         codec = self._codec
+
+        async def table(sql: str, decode: Callable[[Row], _T]) -> tuple[_T, ...]:
+            # Decoded chunk by chunk: each chunk's rows are freed before the next is read, which keeps
+            # the start-up peak (and the fragmentation it leaves behind) down at 100k rows a table.
+            out: list[_T] = []
+            async for rows in tx.fetch_chunks(sql):
+                out.extend(decode(r) for r in rows)
+            return tuple(out)
+
         async with self._read() as tx:
             row = await tx.fetchrow("SELECT COALESCE(MAX(seq), 0) AS seq FROM change_log")
             seq = int(row["seq"]) if row else 0
-            teams = await tx.fetch("SELECT * FROM teams ORDER BY name")
-            principals = await tx.fetch("SELECT * FROM principals ORDER BY name")
-            servers = await tx.fetch("SELECT * FROM servers ORDER BY name")
-            keys = await tx.fetch("SELECT * FROM gateway_keys ORDER BY created_at NULLS FIRST, key_id")
-            overrides = await tx.fetch("SELECT * FROM overrides ORDER BY server, principal_id")
-        return Snapshot(
-            seq=seq,
-            teams=tuple(codec.decode_team(r) for r in teams),
-            principals=tuple(codec.decode_principal(r) for r in principals),
-            servers=tuple(codec.decode_server(r) for r in servers),
-            keys=tuple(codec.decode_key(r) for r in keys),
-            overrides=tuple(codec.decode_override(r) for r in overrides),
-        )
+            return Snapshot(
+                seq=seq,
+                teams=await table("SELECT * FROM teams ORDER BY name", codec.decode_team),
+                principals=await table("SELECT * FROM principals ORDER BY name", codec.decode_principal),
+                servers=await table("SELECT * FROM servers ORDER BY name", codec.decode_server),
+                keys=await table("SELECT * FROM gateway_keys ORDER BY created_at NULLS FIRST, key_id", codec.decode_key),
+                overrides=await table("SELECT * FROM overrides ORDER BY server, principal_id", codec.decode_override),
+            )
 
     # --- audit ------------------------------------------------------------------------------------------
 

@@ -33,6 +33,11 @@ class _SqliteTx:
         async with self._conn.execute(sql, args) as cursor:
             return list(await cursor.fetchall())
 
+    async def fetch_chunks(self, sql: str, *args: Any, size: int = 1000) -> AsyncIterator[list[Row]]:
+        async with self._conn.execute(sql, args) as cursor:
+            while rows := list(await cursor.fetchmany(size)):
+                yield rows
+
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._conn.execute(sql, args) as cursor:
             row: Row | None = await cursor.fetchone()
