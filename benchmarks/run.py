@@ -161,6 +161,9 @@ def _per(total_seconds: float, count: int) -> float | None:
 # --------------------------------------------------------------------------------- set-up
 
 
+NOOP_THREADS = 16  # the no-op's thread pool, as mcp-authz's default MCP_AUTHZ_GRPC_THREADS
+
+
 def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] | None = None) -> dict[str, Config]:
     """Start every configuration of the max-throughput phase (see report.DESCRIPTIONS), or those in `only`."""
     configs: dict[str, Config] = {}
@@ -178,14 +181,14 @@ def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] 
     if want("B"):
         credentials = [(k, f"user{i:06d}") for i, k in enumerate(world.keys)]
         configs["B"] = Config("B", "", envoy("B", False, auth="api_key", api_keys=credentials), latency=True)
-    for mode in ("aio", "sync", "uvloop"):
-        name = "C0" if mode == "aio" else f"C0-{mode}"
+    for mode in ("sync", "aio", "uvloop"):
+        name = "C0" if mode == "sync" else f"C0-{mode}"
         if want(name):
-            noop = start_noop(group, f"noop-{mode}", mode)
+            noop = start_noop(group, f"noop-{mode}", mode, threads=NOOP_THREADS)
             configs[name] = Config(name, "", envoy(name, True, auth="ext_authz", authz_ports=[noop.port], als=False),
-                                   [noop], latency=mode == "aio")  # fmt: skip
+                                   [noop], latency=mode == "sync")  # fmt: skip
     if want("C0-x2"):
-        pair = [start_noop(group, f"noop-aio-{i}", "aio") for i in (1, 2)]
+        pair = [start_noop(group, f"noop-sync-{i}", "sync", threads=NOOP_THREADS) for i in (1, 2)]
         configs["C0-x2"] = Config("C0-x2", "", envoy("C0-x2", True, auth="ext_authz",
                                                       authz_ports=[p.port for p in pair], als=False), pair)  # fmt: skip
     if want("C", "C-noals"):
