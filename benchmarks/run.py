@@ -520,7 +520,7 @@ def machine_and_versions(plan: Plan) -> dict[str, Any]:
     }
 
 
-def compare(only: set[str], plan: Plan, profile_dir: Path | None = None) -> int:
+def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: float | None = None) -> int:
     """Max throughput of a few configurations, interleaved, with medians printed."""
     unknown = only - set(report.DESCRIPTIONS)
     if unknown:
@@ -543,6 +543,13 @@ def compare(only: set[str], plan: Plan, profile_dir: Path | None = None) -> int:
         configs = start_configs(group, world, work, only)
         check_configs(configs, world)
         rows = phase_max(configs, keys_file, plan, log)
+        fixed: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+        for _ in range(plan.latency_rounds if rate else 0):
+            for name, config in configs.items():
+                result = load.h2load_fixed(config.envoy.base_url + PATH, key=world.keys[1], rate=rate,
+                                           duration=plan.latency_seconds, work_dir=work)  # fmt: skip
+                fixed[name].append((result.p50_ms, result.p99_ms))
+                log(f"  {name} at {rate:.0f} req/s: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms")
         if profile_dir is not None and "C" in configs:
             with BackgroundWrk(configs["C"].envoy.base_url, keys_file, plan.profile_seconds + 3, plan.connections, 0):
                 time.sleep(1)
@@ -559,9 +566,13 @@ def compare(only: set[str], plan: Plan, profile_dir: Path | None = None) -> int:
             values = [r[key] for r in rows if r[key] is not None]
             return statistics.median(values) if values else 0.0
 
+        latency = ""
+        if fixed[name]:
+            latency = (f"  at {rate:.0f} req/s: p50 {statistics.median(p for p, _ in fixed[name]):.2f} ms, "
+                       f"p99 {statistics.median(q for _, q in fixed[name]):.2f} ms")  # fmt: skip
         print(f"{name:10s} {med('rps'):9.0f} {med('sidecar_cpu_us'):17.0f} "
               f"{med('sidecar_user_us'):5.0f} + {med('sidecar_sys_us'):3.0f} {med('servicer_us'):14.0f} "
-              f"{med('envoy_cpu_us'):13.0f}")  # fmt: skip
+              f"{med('envoy_cpu_us'):13.0f}{latency}")  # fmt: skip
     return 0
 
 
@@ -579,11 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAMES",
                         help="comma-separated configurations (e.g. C,C0-sync): max throughput only, "
                              "printed, RESULTS.md untouched; for trying a change")  # fmt: skip
+    parser.add_argument("--rate", type=float, metavar="REQ_PER_S",
+                        help="with --only: also p50/p99 at this fixed rate (h2load), per configuration")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="with --only including C: also py-spy the sidecar under load, summaries to DIR")
     args = parser.parse_args(argv)
     if args.only:
-        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile)
+        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile, args.rate)
     plan = Plan.quick() if args.quick else Plan.full()
     started = time.monotonic()
 
