@@ -88,6 +88,11 @@ class _PgTx:
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(_numbered(sql), args)
 
+    async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        # asyncpg pipelines executemany in one round trip, with no GIL hand-off per row.
+        placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        await self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
+
     async def script(self, sql: str) -> None:
         await self._conn.execute(sql)  # no arguments: the simple protocol runs several statements
 

@@ -71,6 +71,10 @@ class Tx(Protocol):
 
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None: ...
 
+    async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Append rows to a table, as few statements as the driver allows."""
+        ...
+
     async def script(self, sql: str) -> None:
         """Run several statements (a migration file)."""
 
@@ -471,7 +475,7 @@ class SqlStore(abc.ABC):
             return
         rows = [self._codec.encode_audit(e) for e in events]
         async with self._write(serial=False) as tx:
-            await tx.executemany(_insert("audit_events", AUDIT_COLUMNS), rows)
+            await tx.insert_many("audit_events", AUDIT_COLUMNS, rows)
 
     async def query_audit(
         self,
@@ -534,7 +538,7 @@ class SqlStore(abc.ABC):
         # Checked before the transaction: one bad record refuses the batch, and nothing is written.
         rows = [self._codec.encode_usage(r) for r in check_usage(records)]
         async with self._write(serial=False) as tx:
-            await tx.executemany(_insert("usage_records", USAGE_COLUMNS), rows)
+            await tx.insert_many("usage_records", USAGE_COLUMNS, rows)
 
     async def query_usage(
         self,

@@ -24,6 +24,9 @@ from authz_server.store.codec import Row, TextTime
 from authz_server.store.sql import SqlStore, Tx
 
 
+_MAX_VARIABLES = 2000  # well under SQLite's limit on bound parameters per statement
+
+
 class _SqliteTx:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
@@ -49,6 +52,18 @@ class _SqliteTx:
 
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, args)
+
+    async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        # Multi-row VALUES, not executemany: sqlite3 lets go of the GIL around every statement step, and
+        # one step per row means one GIL hand-off per row to Check's threads, which costs far more than the row.
+        per_statement = max(1, _MAX_VARIABLES // len(columns))
+        placeholder = "(" + ", ".join("?" * len(columns)) + ")"
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            values = ", ".join([placeholder] * len(chunk))
+            await self._conn.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", [v for row in chunk for v in row]
+            )
 
     async def script(self, sql: str) -> None:
         # Not executescript(): it commits first, and the migration must stay in our transaction.
