@@ -247,15 +247,13 @@ def render(r: dict[str, Any]) -> str:
         add(f"Seeded in {s['seed_seconds']:.1f} s (Argon2 {steps.get('argon2_warm', 0):.1f} s with the cheap profile "
             f"m=8 KiB t=1 — 100k default-cost hashes would take ~40 min here; sealing {steps.get('seal', 0):.1f} s; bulk "
             f"writes through the store {steps.get('write', 0):.1f} s); SQLite file {s['db_mib']:.0f} MiB.\n")
-        add("| spawn → SERVING (state loaded) | RSS after load | peak RSS (VmHWM) | warm req/s, 100k store | warm req/s, 1k store | 100k / 1k | 100k with gc.freeze() / 1k |")
-        add("|---:|---:|---:|---:|---:|---:|---:|")
+        add("| spawn → SERVING (state loaded) | RSS after load | peak RSS (VmHWM) | warm req/s, 100k store | warm req/s, 1k store | 100k / 1k |")
+        add("|---:|---:|---:|---:|---:|---:|")
         add(f"| {s['ready_seconds']:.2f} s | {s['rss_loaded_mib']:.0f} MiB | {s['hwm_mib']:.0f} MiB (1k store: "
             f"{s['hwm_1k_mib']:.0f} MiB) | {_range([x['rps'] for x in s['runs'] if x['store'] == '100k'])} | "
-            f"{_range([x['rps'] for x in s['runs'] if x['store'] == '1k'])} | {s['ratio']:.2f} | "
-            f"{s.get('ratio_frozen', 0):.2f} |\n")
+            f"{_range([x['rps'] for x in s['runs'] if x['store'] == '1k'])} | {s['ratio']:.2f} |\n")
         add("Warm throughput: configuration C against each store, 1,000 keys sampled evenly across the 100k (each "
-            "verified once first), interleaved with a 1,000-principal store; the last column is the same 100k sidecar "
-            "with `gc.freeze()` after start-up (benchmarks/gc_freeze_serve.py, no sidecar change).\n")
+            "verified once first), interleaved with a 1,000-principal store. The sidecar calls `gc.freeze()` once its state is loaded.\n")
 
     # ---------------------------------------------------------------- targets
     add("## Against the issue's targets\n")

@@ -115,18 +115,15 @@ class Sidecar:
         return out
 
 
-def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool = False, gc_freeze: bool = False,
+def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool = False,
                   timeout: float = 60.0) -> Sidecar:
     """`mcp-authz serve` on the world's store, with metrics on (as in production).
-    `uvloop`: the same CLI, run with uvloop's event loop policy (benchmarks/uvloop_serve.py);
-    `gc_freeze`: with gc.freeze() after start-up (benchmarks/gc_freeze_serve.py)."""
+    `uvloop`: the same CLI, run with uvloop's event loop policy (benchmarks/uvloop_serve.py)."""
     port, metrics_port = free_port(), free_port()
     env = child_env(world.env(dict(os.environ)))
     env["MCP_AUTHZ_METRICS_LISTEN"] = f"{LOOPBACK}:{metrics_port}"
     if uvloop:
         argv = [sys.executable, "-m", "benchmarks.uvloop_serve", "--listen", f"{LOOPBACK}:{port}"]
-    elif gc_freeze:
-        argv = [sys.executable, "-m", "benchmarks.gc_freeze_serve", "--listen", f"{LOOPBACK}:{port}"]
     else:
         argv = [str(BIN / "mcp-authz"), "serve", "--listen", f"{LOOPBACK}:{port}"]
     started = time.monotonic()
