@@ -1,7 +1,7 @@
 """The operator's HTTP port: /metrics (Prometheus), /healthz (alive), /readyz (serving Check).
 
-Served from a thread by the standard library's WSGI server, so a scrape never
-runs on the event loop that answers Check.
+Served from its own thread by the standard library's WSGI server, so a scrape
+takes neither a gRPC worker nor the event loop.
 """
 
 from __future__ import annotations
