@@ -79,8 +79,11 @@ class Sidecar:
     last_used: LastUsed
     admin: AdminService
     metrics: Metrics = field(init=False)
+    access_log: AccessLogServicer = field(init=False)
 
     def __post_init__(self) -> None:
+        # Half the gRPC threads at most for access-log streams: the rest stay free for Check.
+        self.access_log = AccessLogServicer(self.usage, self.rejected_overrides, self.settings.grpc_threads // 2)
         self.metrics = metrics_module.create(self)
 
     def queues(self) -> list[BatchWriter]:  # type: ignore[type-arg]
@@ -155,7 +158,7 @@ async def serve(
     )
     check = AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used)
     server.add_generic_rpc_handlers((check.handler(),))
-    access_log = AccessLogServicer(sidecar.usage, sidecar.rejected_overrides)
+    access_log = sidecar.access_log
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     # The admin API authenticates with Check's own authenticator (same caches, same revocation);
     # a key is never taken from a path here, only from the metadata.
@@ -236,6 +239,7 @@ async def serve(
             extra={
                 "access_log_entries": access_log.entries,
                 "access_log_unattributed": access_log.unattributed,
+                "access_log_streams_refused": access_log.refused_streams,
                 **{f"{q.name}_written": q.written for q in sidecar.queues()},
                 **{f"{q.name}_dropped": q.dropped + q.depth for q in sidecar.queues()},
             },

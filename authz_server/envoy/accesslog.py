@@ -7,11 +7,17 @@ them into `UsageRecord`s, queued off the request path and written in batches.
 
 An upstream answering 401 or 403 to a request that carried a principal's override
 marks that override `invalid`, with the time and reason.
+
+Each stream (one per Envoy worker) holds a gRPC worker thread for its lifetime.
+Streams beyond `max_streams` are refused with RESOURCE_EXHAUSTED, so access logs
+can never take every thread and leave Check waiting: Envoy counts what it then
+drops, and the sidecar counts the refusals.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +29,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_server.models import UsageRecord
 from authz_server.observability.batch import BatchWriter
+from authz_server.observability.logs import Sampler
 
 log = logging.getLogger(__name__)
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -71,12 +78,18 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self,
         usage: BatchWriter[UsageRecord],
         rejected_overrides: BatchWriter[tuple[str, str, str, datetime]],
+        max_streams: int,
         remark_after: float = 10.0,
     ) -> None:
         self._usage = usage
         self._rejected = rejected_overrides
+        self._max_streams = max_streams
         self._remark_after = remark_after
         self._last_marked: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._refusals_logged = Sampler(per_second=1)
+        self.streams = 0  # open now
+        self.refused_streams = 0
         self.entries = 0  # every HTTP entry Envoy delivered
         self.unattributed = 0  # of those, entries Check never decided on
 
@@ -84,6 +97,26 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: grpc.ServicerContext | None
     ) -> als_pb2.StreamAccessLogsResponse:
         """One stream per Envoy worker, each held by one gRPC worker thread for its lifetime."""
+        with self._lock:
+            admitted = self.streams < self._max_streams
+            if admitted:
+                self.streams += 1
+            else:
+                self.refused_streams += 1
+        if not admitted:
+            if self._refusals_logged.admit("streams") is not None:
+                log.warning("access-log stream refused: raise MCP_AUTHZ_GRPC_THREADS to over twice Envoy's workers",
+                            extra={"open_streams": self._max_streams})
+            assert context is not None
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Too many access-log streams for this sidecar's threads.")
+        try:
+            self._consume(request_iterator)
+        finally:
+            with self._lock:
+                self.streams -= 1
+        return als_pb2.StreamAccessLogsResponse()
+
+    def _consume(self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage]) -> None:
         for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 self.entries += 1
@@ -95,7 +128,6 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                 self._usage.put(record)
                 if credential == "override" and record.decision == "allow" and record.upstream_status in REJECTED_BY_UPSTREAM:
                     self._mark_rejected(record)
-        return als_pb2.StreamAccessLogsResponse()
 
     def _mark_rejected(self, record: UsageRecord) -> None:
         pair = (record.principal_id, record.server)

@@ -343,11 +343,12 @@ def run_envoy(
     mutate: Callable[[dict[str, Any]], None] | None = None,
     ready_timeout: float = 20.0,
     log_level: str = "warn",
+    concurrency: int = 1,
 ) -> Iterator[EnvoyProcess]:
     """Render the shipped config (see `render_envoy_config`), start Envoy, wait for ``/ready``.
 
-    Uses ``--base-id`` unique to this instance and ``--concurrency 1`` so parallel Envoys do not
-    clash. Logs go to ``tmp_path/envoy-<port>.{stdout,stderr}.log`` (stdout has the access log).
+    Uses ``--base-id`` unique to this instance so parallel Envoys do not clash, and one worker
+    unless ``concurrency`` says otherwise. Logs go to ``tmp_path/envoy-<port>.{stdout,stderr}.log`` (stdout has the access log).
     Envoy is stopped on exit, also when the body raises.
     """
     listen_port = listen_port or free_port()
@@ -369,7 +370,7 @@ def run_envoy(
         envoy_binary(),
         "-c", str(config_path),
         "--base-id", str(base_id),
-        "--concurrency", "1",
+        "--concurrency", str(concurrency),
         "--log-level", log_level,
     ]  # fmt: skip
     process = _spawn(f"envoy-{listen_port}", argv, tmp_path)

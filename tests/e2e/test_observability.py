@@ -215,6 +215,41 @@ async def test_access_log_stream_killed_mid_load_loses_nothing_unreported(tmp_pa
     assert statuses.count(200) > 0 and stored >= 20  # load really ran through both sidecars
 
 
+async def test_more_envoy_workers_than_stream_threads_never_starve_check(tmp_path: Path) -> None:
+    """4 gRPC threads admit 2 access-log streams; Envoy's 6 workers want 6. The rest are refused
+    and counted, and Check keeps answering on the threads left."""
+    world = await seed(tmp_path / "world")
+    with ExitStack() as stop:
+        upstream = stop.enter_context(run_example_server(tmp_path))
+        sidecar = stop.enter_context(run_sidecar(world, env={"MCP_AUTHZ_GRPC_THREADS": "4"}))
+        envoy = stop.enter_context(run_envoy(tmp_path, authz_port=sidecar.port, upstream_port=upstream.port,
+                                             servers=("linear",), concurrency=6))
+        headers = {"authorization": f"Bearer {world.keys['bob']}", "accept": "application/json, text/event-stream"}
+
+        async def client_on_its_own_connection() -> list[int]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return [(await client.post(envoy.url("linear"), json=INITIALIZE_REQUEST, headers=headers)).status_code
+                        for _ in range(10)]
+
+        def refused_and_open() -> tuple[float, float]:
+            samples = {s.name: s.value for f in text_string_to_metric_families(sidecar.http("/metrics").text)
+                       for s in f.samples}
+            return samples["mcp_authz_access_log_streams_refused_total"], samples["mcp_authz_access_log_streams"]
+
+        statuses: list[int] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for result in await asyncio.gather(*(client_on_its_own_connection() for _ in range(12))):
+                statuses += result
+            await asyncio.sleep(0.6)  # an access-log flush interval: workers open (or retry) their streams
+            refused, open_streams = refused_and_open()
+            if refused >= 1 and open_streams == 2:
+                break
+        assert refused >= 1 and open_streams == 2, (refused, open_streams)
+        assert statuses and set(statuses) == {200}  # every Check answered, none starved or timed out
+        assert "access-log stream refused" in sidecar.logs()
+
+
 def _stopped_counters(logs: str) -> dict[str, int]:
     for line in reversed(logs.splitlines()):
         if '"msg": "stopped"' in line:
