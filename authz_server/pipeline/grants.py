@@ -19,21 +19,14 @@ class GrantCache:
     def __init__(self, max_size: int = 10_000) -> None:
         self._entries: dict[GrantKey, Grant] = {}
         self._max = max_size
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: GrantKey, version: int, now: float) -> Grant | None:
         grant = self._entries.get(key)
         if grant is None or grant.version != version or (grant.expires_at is not None and grant.expires_at <= now):
-            self.misses += 1
             return None
-        self.hits += 1
         return grant
 
     def put(self, key: GrantKey, grant: Grant) -> None:
         if len(self._entries) >= self._max:
             self._entries.clear()  # rare; a bounded cache without per-hit bookkeeping
         self._entries[key] = grant
-
-    def __len__(self) -> int:
-        return len(self._entries)

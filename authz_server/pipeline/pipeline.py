@@ -37,7 +37,7 @@ class Pipeline:
         self._limiter = limiter
         self._mutator = mutator
         self._clock = clock
-        self.grants = GrantCache()
+        self._grants = GrantCache()
 
     def decide(self, inp: CheckInput) -> Decision:
         """Return the allow decision, or raise Denied with principal/key/server filled in when known."""
@@ -50,11 +50,11 @@ class Pipeline:
             now = self._clock()
             strip = strips_authorization(inp, identity)
             cache_key = (identity.key_id, server.name, strip)
-            grant = self.grants.get(cache_key, version, now)
+            grant = self._grants.get(cache_key, version, now)
             if grant is None:
                 credentials = resolve_credentials(identity, server, self._state, now)
                 grant = self._mutator.grant(identity, server, credentials, strip, version)
-                self.grants.put(cache_key, grant)
+                self._grants.put(cache_key, grant)
             self._limiter.check(identity.principal)
             return self._mutator.allow(grant, inp, identity, now)
         except Denied as denied:

@@ -27,7 +27,7 @@ import asyncpg
 
 from authz_server.errors import ConfigError, Conflict, StoreError
 from authz_server.store.codec import NativeTime, Row
-from authz_server.store.sql import SqlStore, Tx
+from authz_server.store.sql import SqlStore, Tx, insert_sql
 
 CHANNEL = "mcp_authz_changes"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -90,8 +90,7 @@ class _PgTx:
 
     async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         # asyncpg pipelines executemany in one round trip, with no GIL hand-off per row.
-        placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-        await self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
+        await self.executemany(insert_sql(table, columns), rows)
 
     async def script(self, sql: str) -> None:
         await self._conn.execute(sql)  # no arguments: the simple protocol runs several statements

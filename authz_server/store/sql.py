@@ -93,7 +93,8 @@ def load_migrations(dialect: str) -> list[tuple[int, str]]:
     return found
 
 
-def _insert(table: str, columns: Sequence[str]) -> str:
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    """One row's INSERT, with `?` placeholders."""
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
@@ -193,7 +194,7 @@ class SqlStore(abc.ABC):
         async with self._write() as tx:
             team = await self._team(tx, name)
             if team is None:
-                await tx.execute(_insert("teams", TEAM_COLUMNS), *self._codec.encode_team(Team(name, False, at)))
+                await tx.execute(insert_sql("teams", TEAM_COLUMNS), *self._codec.encode_team(Team(name, False, at)))
                 await self._log(tx, Entity.TEAM, name)
                 team = await self._must(self._team(tx, name))
         return team
@@ -228,7 +229,7 @@ class SqlStore(abc.ABC):
                 raise Conflict(f"A principal named {principal.name!r} exists already.")
             if not await tx.fetchrow("SELECT 1 FROM teams WHERE name = ?", principal.team):
                 raise NotFound(f"There is no team named {principal.team!r}.")
-            await tx.execute(_insert("principals", PRINCIPAL_COLUMNS), *self._codec.encode_principal(principal))
+            await tx.execute(insert_sql("principals", PRINCIPAL_COLUMNS), *self._codec.encode_principal(principal))
             await self._log(tx, Entity.PRINCIPAL, principal.id)
             return await self._must(self._principal(tx, principal.id))
 
@@ -266,7 +267,7 @@ class SqlStore(abc.ABC):
         async with self._write() as tx:
             if await tx.fetchrow("SELECT 1 FROM servers WHERE name = ?", server.name):
                 raise Conflict(f"A server named {server.name!r} exists already.")
-            await tx.execute(_insert("servers", SERVER_COLUMNS), *self._codec.encode_server(server))
+            await tx.execute(insert_sql("servers", SERVER_COLUMNS), *self._codec.encode_server(server))
             await self._log(tx, Entity.SERVER, server.name)
             return await self._must(self._server(tx, server.name))
 
@@ -317,7 +318,7 @@ class SqlStore(abc.ABC):
                 raise Conflict(f"A gateway key with id {key.key_id!r} exists already.")
             if not await tx.fetchrow("SELECT 1 FROM principals WHERE id = ?", key.principal_id):
                 raise NotFound(f"There is no principal with id {key.principal_id!r}.")
-            await tx.execute(_insert("gateway_keys", KEY_COLUMNS), *self._codec.encode_key(key))
+            await tx.execute(insert_sql("gateway_keys", KEY_COLUMNS), *self._codec.encode_key(key))
             await self._log(tx, Entity.KEY, key.key_id)
             return await self._must(self._key(tx, key.key_id))
 
@@ -374,7 +375,7 @@ class SqlStore(abc.ABC):
             if not await tx.fetchrow("SELECT 1 FROM servers WHERE name = ?", override.server):
                 raise NotFound(f"There is no server named {override.server!r}.")
             await tx.execute(
-                f"{_insert('overrides', columns)} ON CONFLICT (principal_id, server) DO UPDATE SET {updates}",
+                f"{insert_sql('overrides', columns)} ON CONFLICT (principal_id, server) DO UPDATE SET {updates}",
                 *self._codec.encode_override(override),
             )
             await self._log(tx, Entity.OVERRIDE, override_key(override.principal_id, override.server))
