@@ -6,8 +6,10 @@ servicers, and the write-behind tasks. No other module builds these or keeps
 globals. One gRPC server hosts Check, the access-log service, the admin API,
 health and reflection.
 
-Threads: the gRPC server is the sync one, whose worker threads run Check, the
-access-log streams and health checks straight from memory. Everything that
+Threads: Check and the access-log streams run on one thread of their own,
+straight off gRPC core's completion queue (envoy/core_loop.py), from memory.
+The sync gRPC server's worker threads run health checks, reflection and admin
+calls. Everything that
 touches the store (the change-log follower, the write-behind queues, the admin
 use cases) runs on the asyncio event loop in the main thread; admin calls are
 handed to it (admin/bridge.py).
@@ -29,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -42,9 +44,10 @@ from authz_server.admin.service import AdminService
 from authz_server.config import Settings, parse_hostport
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
-from authz_server.envoy.accesslog import AccessLogServicer
+from authz_server.envoy import accesslog, servicer
+from authz_server.envoy.accesslog import AccessLog
+from authz_server.envoy.core_loop import CoreLoop
 from authz_server.envoy.health import Health
-from authz_server.envoy.servicer import AuthorizationServicer
 from authz_server.errors import ConfigError, NotFound
 from authz_server.models import AuditEvent, OverrideStatus, UsageRecord
 from authz_server.observability import logs
@@ -79,11 +82,10 @@ class Sidecar:
     last_used: LastUsed
     admin: AdminService
     metrics: Metrics = field(init=False)
-    access_log: AccessLogServicer = field(init=False)
+    access_log: AccessLog = field(init=False)
 
     def __post_init__(self) -> None:
-        # Half the gRPC threads at most for access-log streams: the rest stay free for Check.
-        self.access_log = AccessLogServicer(self.usage, self.rejected_overrides, self.settings.grpc_threads // 2)
+        self.access_log = AccessLog(self.usage, self.rejected_overrides)
         self.metrics = metrics_module.create(self)
 
     def queues(self) -> list[BatchWriter]:  # type: ignore[type-arg]
@@ -156,10 +158,12 @@ async def serve(
     server = grpc.server(
         ThreadPoolExecutor(settings.grpc_threads, thread_name_prefix="grpc"), options=[("grpc.so_reuseport", 0)]
     )
-    check = AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit, sidecar.last_used)
-    server.add_generic_rpc_handlers((check.handler(),))
+    check = servicer.AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit,
+                                           sidecar.last_used)  # fmt: skip
     access_log = sidecar.access_log
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
+    hot = CoreLoop(server)  # what Envoy calls per request, on a thread of its own
+    hot.unary(servicer.METHOD, external_auth_pb2.CheckRequest.FromString, check.check)
+    hot.client_stream(accesslog.METHOD, als_pb2.StreamAccessLogsMessage.FromString, access_log.open, accesslog.REPLY)
     # The admin API authenticates with Check's own authenticator (same caches, same revocation);
     # a key is never taken from a path here, only from the metadata.
     admin = AdminServicer(
@@ -189,6 +193,7 @@ async def serve(
         raise ConfigError(f"Cannot listen on {settings.listen}.")
     sidecar.health.start()
     server.start()
+    hot.start()
     http = None
     if settings.metrics_listen:
         host, port = parse_hostport(settings.metrics_listen, "The metrics address")
@@ -226,6 +231,7 @@ async def serve(
         sidecar.health.stop()
         # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
         await asyncio.get_running_loop().run_in_executor(None, lambda: server.stop(grace=2).wait())
+        hot.close()
         if http is not None:
             http.stop()
         for task in tasks:
@@ -239,7 +245,6 @@ async def serve(
             extra={
                 "access_log_entries": access_log.entries,
                 "access_log_unattributed": access_log.unattributed,
-                "access_log_streams_refused": access_log.refused_streams,
                 **{f"{q.name}_written": q.written for q in sidecar.queues()},
                 **{f"{q.name}_dropped": q.dropped + q.depth for q in sidecar.queues()},
             },

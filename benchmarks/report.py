@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "C0": "no-op Python ext_authz, constant OK, sync `grpc.server` with 16 threads like mcp-authz (no access log)",
     "C0-aio": "no-op, `grpc.aio`",
     "C0-uvloop": "no-op, `grpc.aio` on uvloop",
+    "C0-loop": "no-op on mcp-authz's Check loop: one thread straight off gRPC core's completion queue",
     "C0-x2": "no-op (as C0) × 2 processes (2 endpoints, Envoy round-robin)",
     "C": "**mcp-authz** as shipped: ext_authz + gRPC access log + health checks + metrics",
     "C-noals": "C without the gRPC access log (no usage attribution)",

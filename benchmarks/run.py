@@ -181,7 +181,7 @@ def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] 
     if want("B"):
         credentials = [(k, f"user{i:06d}") for i, k in enumerate(world.keys)]
         configs["B"] = Config("B", "", envoy("B", False, auth="api_key", api_keys=credentials), latency=True)
-    for mode in ("sync", "aio", "uvloop"):
+    for mode in ("sync", "aio", "uvloop", "loop"):
         name = "C0" if mode == "sync" else f"C0-{mode}"
         if want(name):
             noop = start_noop(group, f"noop-{mode}", mode, threads=NOOP_THREADS)

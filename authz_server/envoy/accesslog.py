@@ -8,30 +8,27 @@ them into `UsageRecord`s, queued off the request path and written in batches.
 An upstream answering 401 or 403 to a request that carried a principal's override
 marks that override `invalid`, with the time and reason.
 
-Each stream (one per Envoy worker) holds a gRPC worker thread for its lifetime.
-Streams beyond `max_streams` are refused with RESOURCE_EXHAUSTED, so access logs
-can never take every thread and leave Check waiting: Envoy counts what it then
-drops, and the sidecar counts the refusals.
+Envoy keeps one stream per worker. The streams are read on the core loop
+(envoy/core_loop.py), which holds no thread per stream, so any number of Envoy
+workers can log to one sidecar.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 from datetime import UTC, datetime
 
-import grpc
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 
 from authz_server.models import UsageRecord
 from authz_server.observability.batch import BatchWriter
-from authz_server.observability.logs import Sampler
 
 log = logging.getLogger(__name__)
+METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+REPLY = als_pb2.StreamAccessLogsResponse().SerializeToString()  # the one answer, when a stream ends
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 REJECTED_BY_UPSTREAM = frozenset({401, 403})
 
@@ -73,61 +70,38 @@ def _text(fields: Any, name: str) -> str:
     return fields[name].string_value if name in fields else ""
 
 
-class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLog:
+    """Reads Envoy's access-log streams: `open()` one per stream, as the core loop accepts it."""
+
     def __init__(
         self,
         usage: BatchWriter[UsageRecord],
         rejected_overrides: BatchWriter[tuple[str, str, str, datetime]],
-        max_streams: int,
         remark_after: float = 10.0,
     ) -> None:
         self._usage = usage
         self._rejected = rejected_overrides
-        self._max_streams = max_streams
         self._remark_after = remark_after
         self._last_marked: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-        self._refusals_logged = Sampler(per_second=1)
         self.streams = 0  # open now
-        self.refused_streams = 0
         self.entries = 0  # every HTTP entry Envoy delivered
         self.unattributed = 0  # of those, entries Check never decided on
 
-    def StreamAccessLogs(  # noqa: N802
-        self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage], context: grpc.ServicerContext | None
-    ) -> als_pb2.StreamAccessLogsResponse:
-        """One stream per Envoy worker, each held by one gRPC worker thread for its lifetime."""
-        with self._lock:
-            admitted = self.streams < self._max_streams
-            if admitted:
-                self.streams += 1
-            else:
-                self.refused_streams += 1
-        if not admitted:
-            if self._refusals_logged.admit("streams") is not None:
-                log.warning("access-log stream refused: raise MCP_AUTHZ_GRPC_THREADS to over twice Envoy's workers",
-                            extra={"open_streams": self._max_streams})
-            assert context is not None
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Too many access-log streams for this sidecar's threads.")
-        try:
-            self._consume(request_iterator)
-        finally:
-            with self._lock:
-                self.streams -= 1
-        return als_pb2.StreamAccessLogsResponse()
+    def open(self) -> _Stream:
+        self.streams += 1
+        return _Stream(self)
 
-    def _consume(self, request_iterator: Iterator[als_pb2.StreamAccessLogsMessage]) -> None:
-        for message in request_iterator:
-            for entry in message.http_logs.log_entry:
-                self.entries += 1
-                joined = to_usage(entry)
-                if joined is None:
-                    self.unattributed += 1
-                    continue
-                record, credential = joined
-                self._usage.put(record)
-                if credential == "override" and record.decision == "allow" and record.upstream_status in REJECTED_BY_UPSTREAM:
-                    self._mark_rejected(record)
+    def receive(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+        for entry in message.http_logs.log_entry:
+            self.entries += 1
+            joined = to_usage(entry)
+            if joined is None:
+                self.unattributed += 1
+                continue
+            record, credential = joined
+            self._usage.put(record)
+            if credential == "override" and record.decision == "allow" and record.upstream_status in REJECTED_BY_UPSTREAM:
+                self._mark_rejected(record)
 
     def _mark_rejected(self, record: UsageRecord) -> None:
         pair = (record.principal_id, record.server)
@@ -137,3 +111,21 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         self._last_marked[pair] = now
         reason = f"upstream answered {record.upstream_status} (request {record.request_id})"
         self._rejected.put((record.principal_id, record.server, reason, record.at))
+
+
+class _Stream:
+    """One Envoy worker's stream (core_loop.Stream)."""
+
+    __slots__ = ("_log", "_open")
+
+    def __init__(self, access_log: AccessLog) -> None:
+        self._log = access_log
+        self._open = True
+
+    def receive(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+        self._log.receive(message)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._log.streams -= 1

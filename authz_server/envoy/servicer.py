@@ -4,22 +4,23 @@ It translates, decides, and records (metrics, audit, last-used) in this one plac
 `Check` never raises: a Denied becomes its denial, and anything unexpected a 503
 with reason `internal`, logged without the request's headers.
 
-Check runs on the sync gRPC server's worker threads (measured faster than
-grpc.aio for this unary call: benchmarks/RESULTS.md) and returns the response
-already serialized, so the gRPC layer sends the bytes as they are.
+`check` runs on the core loop's thread (envoy/core_loop.py) and hands the
+response, already serialized, to `respond`. It never blocks: a key on its first
+use is decided again on the hashing thread once Argon2 is done.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 
-import grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
 from authz_server.envoy import request as request_translator
 from authz_server.envoy import response as response_translator
+from authz_server.envoy.core_loop import Respond
 from authz_server.envoy.health import Health
 from authz_server.errors import Denied, Reason
 from authz_server.models import AuditEvent
@@ -27,11 +28,12 @@ from authz_server.observability.batch import BatchWriter
 from authz_server.observability.metrics import Metrics
 from authz_server.observability.last_used import LastUsed
 from authz_server.observability.logs import Sampler
+from authz_server.pipeline.authn import Pending
 from authz_server.pipeline.pipeline import Pipeline
 from authz_server.pipeline.types import CheckInput
 
 log = logging.getLogger(__name__)
-SERVICE = "envoy.service.auth.v3.Authorization"
+METHOD = "/envoy.service.auth.v3.Authorization/Check"
 
 
 class AuthorizationServicer:
@@ -50,13 +52,10 @@ class AuthorizationServicer:
         self._last_used = last_used
         self._log_sampler = Sampler()
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """Check, registered with no response serializer: it returns serialized bytes."""
-        check = grpc.unary_unary_rpc_method_handler(self.Check, request_deserializer=CheckRequest.FromString)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Check": check})
-
-    def Check(self, request: CheckRequest, context: grpc.ServicerContext | None) -> bytes:  # noqa: N802
-        started = time.perf_counter()
+    def check(self, request: CheckRequest, respond: Respond, started: float = 0.0) -> None:
+        """Decide and call `respond` once with the serialized CheckResponse, now or after a first-use
+        verification. Never raises: failures are denials."""
+        started = started or time.perf_counter()
         inp: CheckInput | None = None
         try:
             inp = request_translator.to_input(request)
@@ -64,18 +63,34 @@ class AuthorizationServicer:
                 raise Denied(Reason.NOT_READY)
             decision = self._pipeline.decide(inp)
             response = response_translator.allow(decision)
+        except Pending as pending:
+            pending.future.add_done_callback(lambda done: self._resume(done, request, respond, started, inp))
+            return
         except Denied as denied:
-            response = self._denied(denied, inp)
             self._metrics.observe_check("deny", denied.reason, _server(inp), time.perf_counter() - started)
-            return response
+            respond(self._denied(denied, inp))
+            return
         except Exception:
             log.exception("check failed", extra={"request_id": inp.request_id if inp else ""})
-            response = self._denied(Denied(Reason.INTERNAL), inp)
             self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
-            return response
+            respond(self._denied(Denied(Reason.INTERNAL), inp))
+            return
         self._last_used.mark(decision.key_id, time.time())
         self._metrics.observe_check("allow", "", decision.server, time.perf_counter() - started)
-        return response
+        respond(response)
+
+    def _resume(
+        self, verification: Future[bool], request: CheckRequest, respond: Respond, started: float, inp: CheckInput | None
+    ) -> None:
+        """On the hashing thread: the verification is done and its outcome cached, so decide again."""
+        if verification.cancelled() or verification.exception() is not None:  # shut down, or the hasher broke
+            if not verification.cancelled():
+                log.error("key verification failed to run", exc_info=verification.exception(),
+                          extra={"request_id": inp.request_id if inp else ""})  # fmt: skip
+            self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
+            respond(self._denied(Denied(Reason.INTERNAL), inp))
+            return
+        self.check(request, respond, started)
 
     def _denied(self, denied: Denied, inp: CheckInput | None) -> bytes:
         request_id = inp.request_id if inp else ""

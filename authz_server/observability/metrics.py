@@ -146,9 +146,6 @@ class _LiveCollector(Collector):
 
         yield GaugeMetricFamily("mcp_authz_access_log_streams", "Envoy access-log streams open now (one per worker).",
                                 value=s.access_log.streams)
-        yield CounterMetricFamily("mcp_authz_access_log_streams_refused",
-                                  "Access-log streams refused for want of gRPC threads (raise MCP_AUTHZ_GRPC_THREADS).",
-                                  value=s.access_log.refused_streams)
 
         depth = GaugeMetricFamily("mcp_authz_queue_depth", "Records waiting in a write-behind queue.", labels=["queue"])
         dropped = CounterMetricFamily("mcp_authz_queue_dropped", "Records a write-behind queue dropped.", labels=["queue"])

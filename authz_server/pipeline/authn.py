@@ -9,9 +9,10 @@ Costs, cheapest first, so garbage never reaches Argon2:
   queue bound -> 503 overloaded, so a flood cannot pile up work.
 Principal and team checks come after, against the live in-memory state.
 
-Check calls `authenticate` from gRPC worker threads and blocks on first use;
-the admin API calls `authenticate_async` on the event loop. Both share the
-caches and the single-flight table.
+`authenticate` never blocks: on first use it raises `Pending` with the running
+verification, and Check answers once that is done (envoy/core_loop.py). The
+admin API awaits it through `authenticate_async`. Both share the caches and the
+single-flight table.
 """
 
 from __future__ import annotations
@@ -99,10 +100,18 @@ class NegativeCache:
         return len(self._entries)
 
 
+class Pending(Exception):  # noqa: N818 - control flow, not an error
+    """A first-use verification of the presented key is running. Not a denial: decide again once
+    `future` is done, when its outcome is cached (a verified digest, or a negative entry)."""
+
+    def __init__(self, future: Future[bool]) -> None:
+        super().__init__("key verification pending")
+        self.future = future
+
+
 class Authenticate(Protocol):
     def authenticate(self, presented: PresentedKey) -> Identity:
-        """Return the caller's identity, or raise Denied (401, or 503 when overloaded).
-        Blocks while a first-use verification runs."""
+        """Return the caller's identity, or raise Denied (401, or 503 when overloaded), or Pending."""
 
 
 class Authenticator:
@@ -142,16 +151,13 @@ class Authenticator:
 
     def authenticate(self, presented: PresentedKey) -> Identity:
         entry = self._cached(presented.key)
-        if entry is not None:
-            self.cache_hits += 1
-            return self._identity(entry, presented)
-        parsed = keys.parse(presented.key)
-        entry = self._usable_entry(parsed.key_id)
-        if entry.verified_digest == parsed.digest:  # verified just now by another request
-            self.cache_hits += 1
-        else:
-            self.cache_misses += 1
-            entry = self._verified(entry, parsed, self._start_verify(entry, parsed, presented.key).result())
+        if entry is None:
+            parsed = keys.parse(presented.key)
+            entry = self._usable_entry(parsed.key_id)
+            if entry.verified_digest != parsed.digest:
+                self.cache_misses += 1
+                raise Pending(self._start_verify(entry, parsed, presented.key))
+        self.cache_hits += 1
         return self._identity(entry, presented)
 
     def _cached(self, key: str) -> KeyEntry | None:
@@ -166,16 +172,12 @@ class Authenticator:
         return self._usable_entry(entry.key_id)
 
     async def authenticate_async(self, presented: PresentedKey) -> Identity:
-        """`authenticate` for callers on the event loop: a first-use verification is awaited, not blocked on."""
-        parsed = keys.parse(presented.key)
-        entry = self._usable_entry(parsed.key_id)
-        if entry.verified_digest == parsed.digest:
-            self.cache_hits += 1
-        else:
-            self.cache_misses += 1
-            future = self._start_verify(entry, parsed, presented.key)
-            entry = self._verified(entry, parsed, await asyncio.wrap_future(future))
-        return self._identity(entry, presented)
+        """`authenticate` for callers on the event loop: a first-use verification is awaited."""
+        while True:
+            try:
+                return self.authenticate(presented)
+            except Pending as pending:
+                await asyncio.wrap_future(pending.future)  # re-raises a verification that failed to run
 
     def _identity(self, entry: KeyEntry, presented: PresentedKey) -> Identity:
         principal = self._state.principals.get(entry.principal_id)
@@ -215,24 +217,18 @@ class Authenticator:
             future = self._pool.submit(self._hasher.verify, entry.hash, presented)
             self._inflight[digest] = future
         # Outside the lock: a future already done runs its callback right here, and the callback takes the lock.
-        future.add_done_callback(lambda _f: self._forget(digest))
+        # Registered first, so the outcome is cached before any waiter's own callback decides again.
+        future.add_done_callback(lambda f: self._settle(f, entry, digest))
         return future
 
-    def _forget(self, digest: bytes) -> None:
+    def _settle(self, future: Future[bool], entry: KeyEntry, digest: bytes) -> None:
+        """Cache a finished verification's outcome, then let the next request for this key start its own."""
+        ok = not future.cancelled() and future.exception() is None and future.result()
+        if ok:
+            current = self._state.keys.get(entry.key_id)
+            if current is not None and current.hash == entry.hash:  # not re-keyed meanwhile
+                current.verified_digest = digest
         with self._lock:
-            self._inflight.pop(digest, None)
-
-    def _verified(self, entry: KeyEntry, parsed: ParsedKey, ok: bool) -> KeyEntry:
-        """Record a verification's outcome; return the key's current entry, or raise Denied."""
-        digest = parsed.digest
-        if not ok:
-            with self._lock:
+            if not ok and not future.cancelled() and future.exception() is None:
                 self.negative.add(digest)
-            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
-        current = self._state.keys.get(entry.key_id)
-        if current is not None and current.hash == entry.hash:
-            current.verified_digest = digest
-        current = self._usable_entry(parsed.key_id)  # it may have been revoked meanwhile
-        if current.verified_digest != digest:
-            raise Denied(Reason.KEY_INVALID, key_id=parsed.key_id)
-        return current
+            self._inflight.pop(digest, None)

@@ -11,7 +11,7 @@ import pytest
 
 from authz_server.crypto import keys
 from authz_server.errors import Denied
-from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
+from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache, Pending
 from authz_server.pipeline.types import PresentedKey
 
 from .world import World
@@ -55,7 +55,8 @@ async def test_argon2_runs_once_then_cache_hits() -> None:
         identity = await authn.authenticate_async(_p(key))
         assert identity.principal.name == "alice"
     assert hasher.calls == 1
-    assert (authn.cache_misses, authn.cache_hits) == (1, 4)
+    # Lookups: the first use misses, and is answered from the cache once its verification is done.
+    assert (authn.cache_misses, authn.cache_hits) == (1, 5)
 
 
 async def test_single_flight_for_concurrent_first_use() -> None:
@@ -65,33 +66,58 @@ async def test_single_flight_for_concurrent_first_use() -> None:
     assert hasher.calls == 1
 
 
-def test_single_flight_across_check_threads() -> None:
-    """Check's worker threads block on one shared verification; the cache answers afterwards."""
+def test_first_use_is_pending_on_one_shared_verification_then_cached() -> None:
+    """Check never blocks: every caller during the first use gets the same running verification."""
     _, hasher, authn, key = _setup()
     hasher.gate.clear()
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(authn.authenticate(_p(key)).key_id)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
-    assert authn.inflight == 1 and not results  # all eight wait on the one verification
+    pendings = []
+    for _ in range(8):
+        with pytest.raises(Pending) as exc:
+            authn.authenticate(_p(key))
+        pendings.append(exc.value.future)
+    assert len({id(f) for f in pendings}) == 1 and not pendings[0].done() and authn.inflight == 1
+    done: list[str] = []
+    # A waiter's callback, registered after the authenticator's own, finds the outcome already cached.
+    pendings[0].add_done_callback(lambda _f: done.append(authn.authenticate(_p(key)).key_id))
     hasher.gate.set()
-    for t in threads:
-        t.join(5)
-    assert results == [key[4:11]] * 8
+    pendings[0].result(timeout=5)
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [key[4:11]]
+    assert authn.authenticate(_p(key)).principal.name == "alice"
     assert hasher.calls == 1 and authn.inflight == 0
-    assert authn.authenticate(_p(key)).principal.name == "alice" and hasher.calls == 1
 
 
-def test_wrong_secret_is_refused_and_negatively_cached_from_a_check_thread() -> None:
+def test_wrong_secret_is_refused_and_negatively_cached_after_its_verification() -> None:
     _, hasher, authn, key = _setup()
     head = key[:11] + keys.generate()[1].reveal()[11:30]
     wrong = head + keys._checksum(head)
+    with pytest.raises(Pending) as exc:
+        authn.authenticate(_p(wrong))
+    assert exc.value.future.result(timeout=5) is False
     for _ in range(3):
-        with pytest.raises(Denied) as exc:
+        with pytest.raises(Denied) as denied:
             authn.authenticate(_p(wrong))
-        assert exc.value.reason == "key_invalid"
-    assert hasher.calls == 1 and authn.negative_hits == 2
+        assert denied.value.reason == "key_invalid"
+    assert hasher.calls == 1 and authn.negative_hits == 3 and authn.inflight == 0
+
+
+def test_a_verification_that_cannot_run_is_not_cached_either_way() -> None:
+    """A hasher that raises leaves nothing behind: the next request verifies again."""
+    _, hasher, authn, key = _setup()
+    broken = RuntimeError("hasher broke")
+    original = hasher.verify
+    hasher.verify = lambda *_a: (_ for _ in ()).throw(broken)  # type: ignore[method-assign]
+    with pytest.raises(Pending) as exc:
+        authn.authenticate(_p(key))
+    assert exc.value.future.exception(timeout=5) is broken
+    assert authn.inflight == 0 and len(authn.negative) == 0
+    hasher.verify = original  # type: ignore[method-assign]
+    with pytest.raises(Pending) as exc:
+        authn.authenticate(_p(key))
+    assert exc.value.future.result(timeout=5) is True
+    assert authn.authenticate(_p(key)).principal.name == "alice"
 
 
 async def test_wrong_secret_is_negatively_cached() -> None:
@@ -103,7 +129,8 @@ async def test_wrong_secret_is_negatively_cached() -> None:
         with pytest.raises(Denied) as exc:
             await authn.authenticate_async(_p(wrong))
         assert exc.value.reason == "key_invalid"
-    assert hasher.calls == 1 and authn.negative_hits == 2
+    # Each refusal, the first included (once its verification failed), comes from the negative cache.
+    assert hasher.calls == 1 and authn.negative_hits == 3
     # The real key still works, and a wrong guess never poisons it.
     await authn.authenticate_async(_p(key))
 

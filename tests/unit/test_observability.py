@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-import grpc
 import pytest
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2
@@ -17,7 +16,7 @@ from google.protobuf.struct_pb2 import Struct
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server.envoy.accesslog import EXT_AUTHZ_NAMESPACE, AccessLogServicer, to_usage
+from authz_server.envoy.accesslog import EXT_AUTHZ_NAMESPACE, AccessLog, to_usage
 from authz_server.envoy.health import Health
 from authz_server.observability import metrics as metrics_module
 from authz_server.observability.batch import BatchWriter
@@ -98,16 +97,18 @@ def test_entries_check_never_decided_on_are_not_attributed() -> None:
     assert to_usage(_entry({"other": "x"})) is None
 
 
-def _stream(servicer: AccessLogServicer, entries: list[HTTPAccessLogEntry]) -> None:
+def _stream(access_log: AccessLog, entries: list[HTTPAccessLogEntry]) -> None:
     msg = als_pb2.StreamAccessLogsMessage()
     msg.http_logs.log_entry.extend(entries)
-    servicer.StreamAccessLogs(iter([msg]), None)
+    stream = access_log.open()
+    stream.receive(msg)
+    stream.close()
 
 
 def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
     usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
     rejected: BatchWriter[object] = BatchWriter("rejected", Sink().write, 100)
-    servicer = AccessLogServicer(usage, rejected, max_streams=4)  # type: ignore[arg-type]
+    servicer = AccessLog(usage, rejected)  # type: ignore[arg-type]
     entries = [
         _entry(ALLOW, 401),
         _entry(ALLOW, 403),  # same pair, same burst
@@ -156,7 +157,7 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
         follower=SimpleNamespace(evictions=1, last_success=time.monotonic(), seen_seq=12),
         state=state,
         health=SimpleNamespace(serving=True),
-        access_log=SimpleNamespace(streams=2, refused_streams=1),
+        access_log=SimpleNamespace(streams=2),
         queues=lambda: [queue],
     )
     state.seq = 10
@@ -172,7 +173,6 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     assert values[("mcp_authz_changelog_lag_sequence", ())] == 2
     assert values[("mcp_authz_queue_depth", (("queue", "usage"),))] == 1
     assert values[("mcp_authz_access_log_streams", ())] == 2
-    assert values[("mcp_authz_access_log_streams_refused_total", ())] == 1
     assert values[("mcp_authz_check_duration_seconds_count", ())] == 2
     assert "mcp_authz_build_info" in {s.name for f in families.values() for s in f.samples}
     for (_, labels), _v in values.items():
@@ -214,39 +214,15 @@ def test_log_sampler_caps_lines_per_reason_and_reports_what_it_left_out() -> Non
     assert sampler.admit("key_checksum") == 0
 
 
-class _AbortingContext:
-    """The sync gRPC context's abort: it records the status and raises."""
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
-        raise RuntimeError(details)
-
-
-def test_access_log_streams_beyond_the_limit_are_refused_so_check_keeps_its_threads() -> None:
+def test_access_log_streams_are_counted_while_open_and_each_closes_once() -> None:
     usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
-    servicer = AccessLogServicer(usage, BatchWriter("rejected", Sink().write, 100), max_streams=1)  # type: ignore[arg-type]
-    release = threading.Event()
-
-    def held_open():  # type: ignore[no-untyped-def]
-        msg = als_pb2.StreamAccessLogsMessage()
-        msg.http_logs.log_entry.append(_entry(ALLOW))
-        yield msg
-        release.wait(5)
-
-    first = threading.Thread(target=servicer.StreamAccessLogs, args=(held_open(), None))
-    first.start()
-    deadline = time.monotonic() + 5
-    while servicer.streams < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    context = _AbortingContext()
-    with pytest.raises(RuntimeError):
-        servicer.StreamAccessLogs(iter([]), context)  # type: ignore[arg-type]
-    assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert (servicer.streams, servicer.refused_streams) == (1, 1)
-    release.set()
-    first.join(5)
-    assert servicer.streams == 0 and usage.depth == 1  # the admitted stream was consumed, then released its slot
-    servicer.StreamAccessLogs(iter([]), _AbortingContext())  # type: ignore[arg-type]  # a slot is free again
+    access_log = AccessLog(usage, BatchWriter("rejected", Sink().write, 100))  # type: ignore[arg-type]
+    streams = [access_log.open() for _ in range(3)]
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.append(_entry(ALLOW))
+    for stream in streams:
+        stream.receive(msg)
+    assert access_log.streams == 3 and usage.depth == 3
+    streams[0].close()
+    streams[0].close()  # a stream that failed, then ended: counted down once
+    assert access_log.streams == 2

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from authz_server.crypto import keys
 from authz_server.models import AuthMode, HeaderTemplate, Principal, PrincipalKind, Role, Secret, Team
-from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
+from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache, Pending
 from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.mutate import Mutator
 from authz_server.pipeline.pipeline import Pipeline
-from authz_server.pipeline.types import CheckInput
+from authz_server.pipeline.types import CheckInput, Decision
 from authz_server.state import AuthState, KeyEntry, OverrideEntry, ServerEntry
 
 FAST = keys.Argon2Params(time_cost=1, memory_cost_kib=8, parallelism=1)
@@ -73,9 +73,10 @@ class World:
             {k: Secret(v) for k, v in values.items()}, None if expires_in is None else self.now + expires_in, corrupt
         )
 
-    def pipeline(self, key_header: str = "x-api-key", queue_limit: int = 64) -> Pipeline:
+    def pipeline(self, key_header: str = "x-api-key", queue_limit: int = 64, waits: bool = True) -> Pipeline:
+        """`waits`: wait out a key's first use (the WaitingPipeline); otherwise raise Pending, as Check sees it."""
         clock = lambda: self.now  # noqa: E731
-        return Pipeline(
+        return (WaitingPipeline if waits else Pipeline)(
             self.state,
             KeyExtractor(key_header, path_keys=True),
             Authenticator(self.state, self.hasher, workers=2, queue_limit=queue_limit,
@@ -84,6 +85,17 @@ class World:
             Mutator(key_header, "x-mcp-authz-signature", "x-mcp-authz-timestamp"),
             clock=clock,
         )
+
+
+class WaitingPipeline(Pipeline):
+    """Decides as Check does, but waits out a key's first-use verification where Check answers later."""
+
+    def decide(self, inp: CheckInput) -> Decision:
+        while True:
+            try:
+                return super().decide(inp)
+            except Pending as pending:
+                pending.future.exception(timeout=10)
 
 
 def request(
