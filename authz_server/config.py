@@ -38,7 +38,7 @@ class Settings:
     path_keys: bool = True  # accept a key as a path segment (MCPGate URL form)
     poll_interval: float = 0.1  # seconds between change-log polls
     argon2: Argon2Params = field(default_factory=Argon2Params)
-    grpc_threads: int = 16  # gRPC worker threads: Check, the access-log streams, admin calls, health
+    grpc_threads: int = 16  # gRPC worker threads: admin calls, health, reflection (Check has its own thread)
     argon2_workers: int = 2  # threads for first-use verification
     argon2_queue: int = 256  # first-use verifications waiting at most; beyond: 503 overloaded
     negative_cache_size: int = 100_000
@@ -117,7 +117,7 @@ class Settings:
         if not 1 <= self.argon2_workers <= 64:
             raise ConfigError("Argon2 workers must be between 1 and 64.")
         if not 4 <= self.grpc_threads <= 256:
-            raise ConfigError("gRPC threads must be between 4 and 256 (access-log streams hold one each).")
+            raise ConfigError("gRPC threads must be between 4 and 256.")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("The log level must be DEBUG, INFO, WARNING or ERROR.")
         return replace(self, key_header=header, log_level=self.log_level.upper())
