@@ -22,7 +22,7 @@ DESCRIPTIONS = {
     "C0": "no-op Python ext_authz, constant OK, sync `grpc.server` with 16 threads like mcp-authz (no access log)",
     "C0-aio": "no-op, `grpc.aio`",
     "C0-uvloop": "no-op, `grpc.aio` on uvloop",
-    "C0-loop": "no-op on mcp-authz's Check loop: one thread straight off gRPC core's completion queue",
+    "C0-loop": "no-op on mcp-authz's core loop: Check on one thread straight off gRPC core's completion queue",
     "C0-x2": "no-op (as C0) × 2 processes (2 endpoints, Envoy round-robin)",
     "C": "**mcp-authz** as shipped: ext_authz + gRPC access log + health checks + metrics",
     "C-noals": "C without the gRPC access log (no usage attribution)",
@@ -117,8 +117,9 @@ def render(r: dict[str, Any]) -> str:
         "covers the access-log stream and everything else the sidecar does meanwhile. Peak RSS is VmHWM at the end "
         "of the main phases. *In Check()* is the sidecar's own timer (`mcp_authz_check_duration_seconds`, wall time "
         "inside the servicer: translate, decide, build the response, record; it includes waiting for the GIL): "
-        "the rest of the CPU is gRPC's threads and hand-offs, the access-log stream and the write-behind queues.\n")
+        "the rest of the CPU is gRPC's own work for each call, the access-log stream and the write-behind queues.\n")
     ratios = [("C/A", "C", "A"), ("C/B", "C", "B"), ("C/C0", "C", "C0"), ("C-noals/C0", "C-noals", "C0"),
+              ("C/C0-loop", "C", "C0-loop"), ("C-noals/C0-loop", "C-noals", "C0-loop"), ("C0-loop/C0", "C0-loop", "C0"),
               ("C/C0-aio", "C", "C0-aio"), ("C0/A", "C0", "A"), ("C0/C0-aio", "C0", "C0-aio"),
               ("C0-uvloop/C0-aio", "C0-uvloop", "C0-aio"), ("C0-x2/C0", "C0-x2", "C0"), ("C-uvloop/C", "C-uvloop", "C"), ("C-x2/C", "C-x2", "C"),
               ("C/C-noals", "C", "C-noals")]  # fmt: skip
@@ -266,11 +267,12 @@ def render(r: dict[str, Any]) -> str:
     if d_added is not None:
         add(f"| D: added p50 ≤ 1 ms | {d_added:+.2f} ms (one session; {_n(d_added_loaded, 2)} ms under load) | "
             f"{_verdict(d_added <= 1.0, '' if d_added <= 1 else f'{d_added - 1:.2f} ms over')} |")
-    if med_rps.get("C0"):
-        ratio = med_rps["C"] / med_rps["C0"]
-        add(f"| C/C0 ≥ 0.85 max throughput | {ratio:.2f} (C {c_max:,.0f} vs C0 {med_rps['C0']:,.0f} req/s; "
-            f"without the access log {med_rps.get('C-noals', 0) / med_rps['C0']:.2f}) | "
-            f"{_verdict(ratio >= 0.85, '' if ratio >= 0.85 else f'{100 * (1 - ratio / 0.85):.0f}% below the target')} |")
+    for floor, what in (("C0", "the no-op on `grpc.server`"), ("C0-loop", "the no-op on mcp-authz's own core loop")):
+        if med_rps.get(floor):
+            ratio = med_rps["C"] / med_rps[floor]
+            add(f"| C/C0 ≥ 0.85 max throughput, against {what} ({floor}) | {ratio:.2f} (C {c_max:,.0f} vs {floor} "
+                f"{med_rps[floor]:,.0f} req/s; without the access log {med_rps.get('C-noals', 0) / med_rps[floor]:.2f}) | "
+                f"{_verdict(ratio >= 0.85, '' if ratio >= 0.85 else f'{100 * (1 - ratio / 0.85):.0f}% below the target')} |")
     if lat:
         p99 = [x for x in lat if x["fraction"] == 0.5]
         a99, c99 = _med(x["p99_ms"] for x in p99 if x["config"] == "A"), _med(x["p99_ms"] for x in p99 if x["config"] == "C")

@@ -186,7 +186,7 @@ def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] 
         if want(name):
             noop = start_noop(group, f"noop-{mode}", mode, threads=NOOP_THREADS)
             configs[name] = Config(name, "", envoy(name, True, auth="ext_authz", authz_ports=[noop.port], als=False),
-                                   [noop], latency=mode == "sync")  # fmt: skip
+                                   [noop], latency=mode in ("sync", "loop"))  # fmt: skip
     if want("C0-x2"):
         pair = [start_noop(group, f"noop-sync-{i}", "sync", threads=NOOP_THREADS) for i in (1, 2)]
         configs["C0-x2"] = Config("C0-x2", "", envoy("C0-x2", True, auth="ext_authz",
