@@ -220,8 +220,9 @@ def render(r: dict[str, Any]) -> str:
             "override (checked once with `echo_headers` before the run). First with "
             f"{d['clients']} concurrent sessions (throughput; both paths saturate the single-process example server), "
             "then with one session alone (latency without queueing).\n")
-        add("| Sessions | Path | calls/s | p50 | p99 | errors | sidecar CPU µs/check | Envoy CPU µs/req |")
-        add("|---:|---|---:|---:|---:|---:|---:|---:|")
+        add("| Sessions | Path | calls/s | p50 | p99 | errors | upstream CPU µs/call | driver CPU µs/call | "
+            "sidecar CPU µs/check | Envoy CPU µs/req |")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         med_d: dict[tuple[int, str], tuple[float, float]] = {}
         for clients in sorted({x.get("clients", d["clients"]) for x in rows_d}, reverse=True):
             for mode in ("direct", "gateway"):
@@ -231,6 +232,7 @@ def render(r: dict[str, Any]) -> str:
                 med_d[(clients, mode)] = (_med(x["calls_per_s"] for x in xs) or 0.0, _med(x["p50_ms"] for x in xs) or 0.0)
                 add(f"| {clients} | {mode} | {_range([x['calls_per_s'] for x in xs])} | {_n(med_d[(clients, mode)][1], 2)} ms | "
                     f"{_n(_med(x['p99_ms'] for x in xs), 2)} ms | {sum(x['errors'] for x in xs)} | "
+                    f"{_n(_med(x.get('upstream_cpu_us') for x in xs))} | {_n(_med(x.get('driver_cpu_us') for x in xs))} | "
                     f"{_n(_med(x.get('sidecar_cpu_us') for x in xs))} | {_n(_med(x.get('envoy_cpu_us') for x in xs))} |")
         n = d["clients"]
         if (n, "direct") in med_d and (n, "gateway") in med_d and med_d[(n, "direct")][0]:

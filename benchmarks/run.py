@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import os
 import shutil
 import signal
@@ -152,6 +153,12 @@ def measure(config: Config, run: Callable[[], Any]) -> tuple[Any, Measured]:
     after = config.envoy.stats()
     delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     return result, Measured(elapsed, su1 - su0, ss1 - ss0, e1 - e0, _checks(after) - _checks(before), delta)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the last one run: the MCP driver)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _per(total_seconds: float, count: int) -> float | None:
@@ -429,6 +436,8 @@ def phase_d(group: ProcessGroup, world: World, sidecar: Sidecar, plan: Plan, wor
         raise BenchError("D: the gateway did not inject the user's override, or leaked the gateway key")
     if injected.get("x-user-id") != "user000000":
         raise BenchError(f"D: unexpected identity {injected.get('x-user-id')!r}")
+    if os.environ.get("BENCH_DEBUG_D"):
+        log("upstream request headers via the gateway: " + ", ".join(sorted(injected)))
     n = plan.d_clients
     tokens = write_keys_file(work / "d-tokens.txt", world.tokens[:n])
     gateway_keys = write_keys_file(work / "d-keys.txt", world.keys[:n])
@@ -443,11 +452,15 @@ def phase_d(group: ProcessGroup, world: World, sidecar: Sidecar, plan: Plan, wor
                         "--clients", str(clients), "--duration", f"{plan.d_seconds:g}", "--warmup", "1"]  # fmt: skip
 
                 def run(a: list[str] = argv) -> dict[str, Any]:
+                    up0, kids0 = example.proc.cpu_seconds(), _children_cpu()
                     done = subprocess.run(a, capture_output=True, text=True, timeout=plan.d_seconds + 60,
                                           env=child_env(), check=False)  # fmt: skip
                     if done.returncode != 0:
                         raise BenchError(f"mcp_driver failed: {done.stderr[-1500:]}")
                     data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+                    calls = data["calls_per_s"] * plan.d_seconds  # the timed part; the warm-up is extra
+                    data["upstream_cpu_us"] = _per(example.proc.cpu_seconds() - up0, int(calls))
+                    data["driver_cpu_us"] = _per(_children_cpu() - kids0, int(calls))
                     return data
 
                 data, m = measure(d_config, run)
@@ -455,6 +468,8 @@ def phase_d(group: ProcessGroup, world: World, sidecar: Sidecar, plan: Plan, wor
                             sidecar_cpu_us=_per(m.sidecar_user + m.sidecar_sys, m.checks) if mode == "gateway" else None,
                             envoy_cpu_us=_per(m.envoy_cpu, m.checks) if mode == "gateway" else None)
                 rows.append(data)
+                if os.environ.get("BENCH_DEBUG_D"):
+                    log(str({k: v for k, v in m.stats_delta.items() if "cx_" in k or "rq_total" in k}))
                 log(f"  D     round {rnd + 1}/{plan.d_rounds} {clients} client(s) {mode:7s}: {data['calls_per_s']:6.0f} "
                     f"calls/s p50 {data['p50_ms']:.2f} ms p99 {data['p99_ms']:.2f} ms errors {data['errors']}")
     return {"clients": n, "driver": "raw JSON-RPC over HTTP/1.1 keep-alive (benchmarks/mcp_driver.py)",
@@ -520,7 +535,8 @@ def machine_and_versions(plan: Plan) -> dict[str, Any]:
     }
 
 
-def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: float | None = None) -> int:
+def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: float | None = None,
+            with_d: bool = False) -> int:
     """Max throughput of a few configurations, interleaved, with medians printed."""
     unknown = only - set(report.DESCRIPTIONS)
     if unknown:
@@ -555,6 +571,7 @@ def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: f
                 time.sleep(1)
                 summary = profile.record(configs["C"].sidecars[0].proc.pid, plan.profile_seconds, profile_dir, "c")
             log(f"profile: {summary['samples']} samples -> {profile_dir}")
+        d_rows = phase_d(group, world, configs["C"].sidecars[0], plan, work, log)["rows"] if with_d else []
     finally:
         group.stop_all()
     print(f"{'config':10s} {'req/s':>9s} {'sidecar us/check':>17s} {'user + sys':>11s} {'in Check() us':>14s} "
@@ -573,6 +590,12 @@ def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: f
         print(f"{name:10s} {med('rps'):9.0f} {med('sidecar_cpu_us'):17.0f} "
               f"{med('sidecar_user_us'):5.0f} + {med('sidecar_sys_us'):3.0f} {med('servicer_us'):14.0f} "
               f"{med('envoy_cpu_us'):13.0f}{latency}")  # fmt: skip
+    for clients in sorted({r["clients"] for r in d_rows}, reverse=True):
+        for mode in ("direct", "gateway"):
+            mine = [r for r in d_rows if r["clients"] == clients and r["mode"] == mode]
+            cols = ("calls_per_s", "p50_ms", "upstream_cpu_us", "driver_cpu_us", "sidecar_cpu_us", "envoy_cpu_us")
+            values = [statistics.median(v) if (v := [r[c] for r in mine if r.get(c) is not None]) else 0.0 for c in cols]
+            print(f"D {clients} {mode:8s} " + "  ".join(f"{c} {v:.2f}" for c, v in zip(cols, values, strict=True)))
     return 0
 
 
@@ -594,9 +617,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --only: also p50/p99 at this fixed rate (h2load), per configuration")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="with --only including C: also py-spy the sidecar under load, summaries to DIR")
+    parser.add_argument("--d", action="store_true", help="with --only including C: also run D (real MCP traffic)")
     args = parser.parse_args(argv)
     if args.only:
-        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile, args.rate)
+        return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile, args.rate,
+                       args.d)
     plan = Plan.quick() if args.quick else Plan.full()
     started = time.monotonic()
 
