@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -117,9 +117,7 @@ def test_a_reply_given_later_from_another_thread_does_not_hold_up_other_calls(se
     s = Served(check)
     served.append(s)
     later = s.raw.future(_request("/later").SerializeToString(), timeout=5)
-    deadline = time.monotonic() + 5
-    while not held and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: bool(held))
     assert held and not later.done()
     assert [s.check(_request("/x")) for _ in range(3)] == [b"now"] * 3  # not stuck behind the held call
     threading.Thread(target=held[0], args=(b"later",)).start()
@@ -153,9 +151,7 @@ def test_close_stops_the_thread_and_a_reply_after_it_is_dropped() -> None:
     held: list[Respond] = []
     s = Served(lambda request, respond: held.append(respond))
     later = s.raw.future(_request("/").SerializeToString(), timeout=5)
-    deadline = time.monotonic() + 5
-    while not held and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: bool(held))
     s.channel.close()
     s.server.stop(grace=0.2).wait()  # cancels the held call
     s.loop.close()
@@ -178,15 +174,8 @@ def test_streams_hold_no_thread_and_checks_go_on_while_they_stay_open(served: li
     s = Served(lambda request, respond: respond(b"ok"))
     served.append(s)
     release = threading.Event()
-
-    def held_open() -> Iterator[bytes]:
-        yield b"hello"
-        release.wait(10)
-
-    calls = [s.stream.future(held_open(), timeout=10) for _ in range(8)]
-    deadline = time.monotonic() + 5
-    while sum(len(r.messages) for r in s.streams) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    calls = [s.stream.future(_held_open(b"hello", release), timeout=10) for _ in range(8)]
+    _wait_until(lambda: sum(len(r.messages) for r in s.streams) == 8)
     assert len(s.streams) == 8 and all(r.messages == [b"hello"] and not r.closed for r in s.streams)
     assert s.check(_request("/")) == b"ok"
     reply = health_pb2_grpc.HealthStub(s.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -200,18 +189,10 @@ def test_a_stream_cut_off_by_its_client_is_closed(served: list[Served]) -> None:
     s = Served(lambda request, respond: respond(b"ok"))
     served.append(s)
     release = threading.Event()
-
-    def held_open() -> Iterator[bytes]:
-        yield b"a"
-        release.wait(10)
-
-    call = s.stream.future(held_open(), timeout=10)
-    deadline = time.monotonic() + 5
-    while not (s.streams and s.streams[0].messages) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    call = s.stream.future(_held_open(b"a", release), timeout=10)
+    _wait_until(lambda: bool(s.streams and s.streams[0].messages))
     call.cancel()
-    while s.streams[0].closed == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: s.streams[0].closed > 0)
     release.set()
     assert s.streams[0].closed == 1 and s.streams[0].messages == [b"a"]
 
@@ -244,9 +225,7 @@ def test_the_servicer_answers_a_first_use_from_the_hashing_thread(served: list[S
     served.append(s)
     hasher.gate.clear()  # the cold key's verification waits until released
     first_use = s.raw.future(_check(cold).SerializeToString(), timeout=10)
-    deadline = time.monotonic() + 5
-    while hasher.calls == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: hasher.calls > 0)
     assert _status(s.raw(_check(warm).SerializeToString(), timeout=5)) == code_pb2.OK
     assert not first_use.done()
     hasher.gate.set()
@@ -271,6 +250,18 @@ def test_the_servicer_answers_503_when_a_verification_cannot_run(served: list[Se
     served.append(s)
     reply = CheckResponse.FromString(s.raw(_check(key).SerializeToString(), timeout=10))
     assert reply.status.code != code_pb2.OK and reply.denied_response.status.code == 503
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _held_open(first: bytes, release: threading.Event) -> Iterator[bytes]:
+    """A client stream that sends one message, then stays open until released."""
+    yield first
+    release.wait(10)
 
 
 async def _sink(_items: object) -> None:
