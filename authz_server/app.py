@@ -130,9 +130,7 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         pipeline,
         Health(settings.store_outage_limit),
         BatchWriter("audit", store.append_audit, settings.audit_queue),
-        # One row per request: fewer, larger transactions. Each commit rewrites every index page it touched,
-        # and rows for many principals touch as many pages of the per-principal index (measured: +5-7% C).
-        BatchWriter("usage", store.append_usage, settings.usage_queue, batch=5000, interval=0.5),
+        BatchWriter("usage", store.append_usage, settings.usage_queue),
         BatchWriter("override_status", mark_rejected, 1000),
         LastUsed(store, settings.last_used_flush),
         AdminService(store, keyring, KeyHasher(settings.argon2)),
