@@ -20,6 +20,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 # First match wins: (area, substring of the frame's file path or function).
 AREAS: list[tuple[str, str]] = [
+    ("mcp-authz: envoy/core_loop.py (the gRPC calls, off the completion queue)", "authz_server/envoy/core_loop.py"),
     ("mcp-authz: envoy/servicer.py (Check wrapper)", "authz_server/envoy/servicer.py"),
     ("mcp-authz: envoy/request.py (CheckRequest -> input)", "authz_server/envoy/request.py"),
     ("mcp-authz: envoy/response.py (decision -> CheckResponse)", "authz_server/envoy/response.py"),

@@ -26,7 +26,7 @@ DESCRIPTIONS = {
     "C0-x2": "no-op (as C0) × 2 processes (2 endpoints, Envoy round-robin)",
     "C": "**mcp-authz** as shipped: ext_authz + gRPC access log + health checks + metrics",
     "C-noals": "C without the gRPC access log (no usage attribution)",
-    "C-uvloop": "C, the same `mcp-authz serve` with uvloop as its event loop (the follower and queues; Check runs on threads)",
+    "C-uvloop": "C, the same `mcp-authz serve` with uvloop as its event loop (the follower and queues; Check runs on the core loop)",
     "C-x2": "2 × `mcp-authz serve` on one store (2 endpoints, round-robin)",
 }
 
