@@ -4,7 +4,7 @@
 epoch floats. `StateFollower` loads a snapshot at start, then applies the
 change log: for each changed entity it re-reads that one row and replaces the
 entry, then bumps `version`. The follower runs on the event loop; Check reads
-from gRPC worker threads. Each entry is replaced whole (one dict store), so a
+from the core loop's thread and the hashing threads. Each entry is replaced whole (one dict store), so a
 reader sees the old entry or the new one, never half of one.
 """
 

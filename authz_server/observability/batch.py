@@ -1,6 +1,6 @@
 """A bounded write-behind queue: records from the request path reach the store in batches.
 
-`put` is called from any thread (Check's gRPC workers, the access-log stream),
+`put` is called from any thread (the core loop's Check and access-log stream, the hashing threads),
 never blocks and never raises; when the queue is full the record is dropped and
 counted, so a slow or unreachable store cannot stall Check or the access-log
 stream. The writer runs on the event loop and drains the queue every

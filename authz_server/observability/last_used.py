@@ -1,6 +1,7 @@
 """Write-behind of per-key usage: `last_used_at` is recorded on the request path
 in memory only, and flushed to the store every few seconds. `mark` is called from
-Check's worker threads; the flush runs on the event loop."""
+the core loop's thread (and the hashing threads, for a key's first use); the flush
+runs on the event loop."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class _SqliteTx:
 
     async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         # Multi-row VALUES, not executemany: sqlite3 lets go of the GIL around every statement step, and
-        # one step per row means one GIL hand-off per row to Check's threads, which costs far more than the row.
+        # one step per row means one GIL hand-off per row to Check's thread, which costs far more than the row.
         per_statement = max(1, _MAX_VARIABLES // len(columns))
         placeholder = "(" + ", ".join("?" * len(columns)) + ")"
         for start in range(0, len(rows), per_statement):
