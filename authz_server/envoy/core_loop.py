@@ -32,6 +32,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc
 
+from authz_server.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 Respond = Callable[[bytes], None]
@@ -52,10 +54,13 @@ class CoreLoop:
     def __init__(self, server: grpc.Server) -> None:
         core = getattr(server, "_cy_server", None)
         if not isinstance(core, cygrpc.Server):
-            raise RuntimeError(f"grpcio {grpc.__version__} does not expose its core server; install the pinned grpcio")
+            raise _unsupported()
         self._core = core
         self._queue = cygrpc.CompletionQueue()
-        core.register_completion_queue(self._queue)
+        try:
+            core.register_completion_queue(self._queue)
+        except (AttributeError, TypeError) as exc:
+            raise _unsupported() from exc
         self._methods: list[_Accept] = []
         self._lock = threading.Lock()  # a reply from another thread must not race the queue's shutdown
         self._open = True
@@ -76,8 +81,11 @@ class CoreLoop:
 
     def start(self) -> None:
         """Start taking calls; call it right after the gRPC server has started."""
-        for accept in self._methods:
-            accept.request()
+        try:
+            for accept in self._methods:
+                accept.request()
+        except (AttributeError, TypeError) as exc:
+            raise _unsupported() from exc
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -122,6 +130,13 @@ class CoreLoop:
         else:
             operations = (cygrpc.SendInitialMetadataOperation(None, 0), cygrpc.SendMessageOperation(body, 0), status)
         self.start_batch(call, operations, None)
+
+
+def _unsupported() -> ConfigError:
+    return ConfigError(
+        f"grpcio {grpc.__version__} does not offer the core-server calls mcp-authz serves Check with; "
+        "install the grpcio version pinned in constraints.txt."
+    )
 
 
 class _Accept:

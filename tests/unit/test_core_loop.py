@@ -286,3 +286,11 @@ def _input(key: str):  # type: ignore[no-untyped-def]
 
 def _status(body: bytes) -> int:
     return CheckResponse.FromString(body).status.code
+
+
+def test_a_grpcio_without_the_core_server_handle_is_refused_with_a_clear_message() -> None:
+    from authz_server.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        CoreLoop(object())  # type: ignore[arg-type]  # what a grpcio that renamed its internals would give
+    assert "constraints.txt" in str(exc.value)
