@@ -9,10 +9,9 @@ health and reflection.
 Threads: Check and the access-log streams run on one thread of their own,
 straight off gRPC core's completion queue (envoy/core_loop.py), from memory.
 The sync gRPC server's worker threads run health checks, reflection and admin
-calls. Everything that
-touches the store (the change-log follower, the write-behind queues, the admin
-use cases) runs on the asyncio event loop in the main thread; admin calls are
-handed to it (admin/bridge.py).
+calls. Everything that touches the store (the change-log follower, the
+write-behind queues, the admin use cases) runs on the asyncio event loop in the
+main thread; admin calls are handed to it (admin/bridge.py).
 """
 
 from __future__ import annotations

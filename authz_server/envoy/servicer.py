@@ -72,8 +72,7 @@ class AuthorizationServicer:
             return
         except Exception:
             log.exception("check failed", extra={"request_id": inp.request_id if inp else ""})
-            self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
-            respond(self._denied(Denied(Reason.INTERNAL), inp))
+            self._internal(inp, respond, started)
             return
         self._last_used.mark(decision.key_id, time.time())
         self._metrics.observe_check("allow", "", decision.server, time.perf_counter() - started)
@@ -87,10 +86,14 @@ class AuthorizationServicer:
             if not verification.cancelled():
                 log.error("key verification failed to run", exc_info=verification.exception(),
                           extra={"request_id": inp.request_id if inp else ""})  # fmt: skip
-            self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
-            respond(self._denied(Denied(Reason.INTERNAL), inp))
+            self._internal(inp, respond, started)
             return
         self.check(request, respond, started)
+
+    def _internal(self, inp: CheckInput | None, respond: Respond, started: float) -> None:
+        """Answer 503 `internal`: something failed that is not the caller's doing."""
+        self._metrics.observe_check("deny", Reason.INTERNAL.value, _server(inp), time.perf_counter() - started)
+        respond(self._denied(Denied(Reason.INTERNAL), inp))
 
     def _denied(self, denied: Denied, inp: CheckInput | None) -> bytes:
         request_id = inp.request_id if inp else ""
