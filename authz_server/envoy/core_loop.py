@@ -160,17 +160,27 @@ class _Accept:
         self._begin(event.call).read()
 
 
-class _Unary:
-    """One unary call: read its request, hand it over, and reply when told to."""
+class _Call:
+    """A call of ours in progress; it is its own tag, so each message read completes on `completed`."""
 
-    __slots__ = ("loop", "call", "parse", "handle")
+    __slots__ = ("loop", "call", "parse")
 
-    def __init__(self, loop: CoreLoop, call: cygrpc.Call, parse: Callable[[bytes], Any],
-                 handle: Callable[[Any, Respond], None]) -> None:  # fmt: skip
-        self.loop, self.call, self.parse, self.handle = loop, call, parse, handle
+    def __init__(self, loop: CoreLoop, call: cygrpc.Call, parse: Callable[[bytes], Any]) -> None:
+        self.loop, self.call, self.parse = loop, call, parse
 
     def read(self) -> None:
         self.loop.start_batch(self.call, (cygrpc.ReceiveMessageOperation(0),), self)
+
+
+class _Unary(_Call):
+    """One unary call: read its request, hand it over, and reply when told to."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, loop: CoreLoop, call: cygrpc.Call, parse: Callable[[bytes], Any],
+                 handle: Callable[[Any, Respond], None]) -> None:  # fmt: skip
+        super().__init__(loop, call, parse)
+        self.handle = handle
 
     def completed(self, event: cygrpc.BatchOperationEvent) -> None:
         message = event.batch_operations[0].message() if event.success else None
@@ -187,17 +197,15 @@ class _Unary:
         self.loop.finish(self.call, body, cygrpc.StatusCode.ok)
 
 
-class _ClientStream:
+class _ClientStream(_Call):
     """One client-streaming call: each message to its Stream, then one reply when the client is done."""
 
-    __slots__ = ("loop", "call", "parse", "stream", "reply")
+    __slots__ = ("stream", "reply")
 
     def __init__(self, loop: CoreLoop, call: cygrpc.Call, parse: Callable[[bytes], Any], stream: Stream,
                  reply: bytes) -> None:  # fmt: skip
-        self.loop, self.call, self.parse, self.stream, self.reply = loop, call, parse, stream, reply
-
-    def read(self) -> None:
-        self.loop.start_batch(self.call, (cygrpc.ReceiveMessageOperation(0),), self)
+        super().__init__(loop, call, parse)
+        self.stream, self.reply = stream, reply
 
     def completed(self, event: cygrpc.BatchOperationEvent) -> None:
         message = event.batch_operations[0].message() if event.success else None

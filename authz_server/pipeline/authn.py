@@ -223,12 +223,12 @@ class Authenticator:
 
     def _settle(self, future: Future[bool], entry: KeyEntry, digest: bytes) -> None:
         """Cache a finished verification's outcome, then let the next request for this key start its own."""
-        ok = not future.cancelled() and future.exception() is None and future.result()
-        if ok:
+        ran = not future.cancelled() and future.exception() is None  # else: shut down, or the hasher broke
+        if ran and future.result():
             current = self._state.keys.get(entry.key_id)
             if current is not None and current.hash == entry.hash:  # not re-keyed meanwhile
                 current.verified_digest = digest
         with self._lock:
-            if not ok and not future.cancelled() and future.exception() is None:
+            if ran and not future.result():
                 self.negative.add(digest)
             self._inflight.pop(digest, None)
