@@ -76,16 +76,18 @@ class Sidecar:
     pipeline: Pipeline
     health: Health
     audit: BatchWriter[AuditEvent]
-    usage: BatchWriter[UsageRecord]
     rejected_overrides: BatchWriter[tuple[str, str, str, datetime]]
+    access_log: AccessLog
     last_used: LastUsed
     admin: AdminService
     metrics: Metrics = field(init=False)
-    access_log: AccessLog = field(init=False)
 
     def __post_init__(self) -> None:
-        self.access_log = AccessLog(self.usage, self.rejected_overrides)
         self.metrics = metrics_module.create(self)
+
+    @property
+    def usage(self) -> BatchWriter[UsageRecord]:
+        return self.access_log.usage
 
     def queues(self) -> list[BatchWriter]:  # type: ignore[type-arg]
         return [self.audit, self.usage, self.rejected_overrides]
@@ -120,6 +122,7 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
                 await store.set_override_status(principal_id, server, OverrideStatus.INVALID, reason, at)
             log.warning("override rejected by upstream", extra={"principal_id": principal_id, "server": server})
 
+    rejected_overrides: BatchWriter[tuple[str, str, str, datetime]] = BatchWriter("override_status", mark_rejected, 1000)
     return Sidecar(
         settings,
         store,
@@ -129,8 +132,8 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         pipeline,
         Health(settings.store_outage_limit),
         BatchWriter("audit", store.append_audit, settings.audit_queue),
-        BatchWriter("usage", store.append_usage, settings.usage_queue),
-        BatchWriter("override_status", mark_rejected, 1000),
+        rejected_overrides,
+        AccessLog(store.append_usage, rejected_overrides, settings.usage_queue),
         LastUsed(store, settings.last_used_flush),
         AdminService(store, keyring, KeyHasher(settings.argon2)),
     )

@@ -6,6 +6,11 @@ counted, so a slow or unreachable store cannot stall Check or the access-log
 stream. The writer runs on the event loop and drains the queue every
 `interval` seconds: no cross-thread wake-up per record. Failed writes are
 counted as dropped too: the counters say exactly what was lost.
+
+With `convert`, what is put is raw (an access-log entry as Envoy sent it) and becomes a record
+only when the writer takes it, so the conversion costs the event loop's thread, not the caller's.
+`convert` returns None for an item that makes no record (counted by whoever converts, not here);
+an item it fails on is dropped, counted and logged.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,13 +33,15 @@ class BatchWriter(Generic[T]):
         maxsize: int,
         batch: int = 500,
         interval: float = 0.1,
+        convert: Callable[[Any], T | None] | None = None,
     ) -> None:
         self.name = name
         self._write_batch = write
-        self._queue: deque[T] = deque()  # append and popleft are atomic: safe across threads
+        self._queue: deque[Any] = deque()  # append and popleft are atomic: safe across threads
         self._maxsize = maxsize
         self._batch = batch
         self._interval = interval
+        self._convert = convert
         self.dropped = 0
         self.written = 0
 
@@ -42,7 +49,7 @@ class BatchWriter(Generic[T]):
     def depth(self) -> int:
         return len(self._queue)
 
-    def put(self, record: T) -> None:
+    def put(self, record: Any) -> None:
         # Two threads racing here may overshoot the bound by one each; the bound is about memory, not exactness.
         if len(self._queue) >= self._maxsize:
             self.dropped += 1
@@ -65,10 +72,11 @@ class BatchWriter(Generic[T]):
             await self._write()
 
     async def _write(self) -> None:
-        records: list[T] = []
+        items: list[Any] = []
         queue = self._queue
-        while queue and len(records) < self._batch:
-            records.append(queue.popleft())
+        while queue and len(items) < self._batch:
+            items.append(queue.popleft())
+        records = items if self._convert is None else self._converted(items)
         if not records:
             return
         try:
@@ -78,3 +86,21 @@ class BatchWriter(Generic[T]):
             self.dropped += len(records)
             log.warning("batch write failed; records dropped",
                         extra={"queue": self.name, "count": len(records), "error": type(exc).__name__})
+
+    def _converted(self, items: list[Any]) -> list[T]:
+        convert = self._convert
+        assert convert is not None
+        records: list[T] = []
+        failed: Exception | None = None
+        for item in items:
+            try:
+                record = convert(item)
+            except Exception as exc:  # noqa: BLE001 - one bad item must not cost the batch or the writer
+                self.dropped += 1
+                failed = exc
+                continue
+            if record is not None:
+                records.append(record)
+        if failed is not None:
+            log.warning("items dropped: cannot convert", extra={"queue": self.name, "error": type(failed).__name__})
+        return records

@@ -105,10 +105,10 @@ def _stream(access_log: AccessLog, entries: list[HTTPAccessLogEntry]) -> None:
     stream.close()
 
 
-def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
-    usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
+async def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
+    store = Sink()
     rejected: BatchWriter[object] = BatchWriter("rejected", Sink().write, 100)
-    servicer = AccessLog(usage, rejected)  # type: ignore[arg-type]
+    servicer = AccessLog(store.write, rejected, 100)  # type: ignore[arg-type]
     entries = [
         _entry(ALLOW, 401),
         _entry(ALLOW, 403),  # same pair, same burst
@@ -118,10 +118,48 @@ def test_upstream_rejection_marks_the_override_once_per_burst() -> None:
         _entry(None, 404),
     ]
     _stream(servicer, entries)
-    assert (servicer.entries, servicer.unattributed, usage.depth) == (6, 1, 5)
+    await servicer.usage.flush()
+    assert (servicer.entries, servicer.unattributed, servicer.usage.written) == (6, 1, 5)
+    assert [r.upstream_status for b in store.batches for r in b] == [401, 403, 401, 403, 200]  # type: ignore[attr-defined]
     assert rejected.depth == 1
     principal, server, reason, _at = rejected._queue.popleft()  # type: ignore[misc]
     assert (principal, server) == ("p_a", "github") and "401" in reason
+
+
+async def test_entries_are_only_queued_on_the_stream_and_attributed_by_the_writer() -> None:
+    store = Sink()
+    access_log = AccessLog(store.write, BatchWriter("rejected", Sink().write, 100), 3)  # type: ignore[arg-type]
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.extend([_entry(ALLOW), _entry(None), _entry({**ALLOW, "principal_id": "p_b"})])
+    access_log.open().receive(msg)
+    # Received: counted and queued as Envoy sent them, nothing joined yet (that is the writer's work).
+    assert (access_log.entries, access_log.unattributed, access_log.usage.depth, store.batches) == (3, 0, 3, [])
+    access_log.open().receive(msg)  # the queue holds 3: these 3 are dropped and counted
+    await access_log.usage.flush()
+    assert [r.principal_id for b in store.batches for r in b] == ["p_a", "p_b"]  # type: ignore[attr-defined]
+    usage = access_log.usage
+    assert (access_log.entries, access_log.unattributed, usage.written, usage.dropped) == (6, 1, 2, 3)
+    # What the stopped line and the metrics promise: every entry received is written, dropped or unattributed.
+    assert access_log.entries - access_log.unattributed == usage.written + usage.dropped
+
+
+async def test_an_item_that_cannot_be_converted_costs_only_itself() -> None:
+    sink = Sink()
+
+    def convert(item: int) -> int | None:
+        if item == 3:
+            raise ValueError("corrupt")
+        return None if item == 4 else item * 10
+
+    writer: BatchWriter[int] = BatchWriter("t", sink.write, maxsize=100, batch=4, convert=convert)
+    for i in range(8):
+        writer.put(i)
+    await writer.flush()
+    assert [r for b in sink.batches for r in b] == [0, 10, 20, 50, 60, 70]
+    assert (writer.written, writer.dropped, writer.depth) == (6, 1, 0)
+    writer.put(1)
+    await writer.flush()  # the writer goes on after a bad item
+    assert writer.written == 7
 
 
 async def test_health_follows_store_reachability() -> None:
@@ -215,14 +253,13 @@ def test_log_sampler_caps_lines_per_reason_and_reports_what_it_left_out() -> Non
 
 
 def test_access_log_streams_are_counted_while_open_and_each_closes_once() -> None:
-    usage: BatchWriter[object] = BatchWriter("usage", Sink().write, 100)
-    access_log = AccessLog(usage, BatchWriter("rejected", Sink().write, 100))  # type: ignore[arg-type]
+    access_log = AccessLog(Sink().write, BatchWriter("rejected", Sink().write, 100), 100)  # type: ignore[arg-type]
     streams = [access_log.open() for _ in range(3)]
     msg = als_pb2.StreamAccessLogsMessage()
     msg.http_logs.log_entry.append(_entry(ALLOW))
     for stream in streams:
         stream.receive(msg)
-    assert access_log.streams == 3 and usage.depth == 3
+    assert access_log.streams == 3 and access_log.usage.depth == 3
     streams[0].close()
     streams[0].close()  # a stream that failed, then ended: counted down once
     assert access_log.streams == 2
