@@ -87,7 +87,11 @@ class AccessLog:
         queue_size: int,
         remark_after: float = 10.0,
     ) -> None:
-        self.usage: BatchWriter[UsageRecord] = BatchWriter("usage", append_usage, queue_size, convert=self.attribute)
+        # Small batches, often: each flush is a burst of CPU next to Check on a busy machine. Every 20 ms,
+        # at most 100 rows a transaction, cut C's p99 at 2,500 req/s by a quarter to a third against
+        # 500 rows every 0.1 s, for the same peak rate (benchmarks/RESULTS.md).
+        self.usage: BatchWriter[UsageRecord] = BatchWriter("usage", append_usage, queue_size, batch=100, interval=0.02,
+                                                           convert=self.attribute)  # fmt: skip
         self._rejected = rejected_overrides
         self._remark_after = remark_after
         self._last_marked: dict[tuple[str, str], float] = {}
