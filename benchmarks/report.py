@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "C-noals": "C without the gRPC access log (no usage attribution)",
     "C-uvloop": "C, the same `mcp-authz serve` with uvloop as its event loop (the follower and queues; Check runs on the core loop)",
     "C-x2": "2 × `mcp-authz serve` on one store (2 endpoints, round-robin)",
+    "C-base": "C, with the sidecar's code from another checkout (`--only ... --base DIR`), for A/B tests",
 }
 
 

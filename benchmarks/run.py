@@ -1,6 +1,7 @@
 """`make bench`: every configuration of issue 5, interleaved, on this machine; RESULTS.md out.
 
     python -m benchmarks.run [--quick] [--no-scale] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.run --only C,C0-loop [--rate 2500] [--base DIR] [--profile DIR] [--d]
 
 (`make bench` runs it after installing wrk, h2load and the pinned Python packages;
 `BENCH_QUICK=1 make bench` is the ~3-minute version.)
@@ -171,8 +172,10 @@ def _per(total_seconds: float, count: int) -> float | None:
 NOOP_THREADS = 16  # the no-op's thread pool, as mcp-authz's default MCP_AUTHZ_GRPC_THREADS
 
 
-def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] | None = None) -> dict[str, Config]:
-    """Start every configuration of the max-throughput phase (see report.DESCRIPTIONS), or those in `only`."""
+def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] | None = None,
+                  base: Path | None = None) -> dict[str, Config]:  # fmt: skip
+    """Start every configuration of the max-throughput phase (see report.DESCRIPTIONS), or those in `only`.
+    `base`: another checkout, run as C-base (only when asked for by name)."""
     configs: dict[str, Config] = {}
 
     def want(*names: str) -> bool:
@@ -207,6 +210,13 @@ def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] 
         if want("C-noals"):
             configs["C-noals"] = Config("C-noals", "", envoy("C-noals", True, auth="ext_authz",
                                                               authz_ports=[main.port], als=False), [main])  # fmt: skip
+    if only is not None and "C-base" in only:
+        if base is None:
+            raise BenchError("C-base needs --base DIR: a checkout of the code to compare against")
+        other = start_sidecar(group, "sidecar-C-base", world, code=base)
+        warm_direct(other, world.keys, world.server)
+        configs["C-base"] = Config("C-base", "", envoy("C-base", True, auth="ext_authz", authz_ports=[other.port]),
+                                   [other], latency=True)  # fmt: skip
     if want("C-uvloop"):
         uv = start_sidecar(group, "sidecar-C-uvloop", world, uvloop=True)
         warm_direct(uv, world.keys, world.server)
@@ -536,8 +546,11 @@ def machine_and_versions(plan: Plan) -> dict[str, Any]:
 
 
 def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: float | None = None,
-            with_d: bool = False) -> int:
-    """Max throughput of a few configurations, interleaved, with medians printed."""
+            with_d: bool = False, base: Path | None = None) -> int:
+    """Max throughput of a few configurations, interleaved, with medians printed.
+    With `base`, C-base (C on that checkout's code) runs beside them: an A/B test of a change."""
+    if base is not None:
+        only = only | {"C-base"}
     unknown = only - set(report.DESCRIPTIONS)
     if unknown:
         print(f"unknown configurations: {', '.join(sorted(unknown))}; known: {', '.join(report.DESCRIPTIONS)}",
@@ -556,7 +569,7 @@ def compare(only: set[str], plan: Plan, profile_dir: Path | None = None, rate: f
     try:
         world = seed_sync(work / "world", principals=plan.principals, cold=0)
         keys_file = write_keys_file(work / "keys.txt", world.keys)
-        configs = start_configs(group, world, work, only)
+        configs = start_configs(group, world, work, only, base)
         check_configs(configs, world)
         rows = phase_max(configs, keys_file, plan, log)
         fixed: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
@@ -618,10 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="with --only including C: also py-spy the sidecar under load, summaries to DIR")
     parser.add_argument("--d", action="store_true", help="with --only including C: also run D (real MCP traffic)")
+    parser.add_argument("--base", type=Path, metavar="DIR",
+                        help="with --only: also run C-base, C on the code of the checkout in DIR (e.g. a `git "
+                             "worktree` of the previous commit), interleaved: an A/B test on a noisy machine")
     args = parser.parse_args(argv)
+    if args.base is not None and not (args.base / "authz_server" / "__main__.py").is_file():
+        parser.error(f"--base {args.base}: not a checkout of mcp-authz (no authz_server/__main__.py)")
     if args.only:
         return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile, args.rate,
-                       args.d)
+                       args.d, args.base.resolve() if args.base else None)  # fmt: skip
     plan = Plan.quick() if args.quick else Plan.full()
     started = time.monotonic()
 

@@ -115,14 +115,20 @@ class Sidecar:
         return out
 
 
-def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool = False,
+def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool = False, code: Path | None = None,
                   timeout: float = 60.0) -> Sidecar:
     """`mcp-authz serve` on the world's store, with metrics on (as in production).
-    `uvloop`: the same CLI, run with uvloop's event loop policy (benchmarks/uvloop_serve.py)."""
+    `uvloop`: the same CLI, run with uvloop's event loop policy (benchmarks/uvloop_serve.py).
+    `code`: another checkout whose `authz_server` is run instead of this one's (same virtualenv)."""
     port, metrics_port = free_port(), free_port()
     env = child_env(world.env(dict(os.environ)))
     env["MCP_AUTHZ_METRICS_LISTEN"] = f"{LOOPBACK}:{metrics_port}"
-    if uvloop:
+    if code is not None:
+        if not (code / "authz_server" / "__main__.py").is_file():
+            raise BenchError(f"{code} is not a checkout of mcp-authz (no authz_server/__main__.py)")
+        env["PYTHONPATH"] = str(code)
+        argv = [sys.executable, "-m", "authz_server", "serve", "--listen", f"{LOOPBACK}:{port}"]
+    elif uvloop:
         argv = [sys.executable, "-m", "benchmarks.uvloop_serve", "--listen", f"{LOOPBACK}:{port}"]
     else:
         argv = [str(BIN / "mcp-authz"), "serve", "--listen", f"{LOOPBACK}:{port}"]
