@@ -210,9 +210,7 @@ def start_configs(group: ProcessGroup, world: World, work: Path, only: set[str] 
         if want("C-noals"):
             configs["C-noals"] = Config("C-noals", "", envoy("C-noals", True, auth="ext_authz",
                                                               authz_ports=[main.port], als=False), [main])  # fmt: skip
-    if only is not None and "C-base" in only:
-        if base is None:
-            raise BenchError("C-base needs --base DIR: a checkout of the code to compare against")
+    if base is not None and want("C-base"):
         other = start_sidecar(group, "sidecar-C-base", world, code=base)
         warm_direct(other, world.keys, world.server)
         configs["C-base"] = Config("C-base", "", envoy("C-base", True, auth="ext_authz", authz_ports=[other.port]),
@@ -635,8 +633,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --only: also run C-base, C on the code of the checkout in DIR (e.g. a `git "
                              "worktree` of the previous commit), interleaved: an A/B test on a noisy machine")
     args = parser.parse_args(argv)
+    if args.base is not None and not args.only:
+        parser.error("--base needs --only")
     if args.base is not None and not (args.base / "authz_server" / "__main__.py").is_file():
         parser.error(f"--base {args.base}: not a checkout of mcp-authz (no authz_server/__main__.py)")
+    if args.only and "C-base" in args.only.split(",") and args.base is None:
+        parser.error("C-base needs --base DIR: a checkout of the code to compare against")
     if args.only:
         return compare(set(args.only.split(",")), Plan.quick() if args.quick else Plan.full(), args.profile, args.rate,
                        args.d, args.base.resolve() if args.base else None)  # fmt: skip
