@@ -112,6 +112,8 @@ class Rendered:
 
 
 def _print_error(json_mode: bool, reason: str, message: str, usage: str = "") -> None:
+    # argparse quotes bad values ("invalid choice: 'mgw_…'"): a pasted key is cut to its key id.
+    message = gateway_keys.redact(message)
     if json_mode:
         print(json.dumps({"error": {"reason": reason, "message": message}}), file=sys.stdout)
     else:

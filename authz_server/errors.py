@@ -111,12 +111,26 @@ REASONS: dict[Reason, ReasonInfo] = {
 }
 
 
+def redact(text: str) -> str:
+    """`text` with any key-like run cut to its key id (crypto.keys.redact, the one key shape)."""
+    # Imported here: crypto.keys imports this module (Denied, Reason). After the first call
+    # this is a dictionary lookup, and redact itself returns at once when no "mgw_" is present.
+    from authz_server.crypto.keys import redact as _redact
+
+    return _redact(text)
+
+
 class AuthzError(Exception):
-    """Base of every mcp-authz error. `message` is safe to show to any caller."""
+    """Base of every mcp-authz error. `message` is safe to show to any caller.
+
+    Whatever a caller sent and a message quotes, a key-shaped string in it is redacted
+    here, so no error can carry a gateway key to a caller, a log line or the audit trail.
+    """
 
     reason: str = "error"
 
     def __init__(self, message: str) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
 
@@ -143,7 +157,7 @@ class Denied(AuthzError):
         self.reason = reason.value
         self.code = reason
         self.status = info.status
-        self.hint = hint or info.hint
+        self.hint = redact(hint) if hint else info.hint
         self.key_id = key_id
         self.retry_after = retry_after
         # Filled in by the pipeline once known, for metrics and the audit trail.
@@ -189,4 +203,4 @@ class RemoteError(AuthzError):
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = redact(reason)

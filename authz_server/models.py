@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from authz_server.errors import redact
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 """Names of teams, principals and servers: lowercase, URL- and header-safe."""
 
@@ -202,6 +204,16 @@ class AuditEvent:
     request_id: str = ""
     details: dict[str, str] = field(default_factory=dict)
     id: int | None = None
+
+    def __post_init__(self) -> None:
+        # Every writer builds one of these (the admin service, Check's and the admin API's
+        # authentication failures, the store reading rows back), so a key-shaped string a
+        # caller sent is cut to its key id here, before anything can store or show it.
+        for name in ("actor", "action", "target", "outcome", "request_id"):
+            object.__setattr__(self, name, redact(getattr(self, name)))
+        details = {redact(k): redact(v) for k, v in self.details.items()}
+        if details != self.details:
+            object.__setattr__(self, "details", details)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """Structured JSON logs on stderr: one object a line, with the `extra` fields of each call.
 
-Callers pass ids (request id, key id, server), never header values or secrets.
+Callers pass ids (request id, key id, server), never header values or secrets. Should a
+key-shaped string reach a line anyway (in a message, an extra field or an exception's text),
+the formatter cuts it to its key id.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+
+from authz_server.errors import redact
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -27,7 +31,9 @@ class JsonFormatter(logging.Formatter):
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        # One pass over the finished line covers every field. A key is letters and digits only,
+        # so JSON escaping never splits one.
+        return redact(json.dumps(out, default=str))
 
 
 def configure(level: str) -> None:
