@@ -30,6 +30,7 @@ from dataclasses import dataclass
 class Reason(str, enum.Enum):
     """Why a request was refused. The value is the metric label and the audit outcome."""
 
+    KEY_IN_URL = "key_in_url"
     KEY_MISSING = "key_missing"
     KEY_MALFORMED = "key_malformed"
     KEY_CHECKSUM = "key_checksum"
@@ -61,6 +62,12 @@ class ReasonInfo:
 _KEY_HINT = "Send a gateway key as 'Authorization: Bearer mgw_…', in the x-api-key header, or as a path segment."
 
 REASONS: dict[Reason, ReasonInfo] = {
+    Reason.KEY_IN_URL: ReasonInfo(
+        400,
+        "A gateway key was found in the URL's query string or inside a path segment; the request was not forwarded.",
+        "Send the key as 'Authorization: Bearer mgw_…' or in the x-api-key header (or as a whole path segment). "
+        "A key that travelled in a URL may sit in logs and browser history: regenerate it.",
+    ),
     Reason.KEY_MISSING: ReasonInfo(401, "No gateway key was presented.", _KEY_HINT),
     Reason.KEY_MALFORMED: ReasonInfo(
         401, "The gateway key is malformed.", "A gateway key is 'mgw_' followed by 32 letters and digits."

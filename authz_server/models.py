@@ -16,6 +16,7 @@ from authz_server.errors import redact
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 """Names of teams, principals and servers: lowercase, URL- and header-safe."""
+TOOL_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # an MCP tool name as scopes and messages may name it
 
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Z][A-Z0-9_]*)\s*\}\}")
 """`{{API_KEY}}` in a header template."""

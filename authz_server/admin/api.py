@@ -84,6 +84,7 @@ ERROR_STATUS: tuple[tuple[type[AuthzError], grpc.StatusCode], ...] = (
 )
 # A Denied (authentication) maps by its HTTP status, as Check's denials do.
 DENIED_STATUS: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,

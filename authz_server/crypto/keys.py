@@ -14,6 +14,7 @@ before any lookup or hashing, as GitHub's tokens do.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 import zlib
@@ -67,9 +68,34 @@ def generate() -> tuple[str, Secret]:
     return key_id, Secret(head + _checksum(head))
 
 
+# The one definition of "key-shaped", for finding keys where they must not be (a URL, a
+# message, an audit field). A key-shaped string is a key whether or not its checksum holds:
+# a typo'd key still carries most of a secret.
+KEY_SHAPE = re.compile(rf"{PREFIX}[0-9A-Za-z]{{{BODY_LEN}}}")
+# Redaction is broader: anything that starts like a key and runs on for 16 or more characters
+# (a truncated copy still carries secret characters) becomes its key id and a marker. A run
+# stops where another key begins, so keys pasted back to back are each cut to their own id.
+_REDACTABLE = re.compile(rf"{PREFIX}((?:(?!{PREFIX})[0-9A-Za-z]){{16,}})")
+REDACTED = "…redacted"
+# Only ASCII space and tab surround a key in a header; anything else makes it malformed.
+SPACE = " \t"
+
+
 def looks_like_key(text: str) -> bool:
-    """Cheap shape test, used to find a key among path segments."""
-    return len(text) == KEY_LEN and text.startswith(PREFIX)
+    """Whether `text` is exactly key-shaped: `mgw_` and 32 base62 characters."""
+    return len(text) == KEY_LEN and KEY_SHAPE.fullmatch(text) is not None
+
+
+def contains_key(text: str) -> bool:
+    """Whether a key-shaped string occurs anywhere in `text`."""
+    return PREFIX in text and KEY_SHAPE.search(text) is not None
+
+
+def redact(text: str) -> str:
+    """`text` with every key-like run replaced by `mgw_<key id>…redacted`: the key id is public."""
+    if PREFIX not in text:
+        return text
+    return _REDACTABLE.sub(lambda m: PREFIX + m.group(1)[:KEY_ID_LEN] + REDACTED, text)
 
 
 def digest(presented: str) -> bytes:

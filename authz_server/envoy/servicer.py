@@ -98,8 +98,9 @@ class AuthorizationServicer:
     def _denied(self, denied: Denied, inp: CheckInput | None) -> bytes:
         request_id = inp.request_id if inp else ""
         server = _server(inp)
-        if denied.status == 401:
-            # A security event: reason, key id when parsed, source address. Never the key.
+        if denied.status == 401 or denied.code is Reason.KEY_IN_URL:
+            # A security event (a failed authentication, or a key exposed in a URL): reason, key id
+            # when parsed, source address. Never the key.
             self._audit.put(
                 AuditEvent(
                     at=datetime.now(UTC),

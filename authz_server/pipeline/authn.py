@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
+from urllib.parse import unquote_plus
 
 from authz_server.crypto import keys
 from authz_server.crypto.keys import KeyHasher, ParsedKey
@@ -35,41 +36,83 @@ _BEARER = "bearer "
 
 
 class KeyExtractor:
-    """Finds the key: `Authorization: Bearer`, then the custom header, then a path segment."""
+    """Finds the key: `Authorization: Bearer`, then the custom header, then a path segment.
+
+    A gateway key never goes upstream from the URL. A path segment that is exactly
+    key-shaped is the path key, and every such segment is stripped (the path is
+    rewritten), whichever key authenticates. A key-shaped string anywhere else in
+    the URL (the query string, inside a segment, percent-encoded) is refused with
+    400 `key_in_url`: the gateway cannot rewrite it away without guessing, and a
+    key that travelled in a query string is already in logs. `/files/mgw_notes.txt`
+    is not key-shaped and is left alone.
+
+    Only ASCII spaces and tabs around a key are ignored; anything else (a no-break
+    space, an em space) makes the key malformed.
+    """
 
     def __init__(self, key_header: str, path_keys: bool) -> None:
         self.key_header = key_header
         self.path_keys = path_keys
 
     def extract(self, inp: CheckInput) -> PresentedKey:
-        # A key-shaped path segment is stripped whichever key is used, so a client
-        # that sends its key twice never leaks the path copy upstream.
-        path_key, stripped = _key_from_path(inp.path) if self.path_keys and keys.PREFIX in inp.path else ("", None)
+        path_key, stripped = scan_url(inp.path, self.path_keys)
         auth = inp.headers.get("authorization", "")
-        bearer_value = auth[len(_BEARER) :].strip() if auth[: len(_BEARER)].lower() == _BEARER else ""
+        is_bearer = auth[: len(_BEARER)].lower() == _BEARER
+        bearer_value = auth[len(_BEARER) :].strip(keys.SPACE) if is_bearer else ""
         if bearer_value.startswith(keys.PREFIX):
             return PresentedKey(bearer_value, "bearer", stripped)
-        custom = inp.headers.get(self.key_header, "").strip()
+        custom = inp.headers.get(self.key_header, "").strip(keys.SPACE)
         if custom:
             return PresentedKey(custom, "header", stripped)
         if path_key:
             return PresentedKey(path_key, "path", stripped)
-        if bearer_value:
-            # A bearer token that is not a gateway key: say so, rather than "missing".
+        if bearer_value or (not is_bearer and keys.PREFIX in auth):
+            # A bearer token that is not a gateway key, or a key under another scheme: say so, not "missing".
             raise Denied(Reason.KEY_MALFORMED)
         raise Denied(Reason.KEY_MISSING)
 
 
-def _key_from_path(path: str) -> tuple[str, str | None]:
-    """`/mcp/github/mgw_…/x?q` -> (key, `/mcp/github/x?q`). Only the first such segment is the key,
-    but every key-shaped segment is removed."""
+def scan_url(path: str, path_keys: bool = True) -> tuple[str, str | None]:
+    """`/mcp/github/mgw_…/x?q` -> (the key, `/mcp/github/x?q`); (``""``, None) when the URL holds no key.
+
+    Only the first key-shaped segment is the key, but every one is removed. Raises
+    Denied(KEY_IN_URL) for a key-shaped string anywhere else in the URL, or for a
+    path key when path keys are turned off.
+    """
+    if keys.PREFIX not in path and "%" not in path:  # the common case: nothing to look at
+        return "", None
     raw_path, sep, query = path.partition("?")
     segments = raw_path.split("/")
-    found = [s for s in segments if s.startswith(keys.PREFIX)]
+    found = [s for s in segments if keys.looks_like_key(s)]
+    rest = "/".join(s for s in segments if not keys.looks_like_key(s)) if found else raw_path
+    if (found and not path_keys) or _hides_key(rest) or _hides_key(query):
+        raise Denied(Reason.KEY_IN_URL, key_id=_key_id_in(path))
     if not found:
         return "", None
-    rest = "/".join(s for s in segments if not s.startswith(keys.PREFIX)) or "/"
-    return found[0], rest + sep + query
+    return found[0], (rest or "/") + sep + query
+
+
+_DECODE_ROUNDS = 3  # an upstream (or a proxy before it) may decode more than once
+
+
+def _hides_key(text: str) -> bool:
+    """Whether `text` holds a key-shaped string, as sent or once percent-decoded up to three times."""
+    for _ in range(_DECODE_ROUNDS + 1):
+        if keys.contains_key(text):
+            return True
+        if "%" not in text and "+" not in text:
+            return False
+        decoded = unquote_plus(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return keys.contains_key(text)
+
+
+def _key_id_in(path: str) -> str:
+    """The key id of the first key-shaped string in the URL, for the audit trail ("" if encoded away)."""
+    match = keys.KEY_SHAPE.search(path)
+    return match.group(0)[keys.KEY_ID_SLICE] if match else ""
 
 
 class NegativeCache:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from authz_server.errors import Denied, Reason
-from authz_server.models import PLACEHOLDER_RE, AuthMode, Secret
+from authz_server.models import PLACEHOLDER_RE, TOOL_RE, AuthMode, Secret
 from authz_server.pipeline.types import CheckInput, Identity
 from authz_server.state import AuthState, ServerEntry
 
 SERVER_EXTENSION = "mcp_server"
+_CALL_FREE_METHODS = frozenset({"GET", "DELETE"})  # MCP's session stream and session end: no JSON-RPC call
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +40,10 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
     """An empty scope allows everything. Entries are "server" (all its tools) or "server:tool".
 
     A key limited to tools on this server needs the MCP method from Envoy's MCP
-    filter for every POST; without it we cannot tell a tool call apart, so we refuse
-    (fail closed). GET and DELETE carry no call and pass.
+    filter on every request that could carry a call, whatever its HTTP method (an
+    upstream may well read a PUT's body); without it we cannot tell a tool call
+    apart, so we refuse (fail closed). Only GET (the SSE stream) and DELETE (the
+    session's end) pass without one.
     """
     if not identity.scope:
         return
@@ -58,8 +61,8 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
         return
     if not tools:
         raise Denied(Reason.SCOPE_SERVER, f"This gateway key is not allowed to use the MCP server '{server}'.")
-    if inp.method != "POST":
-        return  # GET (the SSE stream) and DELETE carry no JSON-RPC call: no tool can be called
+    if inp.method in _CALL_FREE_METHODS:
+        return
     if not inp.mcp_method:
         raise Denied(
             Reason.SCOPE_TOOL,
@@ -67,7 +70,9 @@ def check_scope(identity: Identity, server: str, inp: CheckInput) -> None:
             hint="Operators: enable Envoy's MCP filter before ext_authz (see envoy/envoy.yaml).",
         )
     if inp.mcp_method == "tools/call" and inp.tool not in tools:
-        raise Denied(Reason.SCOPE_TOOL, f"This gateway key may not call the tool '{inp.tool}' on '{server}'.")
+        # The tool name comes from the request body: named back only when it looks like one.
+        tool = f"the tool '{inp.tool}'" if TOOL_RE.match(inp.tool) else "this tool"
+        raise Denied(Reason.SCOPE_TOOL, f"This gateway key may not call {tool} on '{server}'.")
 
 
 def resolve_credentials(identity: Identity, server: ServerEntry, state: AuthState, now: float) -> Credentials:

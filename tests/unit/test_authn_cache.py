@@ -212,9 +212,13 @@ def test_extractor_sources(headers: dict[str, str], path: str, source: str) -> N
 
 
 def test_path_keys_can_be_turned_off() -> None:
+    """Turned off, a path key is not accepted, and neither is it forwarded: the request is refused."""
     from .world import request
 
     key = keys.generate()[1].reveal()
     with pytest.raises(Denied) as exc:
         KeyExtractor("x-api-key", path_keys=False).extract(request(path=f"/mcp/x/{key}"))
+    assert exc.value.reason == "key_in_url" and exc.value.status == 400
+    with pytest.raises(Denied) as exc:
+        KeyExtractor("x-api-key", path_keys=False).extract(request(path="/mcp/x/files"))
     assert exc.value.reason == "key_missing"

@@ -84,6 +84,16 @@ CASES = [
          "scope_tool"),
     Case("scope: tool scope on the SSE GET", lambda w: request(bearer=_alice(w, scope=("github:search",)), method="GET"), 200,
          injected={"authorization": "Bearer alice-gh"}),
+    Case("scope: tool scope on the session's DELETE", lambda w: request(bearer=_alice(w, scope=("github:search",)), method="DELETE"),
+         200, injected={"authorization": "Bearer alice-gh"}),
+    *[Case(f"scope: other tool by {m}", lambda w, m=m: request(bearer=_alice(w, scope=("github:search",)), method=m,
+                                                                 mcp_method="tools/call", tool="delete"), 403, "scope_tool")
+      for m in ("PUT", "PATCH", "POST")],
+    *[Case(f"scope: {m} without MCP metadata fails closed", lambda w, m=m: request(bearer=_alice(w, scope=("github:search",)), method=m),
+           403, "scope_tool") for m in ("PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "PROPFIND")],
+    Case("scope: allowed tool by PUT", lambda w: request(bearer=_alice(w, scope=("github:search",)), method="PUT",
+                                                        mcp_method="tools/call", tool="search"), 200,
+         injected={"authorization": "Bearer alice-gh"}),
     # 4. credentials
     Case("override injected", lambda w: request(bearer=_alice(w)), 200, injected={"authorization": "Bearer alice-gh"}),
     Case("individual without override", lambda w: request(bearer=_bob(w)), 403, "credential_missing"),
@@ -108,6 +118,19 @@ CASES = [
     # key sources
     Case("key in custom header", lambda w: request(headers={"x-api-key": _alice(w)}), 200, injected={"authorization": "Bearer alice-gh"}),
     Case("key in path", lambda w: request(path=f"/mcp/github/{_alice(w)}"), 200, injected={"authorization": "Bearer alice-gh"}),
+    Case("key with ASCII spaces and tabs around it", lambda w: request(headers={"authorization": f"Bearer \t {_alice(w)} \t"}), 200,
+         injected={"authorization": "Bearer alice-gh"}),
+    *[Case(f"key with U+{ord(ws):04X} around it", lambda w, ws=ws: request(headers={"authorization": f"Bearer {ws}{_alice(w)}"}), 401,
+           "key_malformed") for ws in ("\u00a0", "\u2003", "\u0085", "\u3000", "\u200b", "\n", "\v", "\f", "\r")],
+    *[Case(f"custom-header key with U+{ord(ws):04X} after it", lambda w, ws=ws: request(headers={"x-api-key": _alice(w) + ws}), 401,
+           "key_malformed") for ws in ("\u00a0", "\u2003", "\u0085", "\u3000")],
+    Case("key under another auth scheme", lambda w: request(headers={"authorization": f"Token {_alice(w)}"}), 401, "key_malformed"),
+    Case("key in the query string", lambda w: request(path=f"/mcp/github?api_key={_alice(w)}"), 400, "key_in_url"),
+    Case("key in the query beside a bearer key", lambda w: request(bearer=_bob(w), path=f"/mcp/github?key={_alice(w)}"), 400,
+         "key_in_url"),
+    Case("key inside a path segment", lambda w: request(bearer=_bob(w), path=f"/mcp/github/x{_alice(w)}"), 400, "key_in_url"),
+    Case("a file named like a key's prefix is fine", lambda w: request(bearer=_alice(w), path="/mcp/github/files/mgw_notes.txt"),
+         200, injected={"authorization": "Bearer alice-gh"}),
 ]
 
 
