@@ -942,6 +942,104 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- certs ---------------------------------------------------------------------------------
+
+
+def _parse_cert_host(text: str) -> str:
+    """A --host value: a DNS name or an IP address (checked as a certificate entry would be)."""
+    from authz_server.crypto.certs import parse_host
+
+    try:
+        parse_host(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
+def _parse_cert_client_name(text: str) -> str:
+    from authz_server.crypto.certs import parse_client_name
+
+    try:
+        return parse_client_name(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _parse_cert_days(text: str) -> int:
+    from authz_server.crypto.certs import MAX_DAYS
+
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days from 1 to {MAX_DAYS}")
+    return int(digits)
+
+
+def _cmd_certs_create(args: argparse.Namespace) -> int:
+    """A private CA (or the one already in --out) and server and client certificates. Local
+    only, no store or master key; prints paths and next steps, never key material."""
+    _local_only(args, "certs create")
+    from authz_server.crypto import certs  # cryptography's x509 only for this command
+
+    hosts = args.host or list(certs.DEFAULT_HOSTS)
+    result = certs.write_cert_set(
+        Path(args.out), hosts, client_name=args.client_name, days=args.days, ca_days=args.ca_days,
+        force=args.force, new_ca=args.new_ca,
+    )
+    d = result.directory
+
+    def f(name: str) -> str:
+        return str(d / name)
+
+    serve = (
+        f"mcp-authz serve --listen HOST:PORT --tls-cert {f(certs.SERVER_CERT)} --tls-key {f(certs.SERVER_KEY)} "
+        f"--client-ca {f(certs.CA_CERT)}"
+    )
+    admin = f"--admin-listen HOST:PORT --admin-tls-cert {f(certs.SERVER_CERT)} --admin-tls-key {f(certs.SERVER_KEY)}"
+    remote = f"mcp-authz --server ADMIN_HOST:PORT --ca {f(certs.CA_CERT)} COMMAND"
+    envoy = (
+        f"Envoy: the sidecar's cluster transport_socket (UpstreamTlsContext) presents {f(certs.CLIENT_CERT)} and "
+        f"{f(certs.CLIENT_KEY)}, and validates the sidecar against {f(certs.CA_CERT)} (sni: one of the hosts above)."
+    )
+    until = result.server.not_valid_after_utc
+    doc = {
+        "directory": str(d),
+        "written": [str(p) for p in result.written],
+        "ca": {"reused": result.ca_reused, "cert": f(certs.CA_CERT), "key": f(certs.CA_KEY),
+               "not_after": result.ca.not_valid_after_utc.isoformat().replace("+00:00", "Z")},
+        "server": {"cert": f(certs.SERVER_CERT), "key": f(certs.SERVER_KEY), "hosts": list(result.hosts),
+                   "not_after": until.isoformat().replace("+00:00", "Z")},
+        "client": {"cert": f(certs.CLIENT_CERT), "key": f(certs.CLIENT_KEY), "name": result.client_name,
+                   "not_after": result.client.not_valid_after_utc.isoformat().replace("+00:00", "Z")},
+        "next_steps": {"serve": serve, "admin_tls_flags": admin, "remote_cli": remote, "envoy": envoy},
+    }
+    ca_line = (
+        f"Reused the CA in {d} ({certs.CA_CERT}, {certs.CA_KEY}): it is unchanged."
+        if result.ca_reused
+        else f"Created a private CA, valid until {_when(result.ca.not_valid_after_utc)}."
+    )
+    lines = [
+        ca_line,
+        f"Issued a server certificate for {', '.join(result.hosts)} and a client certificate for "
+        f"{result.client_name}, valid until {_when(until)}.",
+        "",
+        "Wrote (private keys 0600, certificates 0644):",
+        *(f"  {p}" for p in result.written),
+        "",
+        "Next steps:",
+        "  Check and access logs over mutual TLS (Envoy on another host):",
+        f"    {serve}",
+        "  The admin API over TLS: add",
+        f"    {admin}",
+        "  The remote CLI verifies the admin listener with:",
+        f"    {remote}",
+        f"  {envoy}",
+        f"  Keep {f(certs.CA_KEY)} off the servers: it is needed only to issue more certificates "
+        f"(run this again with the same --out).",
+    ]
+    _emit(bool(getattr(args, "json", False)), Rendered(doc, "\n".join(lines)))
+    return 0
+
+
 # --- the parser ------------------------------------------------------------------------
 
 
@@ -1118,6 +1216,24 @@ def build_parser() -> argparse.ArgumentParser:
     server_name(p, True)
 
     leaf(sub, "whoami", "show who the gateway key in $MCP_AUTHZ_KEY is (remote mode)", _run_managed(_whoami))
+
+    certs = group("certs", "TLS certificates for the sidecar's listeners")
+    p = leaf(certs, "create", "create a private CA (or reuse the one in --out) and server and client certificates",
+             _cmd_certs_create)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the files (created 0700 if missing)")
+    p.add_argument("--host", action="append", type=_parse_cert_host, metavar="NAME_OR_IP",
+                   help="a DNS name or IP address the server certificate is for (repeatable; "
+                   "default: localhost and 127.0.0.1)")
+    p.add_argument("--client-name", type=_parse_cert_client_name, default="envoy", metavar="NAME",
+                   help="CN and DNS name of the client certificate Envoy presents (default: envoy)")
+    p.add_argument("--days", type=_parse_cert_days, default=825, metavar="N",
+                   help="validity of the server and client certificates (default: 825)")
+    p.add_argument("--ca-days", type=_parse_cert_days, default=3650, metavar="N",
+                   help="validity of a new CA (default: 3650)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing certificate files (a CA already in --out is kept unless --new-ca)")
+    p.add_argument("--new-ca", action="store_true",
+                   help="make a new CA even if --out has one (with --force to replace it)")
 
     p = leaf(sub, "usage", "query per-request usage records, or export them as JSON lines", _cmd_usage)
     p.add_argument("--principal", metavar="NAME", help="only this principal's requests")

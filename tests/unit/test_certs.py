@@ -10,8 +10,11 @@ does not trust the CA.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
@@ -26,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from authz_server.cli import main
 from authz_server.crypto import certs
 from authz_server.errors import ConfigError, Conflict, InvalidInput
 
@@ -365,3 +369,118 @@ def test_envoys_client_certificate_is_accepted_and_others_refused(
     with pytest.raises(grpc.RpcError) as foreign:
         health_check(port, grpc.ssl_channel_credentials(ca, other_key, other_cert))
     assert foreign.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
+    for var in list(os.environ):
+        if var.startswith("MCP_AUTHZ_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.out + captured.err
+        return code, captured.out, captured.err
+
+    return run
+
+
+def no_key_material(out: Path, *texts: str) -> None:
+    bodies = [line for name in KEY_FILES for line in (out / name).read_text().splitlines() if "-----" not in line]
+    for text in texts:
+        assert "PRIVATE KEY" not in text
+        assert not [b for b in bodies if b in text]
+
+
+def test_certs_create_writes_the_set_and_prints_paths_and_next_steps(cli: Any, tmp_path: Path) -> None:
+    code, out, err = cli("certs", "create", "--out", "tls", "--host", "example.internal", "--host", "10.0.0.5")
+    assert code == 0, err
+    d = tmp_path / "tls"
+    assert sorted(p.name for p in d.iterdir()) == ALL_FILES and mode(d) == 0o700
+    assert all(mode(d / n) == 0o600 for n in KEY_FILES)
+    no_key_material(d, out, err)
+    for name in ALL_FILES:
+        assert f"tls/{name}" in out
+    assert "--tls-cert tls/server.crt --tls-key tls/server.key --client-ca tls/ca.crt" in out
+    assert "--admin-tls-cert tls/server.crt --admin-tls-key tls/server.key" in out
+    assert "--ca tls/ca.crt" in out and "tls/client.crt" in out and "tls/client.key" in out
+    sans = ext(load(d, "server.crt"), x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["example.internal"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+
+    # Again: refused, one line naming the files, nothing changed.
+    before = {n: (d / n).read_bytes() for n in ALL_FILES}
+    code, out, err = cli("certs", "create", "--out", "tls")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "tls/server.crt" in err and "--force" in err
+    assert {n: (d / n).read_bytes() for n in ALL_FILES} == before
+
+    # --force, as JSON: new leaf certificates from the same CA, default hosts.
+    code, out, err = cli("--json", "certs", "create", "--out", "tls", "--force", "--client-name", "edge", "--days", "30")
+    assert code == 0, err
+    doc = json.loads(out)
+    no_key_material(d, out, err)
+    assert doc["ca"]["reused"] is True and (d / "ca.crt").read_bytes() == before["ca.crt"]
+    assert doc["written"] == [f"tls/{n}" for n in ("server.key", "server.crt", "client.key", "client.crt")]
+    assert doc["server"]["hosts"] == ["localhost", "127.0.0.1"] and doc["client"]["name"] == "edge"
+    assert "--client-ca tls/ca.crt" in doc["next_steps"]["serve"]
+    client = load(d, "client.crt")
+    assert client.not_valid_after_utc - client.not_valid_before_utc <= timedelta(days=30, minutes=5)
+    client.verify_directly_issued_by(load(d, "ca.crt"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--host", "bad host"], "--host"),
+        (["--host", "example.com:443"], "--host"),
+        (["--client-name", "*.envoy"], "--client-name"),
+        (["--days", "0"], "--days"),
+        (["--days", "ten"], "--days"),
+    ],
+)
+def test_certs_create_refuses_a_bad_argument_as_a_usage_error(
+    cli: Any, tmp_path: Path, argv: list[str], needle: str
+) -> None:
+    code, out, err = cli("certs", "create", "--out", "tls", *argv)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert not (tmp_path / "tls").exists()
+
+
+def test_certs_create_runs_locally_only_and_needs_no_store(cli: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    code, _, err = cli("--server", "10.0.0.1:9001", "certs", "create", "--out", "tls")
+    assert code == 2 and "locally only" in err and not (tmp_path / "tls").exists()
+    code, out, err = cli("--json", "certs", "create")
+    assert code == 2 and json.loads(out)["error"]["reason"] == "usage"  # --out is required
+    # $MCP_AUTHZ_SERVER names a remote sidecar for management commands; this one ignores it.
+    monkeypatch.setenv("MCP_AUTHZ_SERVER", "10.0.0.1:9001")
+    code, _, err = cli("certs", "create", "--out", "tls")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tls"]  # no store, no master key file
+
+
+def test_the_installed_command(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "mcp-authz"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_AUTHZ_")}
+    done = subprocess.run(
+        [str(exe), "certs", "create", "--out", "tmp", "--host", "example.internal", "--host", "10.0.0.5"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "tmp"
+    assert sorted(p.name for p in out.iterdir()) == ALL_FILES
+    assert mode(out) == 0o700 and all(mode(out / n) == 0o600 for n in KEY_FILES)
+    no_key_material(out, done.stdout, done.stderr)
+    bad = subprocess.run(
+        [str(exe), "certs", "create", "--out", "tmp2", "--host", "not_a_host"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )
+    assert bad.returncode == 2 and "not_a_host" in bad.stderr and not (tmp_path / "tmp2").exists()
