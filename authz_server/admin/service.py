@@ -132,6 +132,23 @@ _OWNED_ACTIONS = frozenset(
         "usage.export",
     }
 )
+# Of those, what a manager may also do on another principal (one who does not outrank them):
+# overrides, with their status and tests, and usage records. Never keys: a key for someone is
+# the power to act as them, and so to use their personal credentials.
+_MANAGED_ACTIONS = frozenset(
+    {
+        "overrides.set",
+        "overrides.list",
+        "overrides.delete",
+        "overrides.status",
+        "overrides.test",
+        "usage.query",
+        "usage.export",
+    }
+)
+assert _MANAGED_ACTIONS <= _OWNED_ACTIONS
+# The hierarchy: admin > manager > user. A principal ranks as its highest role.
+_RANK = {Role.ADMIN: 3, Role.MANAGER: 2, Role.USER: 1}
 _SERVER_READ_ACTIONS = frozenset({"servers.list", "servers.show"})
 # Any authenticated principal: who am I, and which placeholders a server asks for (no values).
 _ANY_ROLE_ACTIONS = frozenset({"whoami", "servers.form"})
@@ -153,6 +170,11 @@ def iso(dt: datetime | None) -> str | None:
 def _as_utc(dt: datetime) -> datetime:
     # A naive datetime is taken to be UTC: the store only holds aware UTC times.
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def _rank(roles: Iterable[Role]) -> int:
+    """A principal's place in the hierarchy admin > manager > user: its highest role (0: none)."""
+    return max((_RANK.get(Role(r), 0) for r in roles), default=0)
 
 
 # --- the actor -------------------------------------------------------------------
@@ -568,13 +590,20 @@ class UsageView:
 
 @dataclass(frozen=True, slots=True)
 class _UsageFilter:
-    """Validated, authorized filters, in store terms (`principal_id` None: everyone)."""
+    """Validated, authorized filters, in store terms (`principal_id` None: everyone).
+
+    `visible` (None: no such filter) is the principal ids whose records the actor may see
+    when listing everyone; "" is in it for records of unauthenticated requests."""
 
     principal_id: str | None
     server: str | None
     tool: str | None
     since: datetime | None
     until: datetime | None
+    visible: frozenset[str] | None = None
+
+    def shows(self, record: UsageRecord) -> bool:
+        return self.visible is None or record.principal_id in self.visible
 
 
 # --- audit ---------------------------------------------------------------------
@@ -656,41 +685,69 @@ class AdminService:
     # --- authorization --------------------------------------------------------------
 
     @staticmethod
-    def _authorize(actor: Actor, action: str, owner_principal_id: str | None) -> None:
-        """The one role check.
+    def _authorize(actor: Actor, action: str, target: Principal | None = None, *, everyone: bool = False) -> None:
+        """The one role check: return, or raise PermissionDenied.
 
-        `owner_principal_id` is the principal that owns the target (a key's or
-        an override's principal), or None when the target is not one
-        principal's: a server, a team, a listing of everyone, or a target that
-        does not exist. Callers look the target up, call this, and only then
-        raise NotFound, so a refusal never tells whether the target exists.
+        `target` is the principal the action is on: the one named, or the owner
+        of the key or override acted on. It is None when the action is on no
+        principal's thing (a server, a team, the audit trail) or when the
+        principal or key named does not exist. Callers look the target up, call
+        this, and only then raise NotFound, so a refusal never tells whether
+        the target exists. `everyone` asks to list across principals; the
+        caller then keeps only the rows of principals this check lets the
+        actor act on (`_may`), so nobody lists a principal who outranks them.
 
-        admin: everything. manager: keys, overrides (with their status and
-        tests) and usage records of anyone, and reading servers. user: only
-        their own keys, overrides and usage records. Any role: who am I, and a
-        server's placeholder names. Pruning usage (retention) and reading the
-        audit trail are for admins.
+        The rule:
+        - admin: everything (the local operator is an admin);
+        - any role: who am I, and a server's placeholder names (no values);
+        - manager: reading servers; on another principal, overrides (set,
+          list masked, delete, test, status) and usage records, but only of a
+          principal whose highest role is not above the manager's (so never an
+          admin's); never another principal's keys, since a key for someone is
+          the power to act as them;
+        - manager and user: their own keys, overrides and usage records;
+        - everything else (servers, principals, teams, pruning usage, the
+          audit trail) is for admins.
+        An unknown target is refused to all but admins, exactly as a principal
+        who outranks the actor would be.
         """
         roles = actor.roles
         if Role.ADMIN in roles:
             return
         if action in _ANY_ROLE_ACTIONS and roles:
             return
-        if action in _OWNED_ACTIONS:
-            if Role.MANAGER in roles:
-                return
-            if Role.USER in roles and owner_principal_id is not None and owner_principal_id == actor.principal_id:
-                return
         if action in _SERVER_READ_ACTIONS and Role.MANAGER in roles:
             return
+        if action in _OWNED_ACTIONS and roles:
+            manages = action in _MANAGED_ACTIONS and Role.MANAGER in roles
+            if everyone:
+                if manages:
+                    return
+            elif target is not None:
+                if target.id == actor.principal_id:
+                    return
+                if manages and _rank(target.roles) <= _rank(roles):
+                    return
         raise PermissionDenied(f"You are not allowed to do {action} on this target.")
 
-    def _sees_everyone(self, actor: Actor, action: str) -> bool:
+    def _may(self, actor: Actor, action: str, target: Principal | None = None, *, everyone: bool = False) -> bool:
+        """`_authorize` as a yes/no, for choosing what a listing shows."""
         try:
-            self._authorize(actor, action, None)
+            self._authorize(actor, action, target, everyone=everyone)
         except PermissionDenied:
             return False
         return True
+
+    def _sees_everyone(self, actor: Actor, action: str) -> bool:
+        return self._may(actor, action, everyone=True)
+
+    def _visible(self, actor: Actor, action: str, people: Iterable[Principal]) -> frozenset[str] | None:
+        """Whose rows a listing of everyone shows the actor: None for all of them (an actor who may
+        act even on an unknown principal, i.e. an admin), else the ids of the principals in
+        `people` the actor may act on, so nobody sees the rows of a principal who outranks them."""
+        if self._may(actor, action, None):
+            return None
+        return frozenset(p.id for p in people if self._may(actor, action, p))
 
     def _audit(self, actor: Actor, action: str, target: str) -> _Audit:
         return _Audit(self._store, self._clock, actor, action, target)
@@ -994,18 +1051,21 @@ class AdminService:
             return GatewayKeyView.of(key, principal.name, now), secret
 
     async def list_keys(self, actor: Actor, principal_name: str | None = None) -> list[GatewayKeyView]:
-        """Keys of one principal, or of everyone the actor may see (a user: only their own)."""
+        """Keys of one principal, or of everyone the actor may see (an admin: everyone's; a manager
+        or a user: only their own)."""
         async with self._audit(actor, "keys.list", f"principal:{principal_name}" if principal_name else "keys"):
             if principal_name is not None:
                 principal = await self._owned_principal(actor, "keys.list", principal_name)
                 stored = await self._store.list_keys(principal.id)
                 names = {principal.id: principal.name}
             elif self._sees_everyone(actor, "keys.list"):
-                stored = await self._store.list_keys(None)
-                names = {p.id: p.name for p in await self._store.list_principals()}
+                people = await self._store.list_principals()
+                names = {p.id: p.name for p in people}
+                visible = self._visible(actor, "keys.list", people)
+                stored = [k for k in await self._store.list_keys(None) if visible is None or k.principal_id in visible]
             else:
-                self._authorize(actor, "keys.list", actor.principal_id)
                 me = await self._store.get_principal(actor.principal_id)
+                self._authorize(actor, "keys.list", me)
                 stored = await self._store.list_keys(actor.principal_id)
                 names = {actor.principal_id: me.name if me else actor.principal_id}
             now = self._now()
@@ -1087,23 +1147,29 @@ class AdminService:
     async def list_overrides(
         self, actor: Actor, server_name: str | None = None, principal_name: str | None = None
     ) -> list[OverrideView]:
-        """Overrides with masks and status; values are never decrypted. A user sees only their own."""
+        """Overrides with masks and status; values are never decrypted. Without a principal: an admin
+        sees everyone's, a manager everyone's but those of principals who outrank them (admins), a
+        user only their own."""
         target = "overrides"
         if server_name or principal_name:
             target = f"override:{principal_name or '*'}/{server_name or '*'}"
         async with self._audit(actor, "overrides.list", target):
             if server_name is not None:
                 _check_name(server_name, "server")
+            people = {p.id: p for p in await self._store.list_principals()}
+            visible: frozenset[str] | None = None
             if principal_name is not None:
                 principal_id: str | None = (await self._owned_principal(actor, "overrides.list", principal_name)).id
             elif self._sees_everyone(actor, "overrides.list"):
                 principal_id = None
+                visible = self._visible(actor, "overrides.list", people.values())
             else:
-                self._authorize(actor, "overrides.list", actor.principal_id)
+                self._authorize(actor, "overrides.list", people.get(actor.principal_id))
                 principal_id = actor.principal_id
             stored = await self._store.list_overrides(server_name, principal_id)
-            people = {p.id: p for p in await self._store.list_principals()}
-            return [await self._override_view(o, people) for o in stored]
+            return [
+                await self._override_view(o, people) for o in stored if visible is None or o.principal_id in visible
+            ]
 
     async def delete_override(self, actor: Actor, principal_name: str | None, server_name: str) -> None:
         """Delete an override (principal None: the caller's): the principal falls back to the
@@ -1121,7 +1187,8 @@ class AdminService:
         """The credential status of each (principal, server) pair, sorted by server then principal.
 
         Servers: the one named, or every server that takes credentials. Principals:
-        the one named, or everyone the actor may see (a user: only themselves).
+        the one named, or everyone the actor may see (an admin: everyone; a manager:
+        everyone but principals who outrank them; a user: only themselves).
         Values are masks; nothing is decrypted.
         """
         target = f"override:{principal_name or '*'}/{server_name or '*'}"
@@ -1138,10 +1205,12 @@ class AdminService:
                 principals = [await self._owned_principal(actor, "overrides.status", principal_name)]
                 principal_id: str | None = principals[0].id
             elif self._sees_everyone(actor, "overrides.status"):
-                principals, principal_id = list(people.values()), None
+                visible = self._visible(actor, "overrides.status", people.values())
+                principals = [p for p in people.values() if visible is None or p.id in visible]
+                principal_id = None
             else:
-                self._authorize(actor, "overrides.status", actor.principal_id)
                 me = people.get(actor.principal_id)
+                self._authorize(actor, "overrides.status", me)
                 principals, principal_id = ([me] if me else []), actor.principal_id
             overrides = {
                 (o.principal_id, o.server): o
@@ -1393,25 +1462,31 @@ class AdminService:
         """Usage records matching every filter given, oldest first (`since` inclusive,
         `until` exclusive), at most `limit` (1 to MAX_USAGE_LIMIT).
 
-        Admins and managers see everyone's. A user sees only their own: with no
-        principal given the answer is silently narrowed to theirs, and naming
-        anyone else is PermissionDenied whether or not that principal exists.
-        Servers and tools are matched by name, so records of removed ones stay
-        queryable.
+        Admins see everyone's. A manager sees everyone's but those of principals
+        who outrank them (admins) and of principals no longer in the store (whose
+        rank is unknown); records of unauthenticated requests belong to nobody
+        and are shown. A user sees only their own. With no principal given the
+        answer is silently narrowed to what the actor may see; naming a
+        principal the actor may not see is PermissionDenied whether or not that
+        principal exists. Servers and tools are matched by name, so records of
+        removed ones stay queryable.
         """
         async with self._audit(actor, "usage.query", "usage") as op:
             _check_usage_limit(limit)
             found = await self._usage_filter(actor, "usage.query", op, principal_name, server_name, tool, since, until)
-            records = await self._store.query_usage(
-                principal_id=found.principal_id,
-                server=found.server,
-                tool=found.tool,
-                since=found.since,
-                until=found.until,
-                limit=limit,
-            )
-            names: dict[str, str] = {}
-            views = [await self._usage_view(r, names) for r in records]
+            if found.visible is None:
+                records = await self._store.query_usage(
+                    principal_id=found.principal_id,
+                    server=found.server,
+                    tool=found.tool,
+                    since=found.since,
+                    until=found.until,
+                    limit=limit,
+                )
+                names: dict[str, str] = {}
+                views = [await self._usage_view(r, names) for r in records]
+            else:  # some records are hidden: read on until `limit` shown ones, or the end
+                views = [v async for page in self._usage_pages(found, limit, limit) for v in page]
             op.details.update({"limit": str(limit), "count": str(len(views))})
             return views
 
@@ -1485,16 +1560,20 @@ class AdminService:
         if end is not None:
             op.details["until"] = iso(end) or ""
         principal_id: str | None
+        visible: frozenset[str] | None = None
         if principal_name is not None:
             principal_id = (await self._owned_principal(actor, action, principal_name)).id
             op.details["principal"] = principal_name
         elif self._sees_everyone(actor, action):
             principal_id = None
+            visible = self._visible(actor, action, await self._store.list_principals())
+            if visible is not None:
+                visible |= {""}  # unauthenticated requests: nobody's
         else:
-            self._authorize(actor, action, actor.principal_id)
+            self._authorize(actor, action, await self._store.get_principal(actor.principal_id))
             principal_id = actor.principal_id
             op.details["principal"] = "(own)"
-        return _UsageFilter(principal_id, server_name, tool, start, end)
+        return _UsageFilter(principal_id, server_name, tool, start, end, visible)
 
     async def _usage_pages(
         self, found: _UsageFilter, limit: int | None, page_size: int
@@ -1521,9 +1600,11 @@ class AdminService:
             fresh = [r for r in records if last is None or (r.at, r.id or 0) > last][:want]
             if not fresh:
                 return
-            yield [await self._usage_view(r, names) for r in fresh]
+            shown = [r for r in fresh if found.shows(r)]
+            if shown:
+                yield [await self._usage_view(r, names) for r in shown]
             if remaining is not None:
-                remaining -= len(fresh)
+                remaining -= len(shown)
             newest = (fresh[-1].at, fresh[-1].id or 0)
             same = sum(1 for r in fresh if r.at == newest[0])
             repeated = same + (repeated if last is not None and last[0] == newest[0] else 0)
@@ -1590,27 +1671,30 @@ class AdminService:
         return p.name if p else principal_id
 
     async def _owned_principal(self, actor: Actor, action: str, name: str | None) -> Principal:
-        """Look the principal up (None: the caller), authorize, then report absence: in that
-        order, so a refused caller cannot probe which names exist."""
+        """Look the principal up (None: the caller), authorize on it, then report absence: in that
+        order, so a refused caller cannot probe which names exist (nor which belong to a principal
+        who outranks them: both are the same refusal)."""
         if name is None:
             if actor.is_operator:
                 raise InvalidInput("Name the principal (--principal NAME): the local operator has no keys or overrides.")
             me = await self._store.get_principal(actor.principal_id)
-            self._authorize(actor, action, actor.principal_id)
+            self._authorize(actor, action, me)
             if me is None:
                 raise NotFound("Your principal no longer exists.")
             return me
         _check_name(name, "principal")
         principal = await self._store.get_principal_by_name(name)
-        self._authorize(actor, action, principal.id if principal else None)
+        self._authorize(actor, action, principal)
         if principal is None:
             raise NotFound(f"No principal named {name}.")
         return principal
 
     async def _owned_key(self, actor: Actor, action: str, key_id: str) -> GatewayKey:
+        """Look the key and its principal up, authorize on that principal, then report absence."""
         _check_key_id(key_id)
         key = await self._store.get_key(key_id)
-        self._authorize(actor, action, key.principal_id if key else None)
+        owner = await self._store.get_principal(key.principal_id) if key else None
+        self._authorize(actor, action, owner)
         if key is None:
             raise NotFound(f"No key with id {key_id}.")
         return key

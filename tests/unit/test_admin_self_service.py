@@ -94,9 +94,10 @@ async def test_status_table_configured_missing_invalid_expired(w: W) -> None:
     await w.svc.set_override(w.alice, None, "github", {"API_KEY": GOOD})  # her own, principal implied
     await w.svc.set_override(w.mia, "bob", "github", {"API_KEY": BAD}, expires_at=T0 + timedelta(minutes=5))
     rows = await w.svc.credential_status(w.mia, "github")
-    assert [r.principal for r in rows] == ["admin", "alice", "bob", "mia"]
+    # Everyone the manager may act on: the admin outranks her, so is left out.
+    assert [r.principal for r in rows] == ["alice", "bob", "mia"]
+    assert [r.principal for r in await w.svc.credential_status(OP, "github")] == ["admin", "alice", "bob", "mia"]
     assert _table(rows) == {
-        ("github", "admin"): "missing",
         ("github", "alice"): "configured",
         ("github", "bob"): "configured",
         ("github", "mia"): "missing",
