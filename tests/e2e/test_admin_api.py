@@ -2,8 +2,8 @@
 --server` CLI itself) and as JSON through Envoy's grpc_json_transcoder, against the real sidecar,
 with real gateway keys; Check's answers through Envoy to the example MCP server.
 
-1. the role matrix: each role x each operation x own/other's -> allowed or PERMISSION_DENIED
-   (gRPC), and a representative subset as JSON through Envoy (HTTP 403);
+1. the role matrix: each role x each operation x own / a user's / a manager's / an admin's ->
+   allowed or PERMISSION_DENIED (gRPC), and a representative subset as JSON through Envoy (HTTP 403);
 2. a user sets, lists (masked) and deletes their own override; Check injects it within 1 s;
 3. a manager sets a user's override: updated_by is the manager;
 4. keys: created and shown once, listed without secrets, revoked, regenerated; an expired key is refused;
@@ -98,7 +98,8 @@ async def _seed_more(world: World, strict_port: int) -> None:
         op = Actor.operator()
         cast = [("ada", "ops", "admin"), ("mia", "ops", "manager"), ("uma", "eng", "user"), ("ola", "eng", "user"),
                 ("mx-admin", "mx", "admin"), ("mx-manager", "mx", "manager"), ("mx-user", "mx", "user"),
-                ("mx-other", "mx", "user"), ("mx-victim", "mx-team", "user")]  # fmt: skip
+                ("mx-other", "mx", "user"), ("mx-manager2", "mx", "manager"), ("mx-admin2", "mx", "admin"),
+                ("mx-victim", "mx-team", "user")]  # fmt: skip
         for name, team, role in cast:
             await svc.add_principal(op, name, team, [role])
             view, key = await svc.create_key(op, name, label="e2e")
@@ -166,6 +167,9 @@ async def _audit(s: Stack, **filters: Any) -> list[Any]:
 
 ROLES = {"admin": "mx-admin", "manager": "mx-manager", "user": "mx-user"}
 OTHER = "mx-other"
+# Whose thing an operation is on: the caller's own, or another principal's with that role
+# (never the caller itself: each role's caller has a second principal of its own rank to act on).
+WHOSE = {"user": OTHER, "manager": "mx-manager2", "admin": "mx-admin2"}
 Op = Callable[[RemoteAdmin, RemoteAdmin, str], Awaitable[Any]]
 
 
@@ -267,60 +271,66 @@ OPS: dict[str, Op] = {
 
 
 
-# The specification, as a table: operation -> (admin, manager, user) on own / other's.
-# Operations on no principal's thing have one column value for both.
+# The specification, as a table: operation -> (admin, manager, user), each on its own thing and
+# on a user's, a manager's and an admin's (another principal's). Nobody acts on a principal who
+# outranks them; only admins touch another principal's keys (a key for someone is the power to
+# act as them); a manager handles the overrides and usage of anyone not above them.
+# Operations on no principal's thing have one value for all four.
 Y, N = True, False
-MATRIX: dict[str, tuple[tuple[bool, bool], tuple[bool, bool], tuple[bool, bool]]] = {
-    #                               admin      manager    user (own, other's)
-    "whoami":                      ((Y, Y),    (Y, Y),    (Y, Y)),
-    "servers.form":                ((Y, Y),    (Y, Y),    (Y, Y)),
-    "servers.list":                ((Y, Y),    (Y, Y),    (N, N)),
-    "servers.show":                ((Y, Y),    (Y, Y),    (N, N)),
-    "servers.add":                 ((Y, Y),    (N, N),    (N, N)),
-    "servers.update":              ((Y, Y),    (N, N),    (N, N)),
-    "servers.set_shared":          ((Y, Y),    (N, N),    (N, N)),
-    "servers.rotate_signing_secret": ((Y, Y),  (N, N),    (N, N)),
-    "servers.remove":              ((Y, Y),    (N, N),    (N, N)),
-    "principals.list":             ((Y, Y),    (N, N),    (N, N)),
-    "principals.add":              ((Y, Y),    (N, N),    (N, N)),
-    "principals.disable+enable":   ((Y, Y),    (N, N),    (N, N)),
-    "teams.list":                  ((Y, Y),    (N, N),    (N, N)),
-    "teams.disable+enable":        ((Y, Y),    (N, N),    (N, N)),
-    "keys.create":                 ((Y, Y),    (Y, Y),    (Y, N)),
-    "keys.list":                   ((Y, Y),    (Y, Y),    (Y, N)),
-    "keys.revoke":                 ((Y, Y),    (Y, Y),    (Y, N)),
-    "keys.regenerate":             ((Y, Y),    (Y, Y),    (Y, N)),
-    "overrides.set":               ((Y, Y),    (Y, Y),    (Y, N)),
-    "overrides.list":              ((Y, Y),    (Y, Y),    (Y, N)),
-    "overrides.delete":            ((Y, Y),    (Y, Y),    (Y, N)),
-    "overrides.status":            ((Y, Y),    (Y, Y),    (Y, N)),
-    "overrides.test":              ((Y, Y),    (Y, Y),    (Y, N)),
-    "usage.query":                 ((Y, Y),    (Y, Y),    (Y, N)),
-    "usage.export":                ((Y, Y),    (Y, Y),    (Y, N)),
-    "audit.query":                 ((Y, Y),    (N, N),    (N, N)),
-    "audit.export":                ((Y, Y),    (N, N),    (N, N)),
+Row = tuple[bool, bool, bool, bool]  # own, a user's, a manager's, an admin's
+MATRIX: dict[str, tuple[Row, Row, Row]] = {
+    #                                  admin           manager         user
+    #                                  own usr mgr adm own usr mgr adm own usr mgr adm
+    "whoami":                        ((Y, Y, Y, Y),   (Y, Y, Y, Y),   (Y, Y, Y, Y)),
+    "servers.form":                  ((Y, Y, Y, Y),   (Y, Y, Y, Y),   (Y, Y, Y, Y)),
+    "servers.list":                  ((Y, Y, Y, Y),   (Y, Y, Y, Y),   (N, N, N, N)),
+    "servers.show":                  ((Y, Y, Y, Y),   (Y, Y, Y, Y),   (N, N, N, N)),
+    "servers.add":                   ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "servers.update":                ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "servers.set_shared":            ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "servers.rotate_signing_secret": ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "servers.remove":                ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "principals.list":               ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "principals.add":                ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "principals.disable+enable":     ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "teams.list":                    ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "teams.disable+enable":          ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "keys.create":                   ((Y, Y, Y, Y),   (Y, N, N, N),   (Y, N, N, N)),
+    "keys.list":                     ((Y, Y, Y, Y),   (Y, N, N, N),   (Y, N, N, N)),
+    "keys.revoke":                   ((Y, Y, Y, Y),   (Y, N, N, N),   (Y, N, N, N)),
+    "keys.regenerate":               ((Y, Y, Y, Y),   (Y, N, N, N),   (Y, N, N, N)),
+    "overrides.set":                 ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "overrides.list":                ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "overrides.delete":              ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "overrides.status":              ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "overrides.test":                ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "usage.query":                   ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "usage.export":                  ((Y, Y, Y, Y),   (Y, Y, Y, N),   (Y, N, N, N)),
+    "audit.query":                   ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "audit.export":                  ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
 }  # fmt: skip
 assert set(MATRIX) == set(OPS)
 
 
-OWNED = ("keys.", "overrides.", "usage.")  # a principal's things: own and other's can differ
+OWNED = ("keys.", "overrides.", "usage.")  # a principal's things: whose they are can matter
 
 
 def _cases() -> Iterator[Any]:
     for op, by_role in MATRIX.items():
-        for (role, (own, other)) in zip(ROLES, by_role, strict=True):
+        for (role, (own, *others)) in zip(ROLES, by_role, strict=True):
             if op.startswith(OWNED):
                 yield pytest.param(role, op, "own", own, id=f"{role}-{op}-own")
-                yield pytest.param(role, op, "other", other, id=f"{role}-{op}-other")
+                for whose, allowed in zip(WHOSE, others, strict=True):
+                    yield pytest.param(role, op, whose, allowed, id=f"{role}-{op}-{whose}")
             else:
-                assert own == other, op  # nobody owns a server, a team or the audit trail
-                yield pytest.param(role, op, "other", other, id=f"{role}-{op}")
+                assert len({own, *others}) == 1, op  # nobody owns a server, a team or the audit trail
+                yield pytest.param(role, op, "user", own, id=f"{role}-{op}")
 
 
 @pytest.mark.parametrize(("role", "op", "whose", "allowed"), list(_cases()))
 async def test_role_matrix_over_grpc(stack: Stack, role: str, op: str, whose: str, allowed: bool) -> None:
     me = ROLES[role]
-    target = me if whose == "own" else OTHER
+    target = me if whose == "own" else WHOSE[whose]
     async with stack.remote(me) as caller, stack.remote("mx-admin") as admin:
         if allowed:
             await OPS[op](caller, admin, target)
@@ -328,11 +338,35 @@ async def test_role_matrix_over_grpc(stack: Stack, role: str, op: str, whose: st
             with pytest.raises(RemoteError) as refused:
                 await OPS[op](caller, admin, target)
             assert refused.value.reason == "permission_denied", refused.value.message
-            if whose == "other":
-                # Someone who does not exist is refused the same way: nothing reveals existence.
+            assert target not in refused.value.message
+            if whose != "own":
+                # Someone who does not exist is refused the same way: nothing reveals existence,
+                # nor that a name is an admin's.
                 with pytest.raises(RemoteError) as ghost:
                     await OPS[op](caller, admin, GHOST)
                 assert (ghost.value.reason, ghost.value.message) == ("permission_denied", refused.value.message)
+
+
+def test_the_matrix_holds_the_corrected_role_model() -> None:
+    """Issue 11: manager x (create, regenerate, revoke key) x (self, user, admin) and user x the same."""
+    own, user, manager, admin = range(4)
+    for op in ("keys.create", "keys.regenerate", "keys.revoke"):
+        _, by_manager, by_user = MATRIX[op]
+        assert by_manager[own] and not (by_manager[user] or by_manager[manager] or by_manager[admin]), op
+        assert by_user[own] and not (by_user[user] or by_user[manager] or by_user[admin]), op
+    for op in ("overrides.set", "overrides.delete", "overrides.test", "overrides.status", "overrides.list"):
+        _, by_manager, _ = MATRIX[op]
+        assert by_manager[user] and by_manager[manager] and not by_manager[admin], op
+
+
+def test_a_managers_lists_of_everyone_leave_out_admins(stack: Stack) -> None:
+    admins = {"ada", "mx-admin", "mx-admin2"}
+    status, overrides = "/admin/v1/servers/mx-ind/status", "/admin/v1/overrides?server=mx-ind"
+    for path, rows in ((status, "statuses"), (overrides, "overrides")):
+        seen = {row["principal"] for row in stack.json_api("GET", path, "mx-manager").json().get(rows, [])}
+        assert not seen & admins, (path, seen & admins)
+    every = {row["principal"] for row in stack.json_api("GET", status, "mx-admin").json()["statuses"]}
+    assert admins <= every and {"mx-manager", "mx-manager2", "mx-user"} <= every
 
 
 # (role, method, path, body, expected HTTP status): the same rules as JSON through Envoy.
@@ -344,10 +378,16 @@ JSON_CASES = [
     ("user", "GET", "/admin/v1/keys?principal=mx-user", None, 200),
     ("user", "GET", "/admin/v1/keys?principal=mx-other", None, 403),
     ("user", "GET", "/admin/v1/keys?principal=mx-ghost", None, 403),
-    ("manager", "GET", "/admin/v1/keys?principal=mx-other", None, 200),
+    ("manager", "GET", "/admin/v1/keys?principal=mx-manager", None, 200),
+    ("manager", "GET", "/admin/v1/keys?principal=mx-other", None, 403),
+    ("manager", "POST", "/admin/v1/keys", {"principal": "mx-admin", "label": "json"}, 403),
+    ("manager", "POST", "/admin/v1/keys", {"principal": "mx-other", "label": "json"}, 403),
+    ("manager", "POST", "/admin/v1/keys", {"principal": "mx-ghost", "label": "json"}, 403),
     ("user", "PUT", "/admin/v1/overrides/mx-ind", {"values": {"API_KEY": "json-own-value-012345"}}, 200),
     ("user", "PUT", "/admin/v1/overrides/mx-ind/mx-other", {"values": {"API_KEY": "json-value-0123456"}}, 403),
     ("manager", "PUT", "/admin/v1/overrides/mx-ind/mx-other", {"values": {"API_KEY": "json-value-0123456"}}, 200),
+    ("manager", "PUT", "/admin/v1/overrides/mx-ind/mx-admin", {"values": {"API_KEY": "json-value-0123456"}}, 403),
+    ("manager", "GET", "/admin/v1/status?principal=mx-admin", None, 403),
     ("user", "GET", "/admin/v1/servers/mx-ind/status", None, 200),
     ("user", "GET", "/admin/v1/status?principal=mx-other", None, 403),
     ("manager", "GET", "/admin/v1/servers/mx-ind/status", None, 200),
