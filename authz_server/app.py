@@ -3,8 +3,10 @@
 Everything is wired here, once, from validated Settings: store, keyring check,
 in-memory state and its follower, the pipeline, the admin use cases, the gRPC
 servicers, and the write-behind tasks. No other module builds these or keeps
-globals. One gRPC server hosts Check, the access-log service, the admin API,
-health and reflection.
+globals. Two gRPC servers, by who may reach them: the Check listener (Check, the
+access-log service, health, reflection) for Envoy alone, local or behind mutual
+TLS; and the admin listener (the admin API, health, reflection) for people,
+local or behind TLS.
 
 Threads: Check and the access-log streams run on one thread of their own,
 straight off gRPC core's completion queue (envoy/core_loop.py), from memory.
@@ -21,6 +23,7 @@ import contextlib
 import gc
 from concurrent.futures import ThreadPoolExecutor
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -40,7 +43,7 @@ from authz_server.admin.api import AdminServicer
 from authz_server.admin.bridge import OnLoop
 from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.service import AdminService
-from authz_server.config import Settings, parse_hostport
+from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
 from authz_server.envoy import accesslog, servicer
@@ -155,47 +158,54 @@ async def serve(
     """
     logs.configure(settings.log_level)
     stop = stop or _stop_on_signals()
+    check_credentials = _credentials(settings.check_tls, "Check listener")
+    admin_credentials = _credentials(settings.admin_tls, "admin listener")
     sidecar = await build(settings, keyring, store)
-    # No SO_REUSEPORT: a second (stale) instance must fail to bind, not silently share the port.
-    server = grpc.server(
-        ThreadPoolExecutor(settings.grpc_threads, thread_name_prefix="grpc"), options=[("grpc.so_reuseport", 0)]
-    )
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+    # Two listeners, by who may reach them (README, "Trust boundaries"). Check and the access log
+    # are for Envoy alone: whoever can call Check reads the credentials it injects. Admin calls
+    # are for people with gateway keys. Separate servers, so no port serves both.
+    server = _grpc_server(4)  # its threads only answer health checks and reflection
     check = servicer.AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit,
                                            sidecar.last_used)  # fmt: skip
     access_log = sidecar.access_log
     hot = CoreLoop(server)  # what Envoy calls per request, on a thread of its own
     hot.unary(servicer.METHOD, external_auth_pb2.CheckRequest.FromString, check.check)
     hot.client_stream(accesslog.METHOD, als_pb2.StreamAccessLogsMessage.FromString, access_log.open, accesslog.REPLY)
-    # The admin API authenticates with Check's own authenticator (same caches, same revocation);
-    # a key is never taken from a path here, only from the metadata.
-    admin = AdminServicer(
-        sidecar.admin,
-        sidecar.authenticator,
-        KeyExtractor(settings.key_header, path_keys=False),
-        sidecar.audit,
-        ready=lambda: sidecar.health.serving,
-    )
-    admin_pb2_grpc.add_AdminServicer_to_server(OnLoop(admin, asyncio.get_running_loop()), server)
     health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
-            ADMIN_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            health_name,
             reflection.SERVICE_NAME,
         ),
         server,
     )
-    try:
-        bound = server.add_insecure_port(settings.listen)
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise ConfigError(f"Cannot listen on {settings.listen}.")
+    _bind(server, settings.listen, check_credentials)
+
+    admin_server = None
+    if settings.admin_listen:
+        admin_server = _grpc_server(settings.grpc_threads)
+        # The admin API authenticates with Check's own authenticator (same caches, same revocation);
+        # a key is never taken from a path here, only from the metadata.
+        admin = AdminServicer(
+            sidecar.admin,
+            sidecar.authenticator,
+            KeyExtractor(settings.key_header, path_keys=False),
+            sidecar.audit,
+            ready=lambda: sidecar.health.serving,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
+        health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
+        reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), admin_server)
+        _bind(admin_server, settings.admin_listen, admin_credentials)
     sidecar.health.start()
     server.start()
     hot.start()
+    if admin_server is not None:
+        admin_server.start()
     http = None
     if settings.metrics_listen:
         host, port = parse_hostport(settings.metrics_listen, "The metrics address")
@@ -223,7 +233,14 @@ async def serve(
         sidecar.health.set(True, "ok")
         log.info(
             "ready",
-            extra={"listen": settings.listen, "metrics": settings.metrics_listen, **sidecar.state.counts()},
+            extra={
+                "listen": settings.listen,
+                "check_tls": "mutual" if settings.check_tls else "off",
+                "admin_listen": settings.admin_listen,
+                "admin_tls": ("mutual" if settings.admin_tls.client_ca else "on") if settings.admin_tls else "off",
+                "metrics": settings.metrics_listen,
+                **sidecar.state.counts(),
+            },
         )
         if ready is not None:
             ready.set()
@@ -232,7 +249,8 @@ async def serve(
         log.info("stopping")
         sidecar.health.stop()
         # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
-        await asyncio.get_running_loop().run_in_executor(None, lambda: server.stop(grace=2).wait())
+        stopped = [s.stop(grace=2) for s in (server, admin_server) if s is not None]
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [event.wait() for event in stopped])
         hot.close()
         if http is not None:
             http.stop()
@@ -253,6 +271,43 @@ async def serve(
         )
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+def _grpc_server(threads: int) -> grpc.Server:
+    # No SO_REUSEPORT: a second (stale) instance must fail to bind, not silently share the port.
+    return grpc.server(ThreadPoolExecutor(threads, thread_name_prefix="grpc"), options=[("grpc.so_reuseport", 0)])
+
+
+def _credentials(tls: TlsFiles | None, what: str) -> grpc.ServerCredentials | None:
+    """TLS for a listener, read and checked before anything starts. With a client CA, clients
+    must present a certificate it signed: the handshake fails otherwise, before any call."""
+    if tls is None:
+        return None
+    chain = read_pem(tls.cert, f"{what} certificate")
+    key = read_pem(tls.key, f"{what} private key", private=True)
+    client_ca = read_pem(tls.client_ca, f"{what} client CA") if tls.client_ca else None
+    try:
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - grpc raises plain errors for unusable PEM
+        raise ConfigError(f"The {what} certificate or key cannot be used: {type(exc).__name__}.") from None
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Listen on `address`. A Unix socket is created 0660, so only its owner and group (Envoy's) can connect."""
+    old_umask = os.umask(0o117) if address.startswith(UNIX_PREFIX) else None
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if bound == 0:
+        raise ConfigError(f"Cannot listen on {address}.")
 
 
 async def _retention(sidecar: Sidecar, every: float = 3600.0) -> None:

@@ -53,7 +53,7 @@ from authz_server.admin.service import (
     TeamView,
     UsageView,
 )
-from authz_server.config import Settings, parse_hostport
+from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, read_pem
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.crypto.keys import KeyHasher
@@ -70,7 +70,8 @@ Admin = Union[AdminService, "RemoteAdmin"]
 PROG = "mcp-authz"
 DEFAULT_KEY_FILE = "mcp-authz.key"
 ENV_ENVOY_CONFIG = "MCP_AUTHZ_ENVOY_CONFIG"
-ENV_SERVER = "MCP_AUTHZ_SERVER"  # remote mode: the sidecar's gRPC HOST:PORT
+ENV_SERVER = "MCP_AUTHZ_SERVER"  # remote mode: the sidecar's admin API, HOST:PORT
+ENV_CA = "MCP_AUTHZ_CA"  # remote mode: the CA file that signed the admin listener's certificate
 ENV_GATEWAY_KEY = "MCP_AUTHZ_KEY"  # remote mode: the caller's gateway key
 DEFAULT_ENVOY_CONFIG = "envoy/envoy.yaml"
 DEFAULT_USAGE_LIMIT = 1000
@@ -220,6 +221,8 @@ class _Context:
     settings: Settings
     env: dict[str, str]  # the environment as load_keyring should see it
     remote: str | None = None  # HOST:PORT of a sidecar's admin API: remote mode
+    remote_tls: bool = False  # remote mode over TLS
+    remote_ca: bytes | None = None  # the CA that signed the admin listener's certificate (None: system roots)
 
 
 def _context(args: argparse.Namespace, *, local: bool = False, **overrides: Any) -> _Context:
@@ -233,7 +236,19 @@ def _context(args: argparse.Namespace, *, local: bool = False, **overrides: Any)
         env[ENV_KEY_FILE] = key_file
     settings = Settings.from_env(env, store_url=getattr(args, "store", None), **overrides)
     remote = None if local else _remote_target(args, env)
-    return _Context(bool(getattr(args, "json", False)), settings, env, remote)
+    tls, ca = False, None
+    if remote is not None:
+        ca_path = getattr(args, "ca", None) or env.get(ENV_CA) or None
+        tls = bool(ca_path or getattr(args, "tls", False))
+        ca = read_pem(ca_path, "CA certificate (--ca)") if ca_path else None
+        if not tls and not is_local(remote):
+            raise UsageError(
+                "",
+                f"--server {remote} is not on this host: your gateway key would cross the network in clear text. "
+                f"Give --ca FILE (the CA that signed the admin listener's certificate; or ${ENV_CA}), or --tls "
+                "to verify it against the system's roots.",
+            )
+    return _Context(bool(getattr(args, "json", False)), settings, env, remote, tls, ca)
 
 
 def _remote_target(args: argparse.Namespace, env: dict[str, str]) -> str | None:
@@ -246,7 +261,7 @@ def _remote_target(args: argparse.Namespace, env: dict[str, str]) -> str | None:
     except ConfigError:
         raise UsageError(
             "",
-            "--server (or $MCP_AUTHZ_SERVER) is the sidecar's gRPC address, HOST:PORT (e.g. 127.0.0.1:9001). "
+            "--server (or $MCP_AUTHZ_SERVER) is the sidecar's admin API address, HOST:PORT (e.g. 127.0.0.1:9002). "
             "Name an MCP server with --server-name after the command.",
         ) from None
     given = [f for f, n in (("--store", "store"), ("--master-key-file", "master_key_file")) if getattr(args, n, None)]
@@ -327,7 +342,7 @@ async def _admin_session(ctx: _Context) -> AsyncIterator[Admin]:
         raise ConfigError(f"${ENV_GATEWAY_KEY} does not hold a gateway key (mgw_ followed by 32 letters and digits).")
     from authz_server.admin.remote import RemoteAdmin  # gRPC only for remote mode
 
-    async with RemoteAdmin(ctx.remote, Secret(key)) as remote:
+    async with RemoteAdmin(ctx.remote, Secret(key), tls=ctx.remote_tls, ca=ctx.remote_ca) as remote:
         yield remote
 
 
@@ -914,14 +929,24 @@ def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
 
 def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
     _local_only(args, args.command)
+    env = os.environ
     ctx = _context(
         args,
         local=True,
         listen=args.listen,
+        admin_listen=args.admin_listen,
         metrics_listen=args.metrics_listen,
         key_header=args.key_header,
         poll_interval=args.poll_interval,
-    )
+        # A flag wins over its variable, one file at a time.
+        check_tls=TlsFiles.of(args.tls_cert or env.get("MCP_AUTHZ_TLS_CERT"), args.tls_key or env.get("MCP_AUTHZ_TLS_KEY"),
+                              args.client_ca or env.get("MCP_AUTHZ_CLIENT_CA"), "--tls-cert, --tls-key"),
+        admin_tls=TlsFiles.of(args.admin_tls_cert or env.get("MCP_AUTHZ_ADMIN_TLS_CERT"),
+                              args.admin_tls_key or env.get("MCP_AUTHZ_ADMIN_TLS_KEY"), None,
+                              "--admin-tls-cert, --admin-tls-key"),
+        insecure_check_listener=args.insecure_check_listener or None,
+        insecure_admin_listener=args.insecure_admin_listener or None,
+    )  # fmt: skip
     return ctx.settings, _load_keyring(ctx)
 
 
@@ -1077,9 +1102,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="remote",
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
-        help=f"run the command on the sidecar at HOST:PORT (its gRPC admin API), as the principal whose "
+        help=f"run the command on the sidecar's admin API at HOST:PORT (its --admin-listen), as the principal whose "
         f"gateway key is in ${ENV_GATEWAY_KEY} (default: ${ENV_SERVER}; unset: local mode). Goes before the command",
     )
+    parser.add_argument("--ca", metavar="PEM", default=argparse.SUPPRESS,
+                        help=f"with --server: TLS, verifying the admin listener's certificate against this CA "
+                             f"(default: ${ENV_CA})")
+    parser.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                        help="with --server: TLS, verifying the certificate against the system's roots")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def server_name(p: argparse.ArgumentParser, required: bool, help_text: str = "the MCP server's name") -> None:
@@ -1107,7 +1137,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", _cmd_run, "run the sidecar and Envoy together (local use)"),
     ):
         p = leaf(sub, name, text, func)
-        p.add_argument("--listen", metavar="HOST:PORT", help="gRPC listen address (default: 127.0.0.1:9001)")
+        p.add_argument("--listen", metavar="ADDRESS",
+                       help="Check, access-log and health gRPC listener, for Envoy alone: HOST:PORT or unix:/path "
+                            "(default: 127.0.0.1:9001). Beyond this host it needs mutual TLS")
+        p.add_argument("--tls-cert", metavar="PEM", help="Check listener's certificate (mutual TLS)")
+        p.add_argument("--tls-key", metavar="PEM", help="its private key, mode 0600")
+        p.add_argument("--client-ca", metavar="PEM", help="CA that signed Envoy's client certificate")
+        p.add_argument("--insecure-check-listener", action="store_true",
+                       help="allow --listen beyond this host without mutual TLS (only where a network policy "
+                            "already lets nothing but Envoy reach it)")
+        p.add_argument("--admin-listen", metavar="ADDRESS",
+                       help="admin API gRPC listener: HOST:PORT or unix:/path (default: 127.0.0.1:9002; '' turns it "
+                            "off). Beyond this host it needs TLS")
+        p.add_argument("--admin-tls-cert", metavar="PEM", help="admin listener's certificate (server TLS)")
+        p.add_argument("--admin-tls-key", metavar="PEM", help="its private key, mode 0600")
+        p.add_argument("--insecure-admin-listener", action="store_true",
+                       help="allow --admin-listen beyond this host without TLS (when something else encrypts it)")
         p.add_argument("--key-header", metavar="H", help="custom header a gateway key may come in (default: x-api-key)")
         p.add_argument("--poll-interval", metavar="S", type=float, help="seconds between store polls (default: 0.1)")
         p.add_argument(

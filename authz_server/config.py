@@ -7,9 +7,12 @@ values with a ConfigError that names the variable and never echoes a secret.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from authz_server.crypto.keys import Argon2Params
@@ -28,10 +31,73 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+UNIX_PREFIX = "unix:"
+
+
+def parse_listen(value: str, what: str) -> None:
+    """A gRPC listen address: HOST:PORT, or `unix:/absolute/path` for a Unix domain socket."""
+    if value.startswith(UNIX_PREFIX):
+        if not value[len(UNIX_PREFIX) :].startswith("/"):
+            raise ConfigError(f"{what} must be HOST:PORT or unix:/absolute/path, got {value!r}.")
+        return
+    parse_hostport(value, what)
+
+
+def is_local(address: str) -> bool:
+    """Whether only this host can reach `address`: a Unix socket, `localhost`, or a loopback IP."""
+    if address.startswith(UNIX_PREFIX):
+        return True
+    host, _ = parse_hostport(address, "The address")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
+def read_pem(path: str, what: str, *, private: bool = False) -> bytes:
+    """A PEM file's bytes. A private key must not be readable by other users (like the master key)."""
+    try:
+        info = os.stat(path)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the {what} {path}: {exc.strerror}.") from None
+    if private and info.st_mode & (stat.S_IRWXO):
+        raise ConfigError(f"The {what} {path} is readable by other users: chmod 600 {path}.")
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"The {what} {path} is not a PEM file.")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A TLS listener's certificate and key; with `client_ca`, clients must present a certificate it signed."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    @classmethod
+    def of(cls, cert: str | None, key: str | None, client_ca: str | None, flags: str) -> TlsFiles | None:
+        if not (cert or key or client_ca):
+            return None
+        if not (cert and key):
+            raise ConfigError(f"TLS needs both a certificate and its key ({flags}).")
+        return cls(cert, key, client_ca or "")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     store_url: str = "sqlite:///mcp-authz.db"
-    listen: str = "127.0.0.1:9001"  # gRPC: ext_authz Check, access-log service, health
+    # gRPC for Envoy alone: ext_authz Check, the access-log service, health. Local, or mutual TLS.
+    listen: str = "127.0.0.1:9001"
+    check_tls: TlsFiles | None = None  # mutual TLS on the Check listener (client_ca required)
+    insecure_check_listener: bool = False  # allow a non-local Check listener without mutual TLS
+    # gRPC for people: the admin API, health, reflection. "" turns it off. Local, or TLS.
+    admin_listen: str = "127.0.0.1:9002"
+    admin_tls: TlsFiles | None = None  # server TLS on the admin listener
+    insecure_admin_listener: bool = False  # allow a non-local admin listener without TLS
     metrics_listen: str = "127.0.0.1:9090"  # HTTP: /metrics, /healthz, /readyz ("" turns it off)
     store_outage_limit: float = 30.0  # seconds without the store before health says NOT_SERVING
     key_header: str = "x-api-key"  # custom header a gateway key may come in
@@ -59,6 +125,7 @@ class Settings:
         text = {
             "store_url": "MCP_AUTHZ_STORE",
             "listen": "MCP_AUTHZ_LISTEN",
+            "admin_listen": "MCP_AUTHZ_ADMIN_LISTEN",
             "metrics_listen": "MCP_AUTHZ_METRICS_LISTEN",
             "key_header": "MCP_AUTHZ_KEY_HEADER",
             "log_level": "MCP_AUTHZ_LOG_LEVEL",
@@ -66,6 +133,12 @@ class Settings:
         for name, var in text.items():
             if env.get(var):
                 values[name] = env[var]
+        if "MCP_AUTHZ_ADMIN_LISTEN" in env:  # set but empty: no admin listener
+            values["admin_listen"] = env["MCP_AUTHZ_ADMIN_LISTEN"]
+        values["check_tls"] = TlsFiles.of(env.get("MCP_AUTHZ_TLS_CERT"), env.get("MCP_AUTHZ_TLS_KEY"),
+                                          env.get("MCP_AUTHZ_CLIENT_CA"), "--tls-cert, --tls-key")  # fmt: skip
+        values["admin_tls"] = TlsFiles.of(env.get("MCP_AUTHZ_ADMIN_TLS_CERT"), env.get("MCP_AUTHZ_ADMIN_TLS_KEY"),
+                                          None, "--admin-tls-cert, --admin-tls-key")  # fmt: skip
         if env.get("MCP_AUTHZ_PATH_KEYS"):
             values["path_keys"] = _bool(env["MCP_AUTHZ_PATH_KEYS"], "MCP_AUTHZ_PATH_KEYS")
         numbers = {
@@ -96,7 +169,8 @@ class Settings:
         return replace(cls(), **values).validated()
 
     def validated(self) -> Settings:
-        parse_hostport(self.listen, "The listen address")
+        parse_listen(self.listen, "The listen address")
+        self._check_listeners()
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "The metrics address")
         if self.store_outage_limit <= 0:
@@ -121,6 +195,35 @@ class Settings:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("The log level must be DEBUG, INFO, WARNING or ERROR.")
         return replace(self, key_header=header, log_level=self.log_level.upper())
+
+
+    def _check_listeners(self) -> None:
+        """The trust boundaries (README, "Trust boundaries"): Check only for Envoy, the admin API never in clear text
+        beyond this host, unless the operator says in so many words that something else guards it."""
+        if self.check_tls is not None and not self.check_tls.client_ca:
+            raise ConfigError(
+                "TLS on the Check listener must be mutual: give --client-ca (the CA that signed Envoy's client "
+                "certificate) with --tls-cert and --tls-key. Server TLS alone lets any client call Check."
+            )
+        if not is_local(self.listen) and self.check_tls is None and not self.insecure_check_listener:
+            raise ConfigError(
+                f"Check would listen on {self.listen} without mutual TLS. Anyone who reaches it with any valid "
+                "gateway key could read the credentials Check injects, and forge usage records. Listen on "
+                "127.0.0.1 or a Unix socket (unix:/path), or give --tls-cert, --tls-key and --client-ca "
+                "('mcp-authz certs create' makes them), or, if a network policy already lets only Envoy reach it, "
+                "pass --insecure-check-listener."
+            )
+        if not self.admin_listen:
+            return
+        parse_listen(self.admin_listen, "The admin listen address")
+        if self.admin_listen == self.listen:
+            raise ConfigError("The admin API needs a listener of its own: --admin-listen must differ from --listen.")
+        if not is_local(self.admin_listen) and self.admin_tls is None and not self.insecure_admin_listener:
+            raise ConfigError(
+                f"The admin API would listen on {self.admin_listen} without TLS, so gateway keys would cross the "
+                "network in clear text. Give --admin-tls-cert and --admin-tls-key, listen on 127.0.0.1, or pass "
+                "--insecure-admin-listener if something else encrypts the traffic."
+            )
 
 
 def _bool(text: str, var: str) -> bool:

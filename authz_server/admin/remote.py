@@ -65,13 +65,21 @@ def _stamp(value: datetime | None) -> Timestamp | None:
 
 
 class RemoteAdmin:
-    """`AdminService` over the admin gRPC API of the sidecar at `target` (HOST:PORT)."""
+    """`AdminService` over the admin gRPC API of the sidecar at `target` (HOST:PORT).
 
-    def __init__(self, target: str, key: Secret, *, timeout: float = 30.0) -> None:
+    With `tls`, the server's certificate is verified against `ca` (PEM), or the system's roots
+    when `ca` is None; the caller (the CLI) refuses clear text to anything but this host.
+    """
+
+    def __init__(self, target: str, key: Secret, *, timeout: float = 30.0, tls: bool = False,
+                 ca: bytes | None = None) -> None:  # fmt: skip
         self._target = target
         self._key = key
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        if tls or ca is not None:
+            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca))
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
 
     async def __aenter__(self) -> RemoteAdmin:

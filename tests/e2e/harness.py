@@ -46,6 +46,7 @@ MCP_FILTER = "envoy.filters.http.mcp"  # also the namespace of its dynamic metad
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"  # the admin API as JSON
 ADMIN_ROUTE = "admin_api"
 AUTHZ_CLUSTER = "mcp_authz"
+AUTHZ_ADMIN_CLUSTER = "mcp_authz_admin"  # the sidecar's admin listener, for the /admin/ JSON route
 UPSTREAM_CLUSTER = "mcp_example"
 
 # The MCP initialize request that post_initialize() sends.
@@ -149,6 +150,7 @@ def render_envoy_config(
     mutate: Callable[[dict[str, Any]], None] | None = None,
     source: Path = SHIPPED_ENVOY_YAML,
     filename: str = "envoy.yaml",
+    authz_admin_port: int | None = None,
 ) -> Path:
     """Write the shipped ``envoy/envoy.yaml`` with test ports and one route per MCP server.
 
@@ -165,6 +167,8 @@ def render_envoy_config(
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address=LOOPBACK, port_value=listen_port)
     _set_cluster_port(_cluster(config, AUTHZ_CLUSTER), authz_port)
+    # Without the sidecar's admin port, the JSON admin route goes nowhere (503), never to Check's port.
+    _set_cluster_port(_cluster(config, AUTHZ_ADMIN_CLUSTER), authz_admin_port or free_port())
     _set_cluster_port(_cluster(config, UPSTREAM_CLUSTER), upstream_port)
     absolutize_descriptors(config)
 
@@ -337,6 +341,7 @@ def run_envoy(
     *,
     authz_port: int,
     upstream_port: int,
+    authz_admin_port: int | None = None,
     servers: Sequence[str] = ("demo",),
     listen_port: int | None = None,
     admin_port: int | None = None,
@@ -358,6 +363,7 @@ def run_envoy(
         listen_port=listen_port,
         admin_port=admin_port,
         authz_port=authz_port,
+        authz_admin_port=authz_admin_port,
         upstream_port=upstream_port,
         servers=servers,
         mutate=mutate,

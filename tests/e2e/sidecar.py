@@ -113,8 +113,13 @@ def serving(port: int) -> bool:
 @dataclass
 class Sidecar:
     process: ManagedProcess
-    port: int
+    port: int  # the Check listener: Check, access log, health
     metrics_port: int
+    admin_port: int  # the admin listener: the admin API, health
+
+    @property
+    def admin_target(self) -> str:
+        return f"{LOOPBACK}:{self.admin_port}"
 
     def http(self, path: str) -> httpx.Response:
         """GET /metrics, /healthz or /readyz on the operator port."""
@@ -133,15 +138,19 @@ def run_sidecar(
     name: str = "sidecar",
     env: dict[str, str] | None = None,
     wait: bool = True,
+    listen: str = LOOPBACK,
 ) -> Iterator[Sidecar]:
+    """`listen`: the Check listener's host (with `port`), or a whole `unix:/path`."""
     port = port or free_port()
-    metrics_port = free_port()
-    argv = [CLI, "serve", "--listen", f"{LOOPBACK}:{port}", "--poll-interval", "0.05", *extra]
+    metrics_port, admin_port = free_port(), free_port()
+    check_address = listen if listen.startswith("unix:") else f"{listen}:{port}"
+    argv = [CLI, "serve", "--listen", check_address, "--admin-listen", f"{LOOPBACK}:{admin_port}",
+            "--poll-interval", "0.05", *extra]  # fmt: skip
     full_env = {**world.env, "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{metrics_port}", **(env or {})}
     process = _spawn(name, argv, world.dir, env=full_env)
     try:
         if wait:
             wait_until(lambda: serving(port), timeout=20, what="sidecar", process=process)
-        yield Sidecar(process, port, metrics_port)
+        yield Sidecar(process, port, metrics_port, admin_port)
     finally:
         process.stop()

@@ -61,7 +61,7 @@ class Stack:
 
     @property
     def target(self) -> str:
-        return f"{LOOPBACK}:{self.sidecar.port}"
+        return self.sidecar.admin_target  # the admin listener, never the Check listener
 
     def key(self, who: str) -> str:
         return self.world.keys[who]
@@ -125,7 +125,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         asyncio.run(_seed_more(world, strict.port))
         sidecar = stop.enter_context(run_sidecar(world))
         envoy = stop.enter_context(
-            run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port, servers=SERVERS)
+            run_envoy(tmp, authz_port=sidecar.port, authz_admin_port=sidecar.admin_port, upstream_port=upstream.port,
+                      servers=SERVERS)
         )
         s = Stack(world, sidecar, upstream, strict, envoy)
         s.secrets |= set(world.keys.values()) | set(world.credentials) | {RIGHT, MATRIX_VALUE}
@@ -678,19 +679,28 @@ async def test_a_key_scoped_to_servers_manages_nothing(stack: Stack) -> None:
     await _eventually(refused_for_scope)
 
 
-async def test_reflection_lists_the_admin_service(stack: Stack) -> None:
+async def _reflected_services(target: str) -> set[str]:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    async with grpc.aio.insecure_channel(stack.target) as channel:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         async def ask() -> Any:
             yield reflection_pb2.ServerReflectionRequest(list_services="")
 
         async for reply in stub.ServerReflectionInfo(ask()):
-            names = {s.name for s in reply.list_services_response.service}
-            break
-    assert {"mcp_authz.admin.v1.Admin", "envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"} <= names
+            return {s.name for s in reply.list_services_response.service}
+    raise AssertionError("no reflection reply")
+
+
+async def test_reflection_lists_each_listeners_own_services(stack: Stack) -> None:
+    """The admin listener offers the admin API, never Check or the access log; the Check listener the reverse."""
+    check, log, admin, health = ("envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService",
+                                 "mcp_authz.admin.v1.Admin", "grpc.health.v1.Health")  # fmt: skip
+    on_admin = await _reflected_services(stack.target)
+    assert {admin, health} <= on_admin and not {check, log} & on_admin
+    on_check = await _reflected_services(f"{LOOPBACK}:{stack.sidecar.port}")
+    assert {check, log, health} <= on_check and admin not in on_check
 
 
 def test_no_secret_in_the_audit_trail_logs_or_cli_output(stack: Stack) -> None:

@@ -13,6 +13,7 @@ import yaml
 
 from .harness import (
     ADMIN_ROUTE,
+    AUTHZ_ADMIN_CLUSTER,
     AUTHZ_CLUSTER,
     EXT_AUTHZ_FILTER,
     MCP_FILTER,
@@ -110,7 +111,15 @@ def test_shipped_config_contract() -> None:
     assert tc["request_validation_options"] == {"reject_unknown_method": True, "reject_unknown_query_parameters": True}
     admin = admin_route(hcm)
     assert admin["match"] == {"prefix": "/admin/"}
-    assert admin["route"]["cluster"] == AUTHZ_CLUSTER
+    # The JSON admin API goes to the sidecar's admin listener, never to the Check listener.
+    assert admin["route"]["cluster"] == AUTHZ_ADMIN_CLUSTER != AUTHZ_CLUSTER
+    admin_cluster = cluster(config, AUTHZ_ADMIN_CLUSTER)
+    admin_options = admin_cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert admin_options["explicit_http_config"] == {"http2_protocol_options": {}}
+    admin_address = admin_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert admin_address == {"socket_address": {"address": "127.0.0.1", "port_value": 9002}}
+    # Header names with underscores never reach Check or an upstream (x_user_id as x-user-id).
+    assert hcm["common_http_protocol_options"] == {"headers_with_underscores_action": "DROP_HEADER"}
     per_filter = admin["typed_per_filter_config"]
     assert per_filter[TRANSCODER_FILTER] == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
     assert per_filter[EXT_AUTHZ_FILTER]["disabled"] is True
@@ -194,9 +203,20 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     assert per_route["check_settings"]["context_extensions"]["mcp_server"] == "github"
     assert route["match"] == {"path_separated_prefix": "/mcp/github"}
     assert snippet["unchecked_route_example"]["typed_per_filter_config"][EXT_AUTHZ_FILTER]["disabled"] is True
-    # The optional admin API piece: the transcoder filter and its route, exactly as shipped.
+    # The optional admin API piece: the transcoder filter, its route and cluster, exactly as shipped.
     assert snippet["admin_api_filter"] == [transcoder_filter(_hcm(shipped))]
     assert snippet["admin_api_route"] == [admin_route(_hcm(shipped))]
+    assert snippet["admin_api_cluster"] == [cluster(shipped, AUTHZ_ADMIN_CLUSTER)]
+    # The HCM setting for header names with underscores, as shipped.
+    hcm_piece = snippet["http_connection_manager"]
+    assert hcm_piece["common_http_protocol_options"] == _hcm(shipped)["common_http_protocol_options"]
+    # The mutual-TLS cluster (3b) is the shipped cluster plus a transport socket, for a sidecar on another host.
+    (mtls,) = snippet["mtls_clusters"]
+    plain = {k: v for k, v in mtls.items() if k not in ("transport_socket", "type", "load_assignment")}
+    assert plain == {k: v for k, v in cluster(shipped, AUTHZ_CLUSTER).items() if k not in ("type", "load_assignment")}
+    tls = mtls["transport_socket"]["typed_config"]
+    assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
+    assert tls["common_tls_context"]["tls_certificates"] and tls["common_tls_context"]["validation_context"]["trusted_ca"]
 
 
 @pytest.mark.e2e
@@ -218,6 +238,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                             "@type": "type.googleapis.com/envoy.extensions.filters.network."
                             "http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "existing",
+                            **snippet["http_connection_manager"],
                             "access_log": snippet["access_log"],
                             "route_config": {"virtual_hosts": [{
                                 "name": "all", "domains": ["*"],
@@ -238,7 +259,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                     }]}],
                 }
             ],
-            "clusters": [*snippet["clusters"], upstream],
+            "clusters": [*snippet["clusters"], *snippet["admin_api_cluster"], upstream],
         }
     }  # fmt: skip
     absolutize_descriptors(config)

@@ -73,8 +73,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         world = asyncio.run(seed(tmp / "world"))
         admin_key = asyncio.run(_add_admin(world))
         sidecar = stop.enter_context(run_sidecar(world))
-        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port,
-                                             servers=("github", "linear", "open")))  # fmt: skip
+        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, authz_admin_port=sidecar.admin_port,
+                                             upstream_port=upstream.port, servers=("github", "linear", "open")))  # fmt: skip
         yield Stack(world, sidecar, upstream, envoy, admin_key)
 
 
@@ -82,7 +82,7 @@ def test_the_readme_has_tested_administration_examples() -> None:
     blocks = readme_blocks(README.read_text(encoding="utf-8"))
     assert len(blocks) >= 4
     text = "\n".join(blocks)
-    for needed in ("mcp-authz --server 127.0.0.1:9001", "overrides set --server-name github", "overrides status",
+    for needed in ("mcp-authz --server 127.0.0.1:9002", "overrides set --server-name github", "overrides status",
                    "overrides test", "keys create", "audit --export", "curl", "/admin/v1/"):
         assert needed in text, needed
 
@@ -94,7 +94,7 @@ def test_the_readme_administration_examples_run(stack: Stack, tmp_path: Path) ->
     for shown, real in (
         ("http://127.0.0.1:10000", stack.envoy.base_url),
         ("http://127.0.0.1:9100", stack.upstream.base_url),
-        ("127.0.0.1:9001", f"{LOOPBACK}:{stack.sidecar.port}"),
+        ("127.0.0.1:9002", stack.sidecar.admin_target),
     ):
         script = script.replace(shown, real)
     env = {**stack.world.env, "ALICE_KEY": stack.world.keys["alice"], "ADMIN_KEY": stack.admin_key}

@@ -523,7 +523,8 @@ def test_serve_and_run_hand_validated_settings_to_the_app(run: Cli, monkeypatch:
     monkeypatch.setattr(app, "run_with_envoy", fake_run)
     rec = run(
         "serve", "--listen", "0.0.0.0:9100", "--key-header", "X-Gateway-Key", "--poll-interval", "0.5",
-        "--store", "sqlite:///s.db", common=False,
+        "--store", "sqlite:///s.db", "--insecure-check-listener", "--admin-listen", "unix:/run/mcp-authz/admin.sock",
+        common=False,
     )
     assert rec.code == 0, rec.err
     rec = run("run", "--envoy-config", "my/envoy.yaml", common=False)
@@ -532,12 +533,45 @@ def test_serve_and_run_hand_validated_settings_to_the_app(run: Cli, monkeypatch:
     assert (kind, settings.listen, settings.key_header) == ("serve", "0.0.0.0:9100", "x-gateway-key")
     assert settings.poll_interval == 0.5
     assert settings.store_url == "sqlite:///s.db" and keyring.versions == (1,)
+    assert settings.insecure_check_listener and settings.admin_listen == "unix:/run/mcp-authz/admin.sock"
     assert (kind2, settings2.listen, config) == ("run", "127.0.0.1:9001", Path("my/envoy.yaml"))
+    assert (settings2.admin_listen, settings2.check_tls, settings2.insecure_check_listener) == ("127.0.0.1:9002", None, False)
     rec = run("serve", "--listen", "nowhere", common=False)
     assert rec.code == 2 and "listen address must be HOST:PORT" in rec.err
     rec = run("--json", "serve", "--poll-interval", "0", common=False)
     assert rec.code == 2 and json.loads(rec.out)["error"]["reason"] == "config"
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--listen", "0.0.0.0:9001"], "without mutual TLS"),
+        (["--listen", "10.1.2.3:9001"], "without mutual TLS"),
+        (["--listen", "sidecar.internal:9001"], "without mutual TLS"),  # a name may resolve anywhere
+        (["--listen", "0.0.0.0:9001", "--tls-cert", "s.crt", "--tls-key", "s.key"], "must be mutual"),
+        (["--tls-cert", "s.crt"], "needs both a certificate and its key"),
+        (["--admin-listen", "0.0.0.0:9002"], "clear text"),
+        (["--admin-listen", "127.0.0.1:9001"], "a listener of its own"),
+        (["--listen", "unix:relative.sock"], "unix:/absolute/path"),
+    ],
+)
+def test_serve_refuses_listeners_that_open_a_trust_boundary(run: Cli, monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                            says: str) -> None:
+    import authz_server.app as app
+
+    spec = Keyring.generate_spec()
+    run.transcript.master_keys.add(spec)
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", spec)
+    started: list[Any] = []
+
+    async def fake_serve(settings: Any, keyring: Any) -> None:
+        started.append(settings)
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    rec = run("serve", *argv, common=False)
+    assert rec.code == 2 and says in rec.err, rec.err
+    assert not started
 
 
 # --- the real entry point -----------------------------------------------------------------------------
