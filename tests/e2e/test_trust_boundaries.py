@@ -17,8 +17,10 @@ Envoy, the real sidecar and the example MCP server, and now closed.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,7 +31,6 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import yaml
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,7 +60,6 @@ from .sidecar import CLI, Sidecar, World, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
-SNIPPET_YAML = REPO_ROOT / "envoy" / "snippet.yaml"
 
 
 @dataclass
@@ -201,8 +201,6 @@ def test_the_default_listeners_are_not_reachable_from_another_address(gw: Stack)
 
 
 def test_a_check_listener_beyond_loopback_without_mutual_tls_refuses_to_start(stack: Stack) -> None:
-    import subprocess
-
     done = subprocess.run([CLI, "serve", "--listen", f"0.0.0.0:{free_port()}", "--admin-listen", ""],
                           env=stack.world.env, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 2
@@ -216,25 +214,12 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _mtls_cluster(cert_dir: Path, port: int) -> dict[str, Any]:
-    """The shipped snippet's mutual-TLS cluster (piece 3b), pointed at a test port and test files."""
-    (cluster,) = yaml.safe_load(SNIPPET_YAML.read_text(encoding="utf-8"))["mtls_clusters"]
-    cluster["type"] = "STATIC"
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    endpoint["address"]["socket_address"] = {"address": LOOPBACK, "port_value": port}
-    tls = cluster["transport_socket"]["typed_config"]
-    tls["sni"] = "mcp-authz.test"
-    context = tls["common_tls_context"]
-    context["tls_certificates"] = [{"certificate_chain": {"filename": str(cert_dir / "client.crt")},
-                                    "private_key": {"filename": str(cert_dir / "client.key")}}]  # fmt: skip
-    context["validation_context"]["trusted_ca"] = {"filename": str(cert_dir / "ca.crt")}
-    context["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] = {"exact": "mcp-authz.test"}
-    return cluster
-
-
-def _replace_cluster(config: dict[str, Any], replacement: dict[str, Any]) -> None:
-    clusters = config["static_resources"]["clusters"]
-    clusters[:] = [replacement if c["name"] == replacement["name"] else c for c in clusters]
+def _shipped_mtls() -> Any:
+    """envoy/mtls.py, the shipped renderer of the mutual-TLS variant (docker-compose's `mtls` profile runs it)."""
+    spec = importlib.util.spec_from_file_location("envoy_mtls", REPO_ROOT / "envoy" / "mtls.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def _secure_channel(cert_dir: Path, port: int, *, client_cert: bool, ca: Path | None = None) -> grpc.Channel:
@@ -254,8 +239,9 @@ async def test_mutual_tls_check_listener(stack: Stack, cert_dir: Path, tmp_path:
     (or trusting another CA) is refused at the handshake; Envoy, with the shipped snippet's
     cluster, gets Check and the access log through it."""
     port = free_port()
-    tls = ["--tls-cert", str(cert_dir / "server.crt"), "--tls-key", str(cert_dir / "server.key"),
-           "--client-ca", str(cert_dir / "ca.crt")]  # fmt: skip
+    server = ["--tls-cert", str(cert_dir / "server.crt"), "--tls-key", str(cert_dir / "server.key")]
+    tls = [*server, "--client-ca", str(cert_dir / "ca.crt"), *(f"--admin-{arg[2:]}" if arg.startswith("--") else arg
+                                                              for arg in server)]  # fmt: skip
     with run_sidecar(stack.world, port=port, extra=tls, name="sidecar-mtls", wait=False,
                      listen="0.0.0.0") as sidecar:  # fmt: skip
         with _secure_channel(cert_dir, port, client_cert=True) as channel:
@@ -276,8 +262,11 @@ async def test_mutual_tls_check_listener(stack: Stack, cert_dir: Path, tmp_path:
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
 
         stack.upstream.reset_stats()
+        mtls = _shipped_mtls()
+        render = lambda c: mtls.apply(c, sidecar=f"{LOOPBACK}:{port}", certs=cert_dir, server_name="mcp-authz.test",  # noqa: E731
+                                      admin=sidecar.admin_target)  # fmt: skip
         with run_envoy(tmp_path, authz_port=port, upstream_port=stack.upstream.port, servers=SERVERS,
-                       mutate=lambda c: _replace_cluster(c, _mtls_cluster(cert_dir, port))) as envoy:  # fmt: skip
+                       mutate=render) as envoy:  # fmt: skip
             await envoy.wait_healthy(AUTHZ_CLUSTER)
             r = await post_initialize(envoy.url("linear"), stack.bearer("bob"))
             assert r.status == 200, r.text
@@ -285,7 +274,21 @@ async def test_mutual_tls_check_listener(stack: Stack, cert_dir: Path, tmp_path:
             denied = await post_initialize(envoy.url("linear"), {"authorization": "Bearer mgw_nope"})
             assert denied.status == 401
             # Usage arrives over the same mutual-TLS cluster.
-            wait_until(lambda: "access_log_entries" in _metric_names(sidecar), timeout=10, what="usage over mTLS")
+            wait_until(lambda: _usage_written(sidecar), timeout=10, what="usage over mutual TLS")
+            # The JSON admin API reaches the admin listener over TLS.
+            who = httpx.get(f"{envoy.base_url}/admin/v1/whoami", headers=stack.bearer("alice"), timeout=10)
+            assert who.status_code == 200 and who.json()["name"] == "alice"
+
+        # The remote CLI: TLS verified against the CA; refused without it, or against another CA.
+        env = {**stack.world.env, "MCP_AUTHZ_KEY": stack.key("alice")}
+        env.pop("MCP_AUTHZ_STORE")
+        target = f"localhost:{sidecar.admin_port}"
+        ok = subprocess.run([CLI, "--server", target, "--ca", str(cert_dir / "ca.crt"), "whoami"], env=env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert ok.returncode == 0 and "alice" in ok.stdout, ok.stderr
+        for argv in (["--server", target], ["--server", target, "--ca", str(other / "ca.crt")]):
+            bad = subprocess.run([CLI, *argv, "whoami"], env=env, capture_output=True, text=True, timeout=30)
+            assert bad.returncode != 0 and "alice" not in bad.stdout
 
 
 def _serving(channel: grpc.Channel) -> bool:
@@ -295,10 +298,11 @@ def _serving(channel: grpc.Channel) -> bool:
         return False
 
 
-def _metric_names(sidecar: Sidecar) -> str:
-    text = sidecar.http("/metrics").text
-    received = [line for line in text.splitlines() if line.startswith("mcp_authz_queue_written_total{queue=\"usage\"}")]
-    return "access_log_entries" if received and float(received[0].split()[-1]) > 0 else ""
+def _usage_written(sidecar: Sidecar) -> bool:
+    for line in sidecar.http("/metrics").text.splitlines():
+        if line.startswith('mcp_authz_queue_written_total{queue="usage"}'):
+            return float(line.split()[-1]) > 0
+    return False
 
 
 async def test_envoy_reaches_the_sidecar_over_a_unix_socket(stack: Stack, tmp_path: Path) -> None:
