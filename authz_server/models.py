@@ -236,6 +236,13 @@ class UsageRecord:
     duration_ms: float
     id: int | None = None
 
+    def __post_init__(self) -> None:
+        # The tool, MCP method and request id come from the request: a key-shaped one is cut to its key id.
+        for name in ("request_id", "tool", "mcp_method"):
+            value = getattr(self, name)
+            if "mgw_" in value:
+                object.__setattr__(self, name, redact(value))
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:

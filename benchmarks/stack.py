@@ -123,6 +123,7 @@ def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool 
     port, metrics_port = free_port(), free_port()
     env = child_env(world.env(dict(os.environ)))
     env["MCP_AUTHZ_METRICS_LISTEN"] = f"{LOOPBACK}:{metrics_port}"
+    env["MCP_AUTHZ_ADMIN_LISTEN"] = f"{LOOPBACK}:{free_port()}"  # several sidecars run at once; older checkouts ignore it
     if code is not None:
         env["PYTHONPATH"] = str(code)
         argv = [sys.executable, "-m", "authz_server", "serve", "--listen", f"{LOOPBACK}:{port}"]

@@ -34,7 +34,8 @@ KEY_FILE = DATA / "mcp-authz.key"  # beside the database, where the CLI looks by
 SIGNING_FILE = DATA / "demo-signing.secret"
 STORE_URL = f"sqlite:///{DB}"
 GATEWAY = "http://127.0.0.1:10000/mcp/demo"
-PORTS = {10000: "Envoy listener", 9901: "Envoy admin", 9001: "sidecar", 9090: "sidecar metrics", 9100: "example MCP server"}
+PORTS = {10000: "Envoy listener", 9901: "Envoy admin", 9001: "sidecar Check listener", 9002: "sidecar admin listener",
+         9090: "sidecar metrics", 9100: "example MCP server"}
 DEMO_LABEL = "make-run"
 
 
@@ -129,6 +130,8 @@ Call a tool through the gateway:
   MCP_AUTHZ_KEY={key} {bin_dir / 'python'} examples/call_tool.py {GATEWAY} echo_headers
 
 Metrics and health:  http://127.0.0.1:9090/metrics  /healthz  /readyz
+Admin API:           JSON at http://127.0.0.1:10000/admin/v1/whoami (through Envoy),
+                     gRPC at 127.0.0.1:9002 (mcp-authz --server 127.0.0.1:9002, your key in MCP_AUTHZ_KEY)
 
 Manage it from another terminal:
   export MCP_AUTHZ_STORE={STORE_URL}

@@ -298,3 +298,14 @@ def test_the_cli_never_prints_a_key_it_was_given(cli, argv: tuple[str, ...], cod
     code, audit = run("--json", "audit")
     assert code == 0, audit
     _assert_clean(audit, admin_key)
+
+
+def test_a_usage_record_keeps_no_key_from_the_request() -> None:
+    """The tool name, MCP method and request id of a usage record come from the request."""
+    from authz_server.models import UsageRecord
+
+    key = gateway_keys.generate()[1].reveal()
+    record = UsageRecord(datetime.now(timezone.utc), f"req-{key}", "p_1", "abcdefg", "github", key, f"tools/{key}", "deny",
+                         "scope_tool", 403, 10, 20, 1.5)  # fmt: skip
+    assert key not in repr(record)
+    assert record.tool == f"{key[:11]}{REDACTED}" and record.server == "github"
