@@ -252,9 +252,13 @@ async def test_mutual_tls_check_listener(stack: Stack, cert_dir: Path, tmp_path:
             grpc.insecure_channel(f"{LOOPBACK}:{port}"),  # plain text
             _secure_channel(cert_dir, port, client_cert=False),  # TLS without a client certificate
         ):
-            with refused, pytest.raises(grpc.RpcError) as failed:
-                external_auth_pb2_grpc.AuthorizationStub(refused).Check(_check_request(stack.key("bob")), timeout=3)
-            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            with refused:
+                with pytest.raises(grpc.RpcError) as failed:
+                    external_auth_pb2_grpc.AuthorizationStub(refused).Check(_check_request(stack.key("bob")), timeout=3)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(grpc.RpcError) as forged:  # a forged access-log entry (a 401 for alice's override)
+                    als_pb2_grpc.AccessLogServiceStub(refused).StreamAccessLogs(iter([_forged_entry()]), timeout=3)
+                assert forged.value.code() == grpc.StatusCode.UNAVAILABLE
         other = tmp_path / "other-pki"
         certs.write_cert_set(other, ["mcp-authz.test"])
         with _secure_channel(other, port, client_cert=True) as foreign, pytest.raises(grpc.RpcError) as failed:
@@ -289,6 +293,17 @@ async def test_mutual_tls_check_listener(stack: Stack, cert_dir: Path, tmp_path:
         for argv in (["--server", target], ["--server", target, "--ca", str(other / "ca.crt")]):
             bad = subprocess.run([CLI, *argv, "whoami"], env=env, capture_output=True, text=True, timeout=30)
             assert bad.returncode != 0 and "alice" not in bad.stdout
+
+
+def _forged_entry() -> als_pb2.StreamAccessLogsMessage:
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = "mcp_authz_usage"
+    entry = message.http_logs.log_entry.add()
+    entry.response.response_code.value = 401
+    fields = entry.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].fields
+    for name, value in (("decision", "allow"), ("principal_id", "p_alice"), ("server", "github"), ("credential", "override")):
+        fields[name].string_value = value
+    return message
 
 
 def _serving(channel: grpc.Channel) -> bool:
