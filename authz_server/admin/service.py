@@ -135,18 +135,7 @@ _OWNED_ACTIONS = frozenset(
 # Of those, what a manager may also do on another principal (one who does not outrank them):
 # overrides, with their status and tests, and usage records. Never keys: a key for someone is
 # the power to act as them, and so to use their personal credentials.
-_MANAGED_ACTIONS = frozenset(
-    {
-        "overrides.set",
-        "overrides.list",
-        "overrides.delete",
-        "overrides.status",
-        "overrides.test",
-        "usage.query",
-        "usage.export",
-    }
-)
-assert _MANAGED_ACTIONS <= _OWNED_ACTIONS
+_MANAGED_ACTIONS = _OWNED_ACTIONS - {"keys.create", "keys.list", "keys.revoke", "keys.regenerate"}
 # The hierarchy: admin > manager > user. A principal ranks as its highest role.
 _RANK = {Role.ADMIN: 3, Role.MANAGER: 2, Role.USER: 1}
 _SERVER_READ_ACTIONS = frozenset({"servers.list", "servers.show"})

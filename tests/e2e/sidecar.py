@@ -25,7 +25,7 @@ from authz_server.crypto.keys import KeyHasher
 from authz_server.models import AuthMode, Role
 from authz_server.store import open_store
 
-from .harness import LOOPBACK, ManagedProcess, _spawn, free_port, wait_until
+from .harness import LOOPBACK, EnvoyProcess, ExampleServer, ManagedProcess, _spawn, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "mcp-authz")
@@ -154,3 +154,19 @@ def run_sidecar(
         yield Sidecar(process, port, metrics_port, admin_port)
     finally:
         process.stop()
+
+
+@dataclass
+class Gateway:
+    """A running stack: the seeded world, the sidecar, the example MCP server and Envoy in front."""
+
+    world: World
+    sidecar: Sidecar
+    upstream: ExampleServer
+    envoy: EnvoyProcess
+
+    def key(self, who: str) -> str:
+        return self.world.keys[who]
+
+    def bearer(self, who: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.world.keys[who]}"}

@@ -8,14 +8,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from .harness import EnvoyProcess, ExampleServer, call_tool, post_initialize, run_envoy, run_example_server
-from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Sidecar, World, run_sidecar, seed_world
+from .harness import call_tool, post_initialize, run_envoy, run_example_server
+from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Gateway, run_sidecar, seed_world
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from verify_signature import verify  # noqa: E402  (the documented upstream recipe)
@@ -24,15 +23,7 @@ pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
 
 
-@dataclass
-class Stack:
-    world: World
-    sidecar: Sidecar
-    upstream: ExampleServer
-    envoy: EnvoyProcess
-
-    def bearer(self, who: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.world.keys[who]}"}
+Stack = Gateway
 
 
 @pytest.fixture(scope="module")

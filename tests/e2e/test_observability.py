@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,29 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import (
     INITIALIZE_REQUEST,
-    EnvoyProcess,
-    ExampleServer,
     call_tool,
     post_initialize,
     run_envoy,
     run_example_server,
 )
-from .sidecar import GITHUB_ALICE, Sidecar, World, run_sidecar, seed, seed_world
+from .sidecar import GITHUB_ALICE, Gateway, run_sidecar, seed, seed_world
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
 
 
-@dataclass
-class Stack:
-    world: World
-    sidecar: Sidecar
-    upstream: ExampleServer
-    envoy: EnvoyProcess
-
-    def bearer(self, who: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.world.keys[who]}"}
-
+class Stack(Gateway):
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = self.sidecar.http("/metrics").text
         return {

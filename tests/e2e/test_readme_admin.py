@@ -22,7 +22,7 @@ from authz_server.crypto.cipher import load_keyring
 from authz_server.crypto.keys import KeyHasher
 from authz_server.store import open_store
 
-from .harness import LOOPBACK, REPO_ROOT, EnvoyProcess, ExampleServer, run_envoy, run_example_server
+from .harness import REPO_ROOT, EnvoyProcess, ExampleServer, run_envoy, run_example_server
 from .sidecar import Sidecar, World, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e

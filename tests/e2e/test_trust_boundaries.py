@@ -21,10 +21,8 @@ import importlib.util
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,34 +45,19 @@ from .harness import (
     LOOPBACK,
     MCP_ACCEPT,
     REPO_ROOT,
-    EnvoyProcess,
-    ExampleServer,
-    HarnessError,
     free_port,
     post_initialize,
     run_envoy,
     run_example_server,
     wait_until,
 )
-from .sidecar import CLI, Sidecar, World, run_sidecar, seed
+from .sidecar import CLI, Gateway, Sidecar, World, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
 
 
-@dataclass
-class Stack:
-    world: World
-    sidecar: Sidecar
-    upstream: ExampleServer
-    envoy: EnvoyProcess
-
-    def key(self, who: str) -> str:
-        return self.world.keys[who]
-
-    def bearer(self, who: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.world.keys[who]}"}
-
+class Stack(Gateway):
     def upstream_saw(self) -> str:
         """Everything the upstream recorded since the last reset, as one text."""
         return json.dumps(self.upstream.stats())
