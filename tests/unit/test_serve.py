@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
+import pytest
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,9 +47,9 @@ async def test_not_serving_until_loaded_then_serving() -> None:
     store = HeldStore()
     await store.migrate()
     await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
     settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", metrics_listen=f"127.0.0.1:{http_port}",
-                                 store_url="memory://")
+                                 admin_listen=f"127.0.0.1:{admin_port}", store_url="memory://")
     stop = asyncio.Event()
     task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
     try:
@@ -69,6 +71,7 @@ async def test_not_serving_until_loaded_then_serving() -> None:
                     break
                 await asyncio.sleep(0.05)
             assert await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+            assert await _health(admin_port) == health_pb2.HealthCheckResponse.SERVING  # the admin listener's
             assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
             text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
             names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
@@ -100,3 +103,27 @@ async def test_retention_prunes_old_audit_and_usage_only() -> None:
     task.cancel()
     assert [r.at for r in await store.query_usage()] == [now - timedelta(days=1)]
     assert [e.target for e in await store.query_audit()] == ["key:y"]
+
+
+def test_unusable_tls_files_stop_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    from authz_server.config import TlsFiles
+    from authz_server.crypto import certs
+    from authz_server.errors import ConfigError
+
+    made = certs.write_cert_set(tmp_path / "pki")
+    d = made.directory
+    good = TlsFiles(str(d / "server.crt"), str(d / "server.key"), str(d / "ca.crt"))
+    assert app._credentials(good, "Check listener") is not None
+    cases = [
+        (TlsFiles(str(d / "missing.crt"), str(d / "server.key"), str(d / "ca.crt")), "Cannot read"),
+        (TlsFiles(str(d / "server.crt"), str(d / "server.key"), str(tmp_path / "notes.txt")), "not a PEM file"),
+    ]
+    (tmp_path / "notes.txt").write_text("hello")
+    for tls, says in cases:
+        with pytest.raises(ConfigError) as refused:
+            app._credentials(tls, "Check listener")
+        assert says in refused.value.message
+    (d / "server.key").chmod(0o644)
+    with pytest.raises(ConfigError) as refused:
+        app._credentials(good, "Check listener")
+    assert "readable by other users" in refused.value.message and "BEGIN" not in refused.value.message
