@@ -240,7 +240,7 @@ class UsageRecord:
         # The tool, MCP method and request id come from the request: a key-shaped one is cut to its key id.
         for name in ("request_id", "tool", "mcp_method"):
             value = getattr(self, name)
-            if "mgw_" in value:
+            if isinstance(value, str) and "mgw_" in value:  # a bad record is the store's to refuse
                 object.__setattr__(self, name, redact(value))
 
 
