@@ -125,6 +125,7 @@ class CoreLoop:
     def finish(self, call: cygrpc.Call, body: bytes | None, code: cygrpc.StatusCode, details: bytes = b"") -> None:
         """Send the reply (if any) and the status in one batch. Any thread."""
         status = cygrpc.SendStatusFromServerOperation(None, code, details, 0)
+        operations: tuple[cygrpc.Operation, ...]
         if body is None:
             operations = (cygrpc.SendInitialMetadataOperation(None, 0), status)
         else:

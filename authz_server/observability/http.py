@@ -33,7 +33,9 @@ def _app(registry: CollectorRegistry, health: Health) -> Callable[..., Iterable[
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return metrics(environ, start_response)
+            served: Iterable[bytes] = metrics(environ, start_response)
+            return served
+        body: dict[str, object]
         if path == "/healthz":
             status, body = "200 OK", {"status": "alive"}
         elif path == "/readyz":

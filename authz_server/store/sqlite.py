@@ -38,7 +38,10 @@ class _SqliteTx:
 
     async def fetch_chunks(self, sql: str, *args: Any, size: int = 1000) -> AsyncIterator[list[Row]]:
         async with self._conn.execute(sql, args) as cursor:
-            while rows := list(await cursor.fetchmany(size)):
+            while True:
+                rows: list[Row] = list(await cursor.fetchmany(size))
+                if not rows:
+                    return
                 yield rows
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
