@@ -1,12 +1,12 @@
 """The composition root: settings in, a running sidecar out.
 
 Everything is wired here, once, from validated Settings: store, keyring check,
-in-memory state and its follower, the pipeline, the admin use cases, the gRPC
-servicers, and the write-behind tasks. No other module builds these or keeps
-globals. Two gRPC servers, by who may reach them: the Check listener (Check, the
-access-log service, health, reflection) for Envoy alone, local or behind mutual
-TLS; and the admin listener (the admin API, health, reflection) for people,
-local or behind TLS.
+the live tables with their follower and the verified-key cache (live/), the
+pipeline, the admin use cases, the gRPC servicers, and the write-behind tasks.
+No other module builds these or keeps globals. Two gRPC servers, by who may
+reach them: the Check listener (Check, the access-log service, health,
+reflection) for Envoy alone, local or behind mutual TLS; and the admin listener
+(the admin API, health, reflection) for people, local or behind TLS.
 
 Threads: Check and the access-log streams run on one thread of their own,
 straight off gRPC core's completion queue (envoy/core_loop.py), from memory.
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
@@ -51,6 +52,9 @@ from authz_server.envoy.accesslog import AccessLog
 from authz_server.envoy.core_loop import CoreLoop
 from authz_server.envoy.health import Health
 from authz_server.errors import ConfigError, NotFound
+from authz_server.live.follower import StateFollower
+from authz_server.live.tables import AuthState
+from authz_server.live.verified import VerifiedKeys
 from authz_server.models import AuditEvent, OverrideStatus, UsageRecord
 from authz_server.observability import logs
 from authz_server.observability import metrics as metrics_module
@@ -62,7 +66,6 @@ from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCac
 from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.mutate import Mutator
 from authz_server.pipeline.pipeline import Pipeline
-from authz_server.state import AuthState, StateFollower
 from authz_server.store import open_store
 from authz_server.store.base import Store
 
@@ -92,7 +95,7 @@ class Sidecar:
     def usage(self) -> BatchWriter[UsageRecord]:
         return self.access_log.usage
 
-    def queues(self) -> list[BatchWriter]:  # type: ignore[type-arg]
+    def queues(self) -> list[BatchWriter[Any]]:
         return [self.audit, self.usage, self.rejected_overrides]
 
 
@@ -104,12 +107,14 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         raise ConfigError("The store is not initialised. Run 'mcp-authz init' first.")
     keyring.verify_check(checks)
     state = AuthState()
+    verified = VerifiedKeys(state)  # written by the Argon2 threads, evicted from by the follower
     authenticator = Authenticator(
         state,
         KeyHasher(settings.argon2),
         workers=settings.argon2_workers,
         queue_limit=settings.argon2_queue,
         negative=NegativeCache(settings.negative_cache_size, settings.negative_cache_ttl),
+        verified=verified,
     )
     pipeline = Pipeline(
         state,
@@ -130,7 +135,7 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         settings,
         store,
         state,
-        StateFollower(store, keyring, state, settings.poll_interval),
+        StateFollower(store, keyring, state, verified, settings.poll_interval),
         authenticator,
         pipeline,
         Health(settings.store_outage_limit),

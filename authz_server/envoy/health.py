@@ -14,7 +14,7 @@ import time
 
 from grpc_health.v1 import health, health_pb2
 
-from authz_server.state import StateFollower
+from authz_server.live.follower import StateFollower
 
 log = logging.getLogger(__name__)
 SERVICES = ("", "envoy.service.auth.v3.Authorization")

@@ -127,7 +127,7 @@ class _LiveCollector(Collector):
         yield cache
         yield CounterMetricFamily(
             "mcp_authz_key_cache_evictions", "Verified keys evicted (revoked, rehashed or removed).",
-            value=follower.evictions,
+            value=authn.verified.evictions,
         )
         yield CounterMetricFamily("mcp_authz_negative_cache_hits", "Wrong keys refused from the negative cache.",
                                   value=authn.negative_hits)

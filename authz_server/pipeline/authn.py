@@ -3,11 +3,11 @@
 Costs, cheapest first, so garbage never reaches Argon2:
   format and CRC32 checksum  -> 401 key_malformed / key_checksum
   key id lookup (a dict)      -> 401 key_unknown, key_revoked, key_expired
-  verified-key cache          -> hit: done, no hashing
+  verified-key cache          -> hit: done, no hashing (live/verified.py)
   negative cache              -> 401 key_invalid, no hashing
   Argon2id in a bounded pool, single-flight per presented key; beyond the
   queue bound -> 503 overloaded, so a flood cannot pile up work.
-Principal and team checks come after, against the live in-memory state.
+Principal and team checks come after, against the live tables (live/tables.py).
 
 `authenticate` never blocks: on first use it raises `Pending` with the running
 verification, and Check answers once that is done (envoy/core_loop.py). The
@@ -29,8 +29,9 @@ from urllib.parse import unquote_plus
 from authz_server.crypto import keys
 from authz_server.crypto.keys import KeyHasher, ParsedKey
 from authz_server.errors import Denied, Reason
+from authz_server.live.tables import AuthState, KeyEntry
+from authz_server.live.verified import VerifiedKeys
 from authz_server.pipeline.types import CheckInput, Identity, PresentedKey
-from authz_server.state import AuthState, KeyEntry
 
 _BEARER = "bearer "
 
@@ -145,7 +146,7 @@ class NegativeCache:
 
 class Pending(Exception):  # noqa: N818 - control flow, not an error
     """A first-use verification of the presented key is running. Not a denial: decide again once
-    `future` is done, when its outcome is cached (a verified digest, or a negative entry)."""
+    `future` is done, when its outcome is cached (in the verified keys, or the negative cache)."""
 
     def __init__(self, future: Future[bool]) -> None:
         super().__init__("key verification pending")
@@ -168,6 +169,7 @@ class Authenticator:
         workers: int,
         queue_limit: int,
         negative: NegativeCache,
+        verified: VerifiedKeys,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._state = state
@@ -177,6 +179,8 @@ class Authenticator:
         self._inflight: dict[bytes, Future[bool]] = {}
         self._lock = threading.Lock()  # guards _inflight and the negative cache across threads
         self.negative = negative
+        self.verified = verified  # shared with the follower, which evicts from it
+        self._verified_digest = verified.get  # bound once: a cache hit is this one dict lookup
         self._clock = clock
         # Read by the metrics collector. Plain ints: `+= 1` on an int attribute is not
         # interrupted by another thread in CPython, and a scrape tolerates a stale read.
@@ -197,7 +201,7 @@ class Authenticator:
         if entry is None:
             parsed = keys.parse(presented.key)
             entry = self._usable_entry(parsed.key_id)
-            if entry.verified_digest != parsed.digest:
+            if self._verified_digest(parsed.key_id) != parsed.digest:
                 self.cache_misses += 1
                 raise Pending(self._start_verify(entry, parsed, presented.key))
         self.cache_hits += 1
@@ -207,12 +211,11 @@ class Authenticator:
         """The usable entry when this exact key was verified before: the common case, decided
         without the checksum (a digest match proves the key is the one verified). Revoked and
         expired keys return an entry too; `_usable_entry` refuses them."""
-        entry = self._state.keys.get(key[keys.KEY_ID_SLICE])
-        if entry is None or entry.verified_digest is None or len(key) != keys.KEY_LEN:
+        key_id = key[keys.KEY_ID_SLICE]
+        verified = self._verified_digest(key_id)
+        if verified is None or len(key) != keys.KEY_LEN or verified != keys.digest(key):
             return None
-        if entry.verified_digest != keys.digest(key):
-            return None
-        return self._usable_entry(entry.key_id)
+        return self._usable_entry(key_id)
 
     async def authenticate_async(self, presented: PresentedKey) -> Identity:
         """`authenticate` for callers on the event loop: a first-use verification is awaited."""
@@ -268,9 +271,7 @@ class Authenticator:
         """Cache a finished verification's outcome, then let the next request for this key start its own."""
         ran = not future.cancelled() and future.exception() is None  # else: shut down, or the hasher broke
         if ran and future.result():
-            current = self._state.keys.get(entry.key_id)
-            if current is not None and current.hash == entry.hash:  # not re-keyed meanwhile
-                current.verified_digest = digest
+            self.verified.record(entry, digest)  # unless re-keyed or removed meanwhile
         with self._lock:
             if ran and not future.result():
                 self.negative.add(digest)

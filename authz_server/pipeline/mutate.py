@@ -15,7 +15,7 @@ import hmac
 from authz_server.crypto import keys
 from authz_server.pipeline.resolve import Credentials
 from authz_server.pipeline.types import CheckInput, Decision, Grant, Identity
-from authz_server.state import ServerEntry
+from authz_server.live.tables import ServerEntry
 
 IDENTITY_HEADERS = ("x-user-id", "x-user-type", "x-user-team", "x-user-roles")
 REQUEST_ID_HEADER = "x-request-id"

@@ -2,7 +2,7 @@
 authenticate -> server -> scope -> credentials -> usage limit -> mutate.
 Credentials and the constant mutations come from the grant cache when current.
 
-Pure logic over the in-memory state: no protobuf, no store, no I/O. The only
+Pure logic over the live tables (live/tables.py): no protobuf, no store, no I/O. The only
 wait is a key's first-use Argon2 verification inside the authenticator.
 """
 
@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 
 from authz_server.errors import Denied
+from authz_server.live.tables import AuthState
 from authz_server.pipeline.authn import Authenticate, KeyExtractor
-from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.grants import GrantCache
+from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.mutate import Mutator, strips_authorization
 from authz_server.pipeline.resolve import check_scope, find_server, resolve_credentials
 from authz_server.pipeline.types import CheckInput, Decision
-from authz_server.state import AuthState
 
 
 class Pipeline:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from authz_server.errors import Denied, Reason
 from authz_server.models import PLACEHOLDER_RE, TOOL_RE, AuthMode, Secret
 from authz_server.pipeline.types import CheckInput, Identity
-from authz_server.state import AuthState, ServerEntry
+from authz_server.live.tables import AuthState, ServerEntry
 
 SERVER_EXTENSION = "mcp_server"
 _CALL_FREE_METHODS = frozenset({"GET", "DELETE"})  # MCP's session stream and session end: no JSON-RPC call

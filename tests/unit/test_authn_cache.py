@@ -41,7 +41,8 @@ def _setup(delay: float = 0.0, queue_limit: int = 64) -> tuple[World, CountingHa
     hasher = CountingHasher(delay)
     w.hasher = hasher
     key = w.key(w.principal("alice"))
-    authn = Authenticator(w.state, hasher, workers=2, queue_limit=queue_limit, negative=NegativeCache(100, 60))
+    authn = Authenticator(w.state, hasher, workers=2, queue_limit=queue_limit, negative=NegativeCache(100, 60),
+                          verified=w.verified)
     return w, hasher, authn, key
 
 
@@ -166,7 +167,10 @@ async def test_revocation_evicts_a_cached_key() -> None:
     w, _, authn, key = _setup()
     await authn.authenticate_async(_p(key))
     entry = w.state.keys[key[4:11]]
-    w.state.keys[entry.key_id] = replace(entry, revoked_at=time.time() - 1, verified_digest=None)
+    revoked = replace(entry, revoked_at=time.time() - 1)
+    w.state.keys[entry.key_id] = revoked  # as the follower applies a revocation
+    w.verified.replaced(entry, revoked)
+    assert entry.key_id not in w.verified and w.verified.evictions == 1
     with pytest.raises(Denied) as exc:
         await authn.authenticate_async(_p(key))
     assert exc.value.reason == "key_revoked"

@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz_server.envoy.accesslog import EXT_AUTHZ_NAMESPACE, AccessLog, to_usage
 from authz_server.envoy.health import Health
+from authz_server.live.tables import AuthState, KeyEntry
 from authz_server.observability import metrics as metrics_module
 from authz_server.observability.batch import BatchWriter
 from authz_server.observability.logs import Sampler
-from authz_server.state import AuthState, KeyEntry
 
 
 class Sink:
@@ -191,8 +191,8 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     queue.put(1)
     sidecar = SimpleNamespace(
         authenticator=SimpleNamespace(cache_hits=7, cache_misses=2, negative_hits=3, negative=[1, 2], argon2_runs=2,
-                                      inflight=0),
-        follower=SimpleNamespace(evictions=1, last_success=time.monotonic(), seen_seq=12),
+                                      inflight=0, verified=SimpleNamespace(evictions=1)),
+        follower=SimpleNamespace(last_success=time.monotonic(), seen_seq=12),
         state=state,
         health=SimpleNamespace(serving=True),
         access_log=SimpleNamespace(streams=2),
@@ -207,6 +207,7 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert values[("mcp_authz_check_decisions_total", (("decision", "deny"), ("reason", "key_revoked"), ("server", "github")))] == 1
     assert values[("mcp_authz_key_cache_total", (("result", "hit"),))] == 7
+    assert values[("mcp_authz_key_cache_evictions_total", ())] == 1
     assert values[("mcp_authz_entities", (("kind", "active_keys"),))] == 1
     assert values[("mcp_authz_changelog_lag_sequence", ())] == 2
     assert values[("mcp_authz_queue_depth", (("queue", "usage"),))] == 1

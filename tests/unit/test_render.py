@@ -7,7 +7,7 @@ import pytest
 from authz_server.errors import Denied
 from authz_server.models import AuthMode, HeaderTemplate, Secret
 from authz_server.pipeline.resolve import render
-from authz_server.state import ServerEntry
+from authz_server.live.tables import ServerEntry
 
 
 def _server(headers: list[tuple[str, str]], optional: set[str] = set()) -> ServerEntry:  # noqa: B006

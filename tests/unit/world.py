@@ -1,4 +1,4 @@
-"""A small in-memory world for pipeline tests: state built directly, no store."""
+"""A small world for pipeline tests: the live tables built directly, no store, no follower."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import time
 from dataclasses import dataclass, field
 
 from authz_server.crypto import keys
+from authz_server.live.tables import AuthState, KeyEntry, OverrideEntry, ServerEntry
+from authz_server.live.verified import VerifiedKeys
 from authz_server.models import AuthMode, HeaderTemplate, Principal, PrincipalKind, Role, Secret, Team
 from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache, Pending
 from authz_server.pipeline.limits import RateLimiter
 from authz_server.pipeline.mutate import Mutator
 from authz_server.pipeline.pipeline import Pipeline
 from authz_server.pipeline.types import CheckInput, Decision
-from authz_server.state import AuthState, KeyEntry, OverrideEntry, ServerEntry
 
 FAST = keys.Argon2Params(time_cost=1, memory_cost_kib=8, parallelism=1)
 SIGNING = b"signing-secret-for-tests"
@@ -23,6 +24,10 @@ class World:
     state: AuthState = field(default_factory=AuthState)
     hasher: keys.KeyHasher = field(default_factory=lambda: keys.KeyHasher(FAST))
     now: float = field(default_factory=time.time)
+    verified: VerifiedKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.verified = VerifiedKeys(self.state)
 
     def team(self, name: str, disabled: bool = False) -> None:
         self.state.teams[name] = Team(name, disabled)
@@ -80,7 +85,7 @@ class World:
             self.state,
             KeyExtractor(key_header, path_keys=True),
             Authenticator(self.state, self.hasher, workers=2, queue_limit=queue_limit,
-                          negative=NegativeCache(1000, 60), clock=clock),
+                          negative=NegativeCache(1000, 60), verified=self.verified, clock=clock),
             RateLimiter(clock=clock),
             Mutator(key_header, "x-mcp-authz-signature", "x-mcp-authz-timestamp"),
             clock=clock,

@@ -1,11 +1,11 @@
-"""The sidecar's in-memory view of the store, and the follower that keeps it current.
+"""The follower: loads the store into the live tables, then applies the change log.
 
-`Check` reads only `AuthState`: plain dicts, decrypted credentials, times as
-epoch floats. `StateFollower` loads a snapshot at start, then applies the
-change log: for each changed entity it re-reads that one row and replaces the
-entry, then bumps `version`. The follower runs on the event loop; Check reads
-from the core loop's thread and the hashing threads. Each entry is replaced whole (one dict store), so a
-reader sees the old entry or the new one, never half of one.
+`load` reads a snapshot at start; `run` then applies the change log: for each
+changed entity it re-reads that one row, decrypts what Check will inject, and
+replaces the entry whole, then bumps `version`. It runs on the event loop;
+Check reads the tables from the core loop's thread and the hashing threads.
+Every key change also goes through `VerifiedKeys.replaced`, which decides whether
+the key stays verified.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ import dataclasses
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
 from authz_server.errors import AuthzError
+from authz_server.live.tables import AuthState, KeyEntry, OverrideEntry, ServerEntry
+from authz_server.live.verified import VerifiedKeys
 from authz_server.models import (
-    AuthMode,
     Change,
     Entity,
     GatewayKey,
-    HeaderTemplate,
     McpServer,
     Override,
     OverrideStatus,
@@ -33,7 +32,6 @@ from authz_server.models import (
     Role,
     Secret,
     Snapshot,
-    Team,
 )
 from authz_server.store.base import Store
 
@@ -44,71 +42,20 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-@dataclass(slots=True)
-class KeyEntry:
-    """A gateway key as Check needs it. `verified_digest` is the verified-key cache:
-    the SHA-256 of the presented key that last passed Argon2 for this key id."""
-
-    key_id: str
-    principal_id: str
-    hash: str
-    expires_at: float | None
-    revoked_at: float | None
-    scope: tuple[str, ...]
-    verified_digest: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ServerEntry:
-    name: str
-    mode: AuthMode
-    headers: tuple[HeaderTemplate, ...]
-    optional: frozenset[str]
-    shared: dict[str, Secret]
-    signing_secret: bytes
-    corrupt: bool = False  # a sealed value did not open: deny with 503 rather than inject less
-
-
-@dataclass(frozen=True, slots=True)
-class OverrideEntry:
-    values: dict[str, Secret]
-    expires_at: float | None
-    corrupt: bool = False
-
-
-@dataclass(slots=True)
-class AuthState:
-    seq: int = 0
-    version: int = 0  # bumped on every applied change: cached grants built from an older one are rebuilt
-    loaded: bool = False
-    teams: dict[str, Team] = field(default_factory=dict)
-    principals: dict[str, Principal] = field(default_factory=dict)
-    servers: dict[str, ServerEntry] = field(default_factory=dict)
-    keys: dict[str, KeyEntry] = field(default_factory=dict)
-    overrides: dict[tuple[str, str], OverrideEntry] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "teams": len(self.teams),
-            "principals": len(self.principals),
-            "servers": len(self.servers),
-            "keys": len(self.keys),
-            "overrides": len(self.overrides),
-        }
-
-
 class StateFollower:
-    """Loads the store into an AuthState and follows its change log."""
+    """Loads the store into an AuthState and follows its change log; keeps `verified` in step with the key table."""
 
-    def __init__(self, store: Store, keyring: Keyring, state: AuthState, poll_interval: float) -> None:
+    def __init__(
+        self, store: Store, keyring: Keyring, state: AuthState, verified: VerifiedKeys, poll_interval: float
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self.state = state
+        self._verified = verified
         self._poll = poll_interval
         self.last_error: str = ""
         self.last_success: float = 0.0  # time.monotonic() of the last successful load or poll
         self.seen_seq = 0  # newest change-log seq read from the store
-        self.evictions = 0  # verified keys dropped from the cache by a change
         self._roles: dict[tuple[Role, ...], tuple[Role, ...]] = {}  # one tuple per distinct set of roles
 
     async def load(self) -> None:
@@ -127,6 +74,7 @@ class StateFollower:
         while keys:
             key = _key_entry(keys.pop())
             st.keys[key.key_id] = key
+        self._verified.clear()  # after the new table is in place: see VerifiedKeys.record
         st.overrides = {}
         while overrides:
             override = overrides.pop()
@@ -187,11 +135,8 @@ class StateFollower:
             record = await store.get_key(key)
             old = st.keys.get(key)
             new = _key_entry(record) if record is not None else None
-            if new is not None and old is not None and old.hash == new.hash and new.revoked_at is None:
-                new.verified_digest = old.verified_digest  # unchanged secret, still valid: stay verified
-            if old is not None and old.verified_digest is not None and (new is None or new.verified_digest is None):
-                self.evictions += 1
             _put(st.keys, key, new)
+            self._verified.replaced(old, new)  # after the put: a verification finishing meanwhile sees `new`
         elif change.entity is Entity.OVERRIDE:
             principal_id, _, server_name = key.partition("/")
             override = await store.get_override(principal_id, server_name)
