@@ -17,8 +17,8 @@ import platform
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -27,7 +27,12 @@ from prometheus_client.registry import Collector
 from authz_server import __version__
 
 if TYPE_CHECKING:
-    from authz_server.app import Sidecar
+    from authz_server.envoy.accesslog import AccessLog
+    from authz_server.envoy.health import Health
+    from authz_server.live.follower import StateFollower
+    from authz_server.live.tables import AuthState
+    from authz_server.observability.batch import BatchWriter
+    from authz_server.pipeline.authn import Authenticator
 
 # Check is memory-only: most answers take tens of microseconds; first-use Argon2 takes ~50 ms.
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -92,7 +97,24 @@ class Metrics:
         )
 
 
-def create(sidecar: Sidecar | None = None) -> Metrics:
+class LiveSources(Protocol):
+    """What the scrape-time gauges read: the running components. `app.Sidecar` is one; this module
+    names only the parts it reads, so it never imports the composition root that imports it."""
+
+    @property
+    def authenticator(self) -> Authenticator: ...
+    @property
+    def follower(self) -> StateFollower: ...
+    @property
+    def state(self) -> AuthState: ...
+    @property
+    def health(self) -> Health: ...
+    @property
+    def access_log(self) -> AccessLog: ...
+    def queues(self) -> Sequence[BatchWriter[Any]]: ...
+
+
+def create(sidecar: LiveSources | None = None) -> Metrics:
     """A fresh registry with every metric; live gauges are read from `sidecar` when given."""
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
@@ -114,7 +136,7 @@ class _CheckCollector(Collector):
 
 
 class _LiveCollector(Collector):
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: LiveSources) -> None:
         self._s = sidecar
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
