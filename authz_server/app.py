@@ -202,7 +202,9 @@ async def serve(
             sidecar.audit,
             ready=lambda: sidecar.health.serving,
         )
-        admin_pb2_grpc.add_AdminServicer_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
+        admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
+            OnLoop(admin, asyncio.get_running_loop()), admin_server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
         reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), admin_server)
         _bind(admin_server, settings.admin_listen, admin_credentials)

@@ -114,7 +114,8 @@ class AuthorizationServicer:
             )
         skipped = self._log_sampler.admit(denied.reason)
         if skipped is not None:
-            extra = {"request_id": request_id, "reason": denied.reason, "key_id": denied.key_id, "server": server}
+            extra: dict[str, object] = {"request_id": request_id, "reason": denied.reason, "key_id": denied.key_id,
+                                        "server": server}
             if skipped:
                 extra["not_logged_before"] = skipped  # same reason, over the per-second log budget
             log.info("denied", extra=extra)

@@ -3,6 +3,8 @@
 It keeps the same rules as the SQL stores (change log, Conflict and NotFound,
 sort orders, UTC datetimes) and hands out copies, so a caller that mutates a
 returned dict never changes what is stored. Nothing survives the process.
+Not to be confused with the live tables Check reads (authz_server/live/), which
+every sidecar keeps in memory whatever its store.
 """
 
 from __future__ import annotations
