@@ -17,11 +17,9 @@ from typing import Any
 
 from authz_server.crypto.keys import Argon2Params
 from authz_server.errors import ConfigError
+from authz_server.rules import KEY_HEADER_RESERVED, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 _HEADER_RE = re.compile(r"^[a-z0-9-]{1,64}$")
-_RESERVED_HEADERS = frozenset(
-    {"host", "content-type", "content-length", "x-user-id", "x-user-type", "x-user-team", "x-user-roles", "x-request-id"}
-)
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -114,8 +112,8 @@ class Settings:
     usage_queue: int = 100_000
     audit_retention_days: float = 365.0  # 0 keeps everything
     usage_retention_days: float = 90.0
-    signature_header: str = "x-mcp-authz-signature"
-    timestamp_header: str = "x-mcp-authz-timestamp"
+    signature_header: str = SIGNATURE_HEADER
+    timestamp_header: str = TIMESTAMP_HEADER
     log_level: str = "INFO"
 
     @classmethod
@@ -180,7 +178,7 @@ class Settings:
         if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
             raise ConfigError("The store URL must start with sqlite://, postgresql:// or memory://.")
         header = self.key_header.lower()
-        if not _HEADER_RE.match(header) or header in _RESERVED_HEADERS or header == "authorization":
+        if not _HEADER_RE.match(header) or header in KEY_HEADER_RESERVED:
             raise ConfigError(
                 f"The key header {self.key_header!r} is not allowed: use a lowercase custom header such as x-api-key."
             )

@@ -1,8 +1,9 @@
 """The one error tree of mcp-authz.
 
     AuthzError                      base: every error has a `reason` and a safe `message`
-    ├── Denied                      a request refused by Check; `reason` is a `Reason`
-    │                               (status, metric label and audit event come from REASONS)
+    ├── Denied                      a request refused by Check or the admin API's authentication;
+    │                               `reason` is a `Reason`, whose REASONS row gives its HTTP and
+    │                               gRPC status, JSON-RPC code, metric label and audit action
     ├── ConfigError                 unsafe or invalid settings: the sidecar refuses to start
     │   └── MasterKeyError          master key missing, malformed, unreadable or wrong for the store
     ├── InvalidInput                bad arguments to a management operation (CLI or admin API)
@@ -52,70 +53,104 @@ class Reason(str, enum.Enum):
     INTERNAL = "internal"
 
 
+class GrpcCode(enum.IntEnum):
+    """The gRPC status codes a denial maps to (numbered as google.rpc.Code and grpc.StatusCode)."""
+
+    INVALID_ARGUMENT = 3
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+# A denial's HTTP status decides its gRPC status (Check's own, and the admin API's) and the
+# JSON-RPC error code of the body MCP clients show (server-error codes, -32000 to -32099).
+_BY_STATUS: dict[int, tuple[GrpcCode, int]] = {
+    400: (GrpcCode.INVALID_ARGUMENT, -32600),
+    401: (GrpcCode.UNAUTHENTICATED, -32001),
+    403: (GrpcCode.PERMISSION_DENIED, -32003),
+    429: (GrpcCode.RESOURCE_EXHAUSTED, -32029),
+    503: (GrpcCode.UNAVAILABLE, -32053),
+}
+AUTHN_FAILURE = "authn.failure"  # the security event of a refused key, whichever API refused it
+
+
 @dataclass(frozen=True, slots=True)
 class ReasonInfo:
-    status: int
+    """One row of the denial table: everything that follows from a `Reason`."""
+
+    reason: Reason
+    status: int  # HTTP
+    audit_action: str  # the security event recorded for it ("": none)
     message: str
     hint: str
 
+    @property
+    def label(self) -> str:
+        """The metric label, and the audit event's outcome."""
+        return self.reason.value
+
+    @property
+    def grpc_code(self) -> GrpcCode:
+        return _BY_STATUS[self.status][0]
+
+    @property
+    def rpc_error_code(self) -> int:
+        """The JSON-RPC error code of the denial's body."""
+        return _BY_STATUS[self.status][1]
+
 
 _KEY_HINT = "Send a gateway key as 'Authorization: Bearer mgw_…', in the x-api-key header, or as a path segment."
+_ASK_FOR_KEY = "Ask an administrator for a key."
+_RETRY = "Retry shortly."
 
+# A key exposed in a URL is a security event like a refused key, though its answer is a 400.
 REASONS: dict[Reason, ReasonInfo] = {
-    Reason.KEY_IN_URL: ReasonInfo(
-        400,
-        "A gateway key was found in the URL's query string or inside a path segment; the request was not forwarded.",
-        "Send the key as 'Authorization: Bearer mgw_…' or in the x-api-key header (or as a whole path segment). "
-        "A key that travelled in a URL may sit in logs and browser history: regenerate it.",
-    ),
-    Reason.KEY_MISSING: ReasonInfo(401, "No gateway key was presented.", _KEY_HINT),
-    Reason.KEY_MALFORMED: ReasonInfo(
-        401, "The gateway key is malformed.", "A gateway key is 'mgw_' followed by 32 letters and digits."
-    ),
-    Reason.KEY_CHECKSUM: ReasonInfo(
-        401, "The gateway key's checksum does not match.", "Check the key for a typo or a truncated copy."
-    ),
-    Reason.KEY_UNKNOWN: ReasonInfo(401, "The gateway key is not recognised.", "Ask an administrator for a key."),
-    Reason.KEY_INVALID: ReasonInfo(401, "The gateway key is not recognised.", "Ask an administrator for a key."),
-    Reason.KEY_REVOKED: ReasonInfo(
-        401, "The gateway key has been revoked.", "Use the key that replaced it, or ask for a new one."
-    ),
-    Reason.KEY_EXPIRED: ReasonInfo(401, "The gateway key has expired.", "Ask for a new key."),
-    Reason.PRINCIPAL_DISABLED: ReasonInfo(
-        401, "The account that owns this key is disabled.", "Ask an administrator to enable it."
-    ),
-    Reason.TEAM_DISABLED: ReasonInfo(
-        401, "The team that owns this key is disabled.", "Ask an administrator to enable the team."
-    ),
-    Reason.SERVER_UNMAPPED: ReasonInfo(
-        403,
-        "This route is not mapped to an MCP server.",
-        "The Envoy route needs check_settings.context_extensions.mcp_server.",
-    ),
-    Reason.SERVER_UNKNOWN: ReasonInfo(
-        403, "The MCP server for this route is not registered.", "An administrator adds it with 'mcp-authz servers add'."
-    ),
-    Reason.SCOPE_SERVER: ReasonInfo(
-        403, "This gateway key is not allowed to use this MCP server.", "Use a key scoped to this server."
-    ),
-    Reason.SCOPE_TOOL: ReasonInfo(
-        403, "This gateway key is not allowed to call this tool.", "Use a key scoped to this tool."
-    ),
-    Reason.CREDENTIAL_MISSING: ReasonInfo(
-        403,
-        "This MCP server needs your own credential, and none is configured.",
-        "Add it with 'mcp-authz overrides set'.",
-    ),
-    Reason.CREDENTIAL_UNREADABLE: ReasonInfo(
-        503,
-        "A stored credential for this MCP server could not be decrypted.",
-        "An operator must check the master key or set the credential again.",
-    ),
-    Reason.RATE_LIMITED: ReasonInfo(429, "Too many requests for this account.", "Retry after the indicated delay."),
-    Reason.OVERLOADED: ReasonInfo(503, "The authorization service is busy.", "Retry shortly."),
-    Reason.NOT_READY: ReasonInfo(503, "The authorization service is starting or has lost its store.", "Retry shortly."),
-    Reason.INTERNAL: ReasonInfo(503, "The authorization service failed.", "Retry shortly; operators see the log."),
-}
+    row.reason: row
+    for row in (
+        ReasonInfo(
+            Reason.KEY_IN_URL, 400, AUTHN_FAILURE,
+            "A gateway key was found in the URL's query string or inside a path segment; the request was not "
+            "forwarded.",
+            "Send the key as 'Authorization: Bearer mgw_…' or in the x-api-key header (or as a whole path segment). "
+            "A key that travelled in a URL may sit in logs and browser history: regenerate it.",
+        ),
+        ReasonInfo(Reason.KEY_MISSING, 401, AUTHN_FAILURE, "No gateway key was presented.", _KEY_HINT),
+        ReasonInfo(Reason.KEY_MALFORMED, 401, AUTHN_FAILURE, "The gateway key is malformed.",
+                   "A gateway key is 'mgw_' followed by 32 letters and digits."),
+        ReasonInfo(Reason.KEY_CHECKSUM, 401, AUTHN_FAILURE, "The gateway key's checksum does not match.",
+                   "Check the key for a typo or a truncated copy."),
+        ReasonInfo(Reason.KEY_UNKNOWN, 401, AUTHN_FAILURE, "The gateway key is not recognised.", _ASK_FOR_KEY),
+        ReasonInfo(Reason.KEY_INVALID, 401, AUTHN_FAILURE, "The gateway key is not recognised.", _ASK_FOR_KEY),
+        ReasonInfo(Reason.KEY_REVOKED, 401, AUTHN_FAILURE, "The gateway key has been revoked.",
+                   "Use the key that replaced it, or ask for a new one."),
+        ReasonInfo(Reason.KEY_EXPIRED, 401, AUTHN_FAILURE, "The gateway key has expired.", "Ask for a new key."),
+        ReasonInfo(Reason.PRINCIPAL_DISABLED, 401, AUTHN_FAILURE, "The account that owns this key is disabled.",
+                   "Ask an administrator to enable it."),
+        ReasonInfo(Reason.TEAM_DISABLED, 401, AUTHN_FAILURE, "The team that owns this key is disabled.",
+                   "Ask an administrator to enable the team."),
+        ReasonInfo(Reason.SERVER_UNMAPPED, 403, "", "This route is not mapped to an MCP server.",
+                   "The Envoy route needs check_settings.context_extensions.mcp_server."),
+        ReasonInfo(Reason.SERVER_UNKNOWN, 403, "", "The MCP server for this route is not registered.",
+                   "An administrator adds it with 'mcp-authz servers add'."),
+        ReasonInfo(Reason.SCOPE_SERVER, 403, "", "This gateway key is not allowed to use this MCP server.",
+                   "Use a key scoped to this server."),
+        ReasonInfo(Reason.SCOPE_TOOL, 403, "", "This gateway key is not allowed to call this tool.",
+                   "Use a key scoped to this tool."),
+        ReasonInfo(Reason.CREDENTIAL_MISSING, 403, "",
+                   "This MCP server needs your own credential, and none is configured.",
+                   "Add it with 'mcp-authz overrides set'."),
+        ReasonInfo(Reason.CREDENTIAL_UNREADABLE, 503, "",
+                   "A stored credential for this MCP server could not be decrypted.",
+                   "An operator must check the master key or set the credential again."),
+        ReasonInfo(Reason.RATE_LIMITED, 429, "", "Too many requests for this account.",
+                   "Retry after the indicated delay."),
+        ReasonInfo(Reason.OVERLOADED, 503, "", "The authorization service is busy.", _RETRY),
+        ReasonInfo(Reason.NOT_READY, 503, "", "The authorization service is starting or has lost its store.", _RETRY),
+        ReasonInfo(Reason.INTERNAL, 503, "", "The authorization service failed.",
+                   "Retry shortly; operators see the log."),
+    )
+}  # fmt: skip
 
 
 def redact(text: str) -> str:
@@ -161,6 +196,7 @@ class Denied(AuthzError):
     ) -> None:
         info = REASONS[reason]
         super().__init__(message or info.message)
+        self.info = info
         self.reason = reason.value
         self.code = reason
         self.status = info.status

@@ -8,18 +8,14 @@ secrets travel as `Sealed` ciphertext; decrypted values are wrapped in
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from authz_server.errors import redact
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-"""Names of teams, principals and servers: lowercase, URL- and header-safe."""
-TOOL_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # an MCP tool name as scopes and messages may name it
-
-PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Z][A-Z0-9_]*)\s*\}\}")
-"""`{{API_KEY}}` in a header template."""
+# Defined in rules.py, re-exported for the modules that read them here.
+from authz_server.rules import NAME_RE as NAME_RE
+from authz_server.rules import PLACEHOLDER_RE as PLACEHOLDER_RE
+from authz_server.rules import TOOL_RE as TOOL_RE
 
 
 class Role(str, enum.Enum):

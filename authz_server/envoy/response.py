@@ -23,11 +23,12 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
-from authz_server.errors import Denied
+from authz_server.errors import REASONS, Denied
 from authz_server.pipeline.types import Decision
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_RPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 429: code_pb2.RESOURCE_EXHAUSTED}
+# From the one denial table (errors.REASONS), by HTTP status, once at import: `_denial` reads them.
+_RPC_CODE = {info.status: int(info.grpc_code) for info in REASONS.values()}
 _OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 METADATA_NAMESPACE = "mcp_authz"  # dynamic metadata lands under this filter namespace in the access log
 
@@ -71,7 +72,7 @@ def _request_part(headers: tuple[tuple[str, str], ...], metadata: Mapping[str, s
 
 # JSON-RPC server-error codes for denials, so MCP clients (which only surface JSON-RPC
 # errors from a failed HTTP response) show the message instead of a generic failure.
-RPC_ERROR_CODE = {400: -32600, 401: -32001, 403: -32003, 429: -32029, 503: -32053}
+RPC_ERROR_CODE = {info.status: info.rpc_error_code for info in REASONS.values()}
 
 
 def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> bytes:

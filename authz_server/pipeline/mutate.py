@@ -16,9 +16,7 @@ from authz_server.crypto import keys
 from authz_server.pipeline.resolve import Credentials
 from authz_server.pipeline.types import CheckInput, Decision, Grant, Identity
 from authz_server.live.tables import ServerEntry
-
-IDENTITY_HEADERS = ("x-user-id", "x-user-type", "x-user-team", "x-user-roles")
-REQUEST_ID_HEADER = "x-request-id"
+from authz_server.rules import IDENTITY_HEADERS, REQUEST_ID_HEADER
 
 
 def sign(secret: bytes, timestamp: str, method: str, path: str, identity: tuple[str, ...], request_id: str) -> str:
