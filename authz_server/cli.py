@@ -5,10 +5,11 @@ Every management command runs one use case and renders its result, in one of two
   check the master key against it (`AdminService.verify_master_key`), run the
   use case as the local operator (an admin), close the store;
 - remote (`--server HOST:PORT` before the command, or `MCP_AUTHZ_SERVER`): run
-  it through the sidecar's admin gRPC API (`RemoteAdmin`, same operations and
-  views) as the principal whose gateway key is in `MCP_AUTHZ_KEY`; that
-  principal's roles decide what it may do.
-The mode is picked once, in `_admin_session`; the handlers do not know which.
+  it through the sidecar's admin gRPC API (`RemoteAdmin`) as the principal whose
+  gateway key is in `MCP_AUTHZ_KEY`; that principal's roles decide what it may do.
+Both implement `AdminOps`, with the same views. The mode is picked once, in
+`_admin_session`, which hands each handler the operations and the actor to pass
+them; the handlers do not know which mode it is.
 
 Output contract:
 - tables for people; with `--json`, exactly one JSON document on stdout
@@ -36,36 +37,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, Union
+from typing import Any, NoReturn, TextIO
 
 from authz_server import __version__
-from authz_server.admin.service import (
-    STATUS_INDICATORS,
-    Actor,
-    AdminService,
-    AuditView,
-    CredentialStatusView,
-    GatewayKeyView,
-    OverrideView,
-    PrincipalView,
-    ServerFormView,
-    ServerView,
-    TeamView,
-    UsageView,
-)
+from authz_server.admin.ops import DEFAULT_LIMIT, AdminOps
+from authz_server.admin.policy import Actor
+from authz_server.admin.service import AdminService
+from authz_server.admin.views import (
+    STATUS_INDICATORS, AuditView, CredentialStatusView, GatewayKeyView, OverrideView, PrincipalView, ServerFormView,
+    ServerView, TeamView, UsageView,
+)  # fmt: skip
 from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, read_pem
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.crypto.keys import KeyHasher
 from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput
-from authz_server.models import NAME_RE, AuthMode, Placeholder, Secret
+from authz_server.models import AuthMode, Placeholder, Secret
+from authz_server.rules import NAME_RE, PLACEHOLDER_NAME_RE
 from authz_server.store.base import Store
-
-if TYPE_CHECKING:
-    from authz_server.admin.remote import RemoteAdmin
-
-# The use cases, local (the store) or remote (the admin API): same methods, same views.
-Admin = Union[AdminService, "RemoteAdmin"]
 
 PROG = "mcp-authz"
 DEFAULT_KEY_FILE = "mcp-authz.key"
@@ -74,10 +63,8 @@ ENV_SERVER = "MCP_AUTHZ_SERVER"  # remote mode: the sidecar's admin API, HOST:PO
 ENV_CA = "MCP_AUTHZ_CA"  # remote mode: the CA file that signed the admin listener's certificate
 ENV_GATEWAY_KEY = "MCP_AUTHZ_KEY"  # remote mode: the caller's gateway key
 DEFAULT_ENVOY_CONFIG = "envoy/envoy.yaml"
-DEFAULT_USAGE_LIMIT = 1000
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PLACEHOLDER_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ONCE_NOTE = "This is shown once and cannot be retrieved later: store it now (e.g. in a password manager)."
 
 
@@ -314,26 +301,27 @@ async def _open_store(url: str) -> Store:
     return await open_store(url)
 
 
-@contextlib.asynccontextmanager
-async def _session(ctx: _Context) -> AsyncIterator[tuple[AdminService, Store]]:
-    """An AdminService on an initialised store whose master key matches ours."""
-    _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
-    keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
-    store = await _open_store(ctx.settings.store_url)
-    try:
-        service = AdminService(store, keyring, KeyHasher(ctx.settings.argon2))
-        await service.verify_master_key()
-        yield service, store
-    finally:
-        await store.close()
+def _service(store: Store, keyring: Keyring, settings: Settings) -> AdminService:
+    """The use cases on the local store, with the sidecar's settings (its signature header names)."""
+    return AdminService(store, keyring, KeyHasher(settings.argon2), signature_header=settings.signature_header,
+                        timestamp_header=settings.timestamp_header)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
-async def _admin_session(ctx: _Context) -> AsyncIterator[Admin]:
-    """The use cases: the remote sidecar's admin API in remote mode, else the local store."""
+async def _admin_session(ctx: _Context) -> AsyncIterator[tuple[AdminOps, Actor]]:
+    """The use cases and who runs them: in remote mode the sidecar's admin API, as the holder of
+    the gateway key in $MCP_AUTHZ_KEY; else an initialised local store whose master key matches
+    ours, as the operator (an admin)."""
     if ctx.remote is None:
-        async with _session(ctx) as (service, _store):
-            yield service
+        _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
+        keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
+        store = await _open_store(ctx.settings.store_url)
+        try:
+            service = _service(store, keyring, ctx.settings)
+            await service.verify_master_key()
+            yield service, Actor.operator()
+        finally:
+            await store.close()
         return
     key = ctx.env.get(ENV_GATEWAY_KEY, "").strip()
     if not key:
@@ -343,7 +331,7 @@ async def _admin_session(ctx: _Context) -> AsyncIterator[Admin]:
     from authz_server.admin.remote import RemoteAdmin  # gRPC only for remote mode
 
     async with RemoteAdmin(ctx.remote, Secret(key), tls=ctx.remote_tls, ca=ctx.remote_ca) as remote:
-        yield remote
+        yield remote, Actor.key_holder()
 
 
 def _local_only(args: argparse.Namespace, what: str) -> None:
@@ -395,7 +383,7 @@ def read_values(placeholders: Sequence[Placeholder], stdin: TextIO, server: str)
     for i, line in enumerate(lines, 1):
         name, sep, value = line.partition("=")
         name = name.strip()
-        if not sep or not _PLACEHOLDER_NAME_RE.match(name):
+        if not sep or not PLACEHOLDER_NAME_RE.match(name):
             raise InvalidInput(f"Line {i} of stdin is not NAME=VALUE (placeholders of {server}: {', '.join(names)}).")
         if name in values:
             raise InvalidInput(f"{name} is given twice on stdin.")
@@ -407,8 +395,6 @@ def read_values(placeholders: Sequence[Placeholder], stdin: TextIO, server: str)
 
 # --- commands -----------------------------------------------------------------------------
 
-# Local mode acts as the operator; in remote mode RemoteAdmin ignores the actor (the key decides).
-_OP = Actor.operator()
 
 
 def _server_text(v: ServerView) -> str:
@@ -531,12 +517,12 @@ def _key_line(v: GatewayKeyView) -> str:
     return f"key {v.key_id} for {v.principal}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
-Handler = Callable[[Admin, argparse.Namespace], Awaitable[Rendered]]
+Handler = Callable[[AdminOps, Actor, argparse.Namespace], Awaitable[Rendered]]
 
 
-async def _servers_add(admin: Admin, a: argparse.Namespace) -> Rendered:
+async def _servers_add(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
     optional = {n for item in a.optional for n in _csv(item)}
-    view, signing = await admin.add_server(_OP, a.name, a.mode, a.header, optional, a.description, a.upstream_url)
+    view, signing = await admin.add_server(me, a.name, a.mode, a.header, optional, a.description, a.upstream_url)
     text = f"Added server {view.name} ({view.mode}).\n\n"
     text += _once_block("Signing secret for upstream verification", signing)
     if view.mode == AuthMode.SHARED.value:
@@ -544,40 +530,40 @@ async def _servers_add(admin: Admin, a: argparse.Namespace) -> Rendered:
     return Rendered({"server": view.to_json(), "signing_secret": signing.reveal()}, text)
 
 
-async def _servers_list(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.list_servers(_OP)
+async def _servers_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_servers(me)
     return Rendered({"servers": [v.to_json() for v in views]}, _servers_table(views))
 
 
-async def _servers_show(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view = await admin.show_server(_OP, a.name)
+async def _servers_show(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view = await admin.show_server(me, a.name)
     return Rendered({"server": view.to_json()}, _server_text(view))
 
 
-async def _servers_update(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view = await admin.update_server(_OP, a.name, upstream_url=a.upstream_url, description=a.description)
+async def _servers_update(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view = await admin.update_server(me, a.name, upstream_url=a.upstream_url, description=a.description)
     return Rendered({"server": view.to_json()}, f"Updated server {view.name}.\n\n{_server_text(view)}")
 
 
-async def _servers_set_shared(admin: Admin, a: argparse.Namespace) -> Rendered:
-    server = await _form_for_input(admin, a.name)
+async def _servers_set_shared(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    server = await _form_for_input(admin, me, a.name)
     # Unknown server or wrong mode: let the use case refuse (and audit) before reading any secret.
     shared = server is not None and server.mode == AuthMode.SHARED.value
     values = read_values(server.placeholders, sys.stdin, a.name) if server and shared else {}
-    view = await admin.set_shared(_OP, a.name, values)
+    view = await admin.set_shared(me, a.name, values)
     return Rendered(
         {"server": view.to_json()},
         f"Set shared values of {view.name}: " + ", ".join(f"{n}={m}" for n, m in view.shared_masks),
     )
 
 
-async def _servers_remove(admin: Admin, a: argparse.Namespace) -> Rendered:
-    await admin.remove_server(_OP, a.name)
+async def _servers_remove(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    await admin.remove_server(me, a.name)
     return Rendered({"removed": {"server": a.name}}, f"Removed server {a.name} and its overrides.")
 
 
-async def _servers_rotate(admin: Admin, a: argparse.Namespace) -> Rendered:
-    signing = await admin.rotate_signing_secret(_OP, a.name)
+async def _servers_rotate(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    signing = await admin.rotate_signing_secret(me, a.name)
     return Rendered(
         {"server": a.name, "signing_secret": signing.reveal()},
         f"Rotated the signing secret of {a.name}; the old one no longer signs.\n\n"
@@ -585,8 +571,8 @@ async def _servers_rotate(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _principals_add(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view = await admin.add_principal(_OP, a.name, a.team, _csv(a.roles), a.kind, a.rate_limit)
+async def _principals_add(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view = await admin.add_principal(me, a.name, a.team, _csv(a.roles), a.kind, a.rate_limit)
     return Rendered(
         {"principal": view.to_json()},
         f"Added {view.kind} {view.name} ({view.id}) to team {view.team} with roles {','.join(view.roles)}.\n"
@@ -594,58 +580,53 @@ async def _principals_add(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _principals_list(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.list_principals(_OP, a.team)
+async def _principals_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_principals(me, a.team)
     return Rendered({"principals": [v.to_json() for v in views]}, _principals_table(views))
 
 
-def _principals_toggle(disabled: bool) -> Handler:
-    async def handler(admin: Admin, a: argparse.Namespace) -> Rendered:
-        view = await admin.set_principal_disabled(_OP, a.name, disabled)
-        state = "Disabled" if disabled else "Enabled"
-        note = " Every key of this principal is refused." if disabled else ""
-        return Rendered({"principal": view.to_json()}, f"{state} principal {view.name}.{note}")
-
-    return handler
-
-
-async def _teams_list(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.list_teams(_OP)
+async def _teams_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_teams(me)
     return Rendered({"teams": [v.to_json() for v in views]}, _teams_table(views))
 
 
-def _teams_toggle(disabled: bool) -> Handler:
-    async def handler(admin: Admin, a: argparse.Namespace) -> Rendered:
-        view = await admin.set_team_disabled(_OP, a.name, disabled)
+def _toggle(kind: str, disabled: bool) -> Handler:
+    """`principals disable|enable` and `teams disable|enable`: every key of the principal, or of
+    every principal in the team, is refused while it is disabled."""
+    whose = "this principal" if kind == "principal" else "every principal in it"
+
+    async def handler(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+        toggle = admin.set_principal_disabled if kind == "principal" else admin.set_team_disabled
+        view = await toggle(me, a.name, disabled)
         state = "Disabled" if disabled else "Enabled"
-        note = " Every key of every principal in it is refused." if disabled else ""
-        return Rendered({"team": view.to_json()}, f"{state} team {view.name}.{note}")
+        note = f" Every key of {whose} is refused." if disabled else ""
+        return Rendered({kind: view.to_json()}, f"{state} {kind} {view.name}.{note}")
 
     return handler
 
 
-async def _keys_create(admin: Admin, a: argparse.Namespace) -> Rendered:
+async def _keys_create(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
     scope = [s for item in a.servers for s in _csv(item)]
-    view, key = await admin.create_key(_OP, a.principal, a.label, a.expires, scope)
+    view, key = await admin.create_key(me, a.principal, a.label, a.expires, scope)
     return Rendered(
         {"key": view.to_json(), "api_key": key.reveal()},
         f"Created {_key_line(view)}.\n\n" + _once_block("Gateway key", key),
     )
 
 
-async def _keys_list(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.list_keys(_OP, a.principal)
+async def _keys_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_keys(me, a.principal)
     return Rendered({"keys": [v.to_json() for v in views]}, _keys_table(views))
 
 
-async def _keys_revoke(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view = await admin.revoke_key(_OP, a.key_id)
+async def _keys_revoke(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view = await admin.revoke_key(me, a.key_id)
     text = f"Revoked key {view.key_id} of {view.principal} at {_when(view.revoked_at)}."
     return Rendered({"key": view.to_json()}, text)
 
 
-async def _keys_regenerate(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view, key = await admin.regenerate_key(_OP, a.key_id, a.grace)
+async def _keys_regenerate(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view, key = await admin.regenerate_key(me, a.key_id, a.grace)
     old = (
         f"The old key {a.key_id} stops working in {a.grace} seconds."
         if a.grace
@@ -657,11 +638,11 @@ async def _keys_regenerate(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _overrides_set(admin: Admin, a: argparse.Namespace) -> Rendered:
-    server = await _form_for_input(admin, a.server_name)
+async def _overrides_set(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    server = await _form_for_input(admin, me, a.server_name)
     ok = server is not None and server.mode != AuthMode.NONE.value
     values = read_values(server.placeholders, sys.stdin, a.server_name) if ok and server else {}
-    view = await admin.set_override(_OP, a.principal, a.server_name, values, a.expires)
+    view = await admin.set_override(me, a.principal, a.server_name, values, a.expires)
     return Rendered(
         {"override": view.to_json()},
         f"Set the override of {view.principal} for {view.server}: "
@@ -669,13 +650,13 @@ async def _overrides_set(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _overrides_list(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.list_overrides(_OP, a.server_name, a.principal)
+async def _overrides_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.list_overrides(me, a.server_name, a.principal)
     return Rendered({"overrides": [v.to_json() for v in views]}, _overrides_table(views))
 
 
-async def _overrides_delete(admin: Admin, a: argparse.Namespace) -> Rendered:
-    await admin.delete_override(_OP, a.principal, a.server_name)
+async def _overrides_delete(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    await admin.delete_override(me, a.principal, a.server_name)
     return Rendered(
         {"deleted": {"principal": a.principal, "server": a.server_name}},
         f"Deleted the override of {a.principal} for {a.server_name}." if a.principal
@@ -683,13 +664,13 @@ async def _overrides_delete(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _overrides_status(admin: Admin, a: argparse.Namespace) -> Rendered:
-    views = await admin.credential_status(_OP, a.server_name, a.principal)
+async def _overrides_status(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    views = await admin.credential_status(me, a.server_name, a.principal)
     return Rendered({"statuses": [v.to_json() for v in views]}, _status_table(views))
 
 
-async def _overrides_test(admin: Admin, a: argparse.Namespace) -> Rendered:
-    view = await admin.test_override(_OP, a.server_name, a.principal)
+async def _overrides_test(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    view = await admin.test_override(me, a.server_name, a.principal)
     verdict = {
         "ok": "the upstream accepted it",
         "rejected": "the upstream REJECTED it: it is marked invalid",
@@ -703,24 +684,24 @@ async def _overrides_test(admin: Admin, a: argparse.Namespace) -> Rendered:
     )
 
 
-async def _whoami(admin: Admin, a: argparse.Namespace) -> Rendered:
-    me = await admin.whoami(_OP)
-    text = f"{me.name} ({me.id}), {me.kind}" + (f" in team {me.team}" if me.team else "")
-    return Rendered({"whoami": me.to_json()}, f"{text}, roles {','.join(me.roles)}")
+async def _whoami(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    who = await admin.whoami(me)
+    text = f"{who.name} ({who.id}), {who.kind}" + (f" in team {who.team}" if who.team else "")
+    return Rendered({"whoami": who.to_json()}, f"{text}, roles {','.join(who.roles)}")
 
 
-async def _audit_query(admin: Admin, a: argparse.Namespace) -> Rendered:
-    limit = a.limit or DEFAULT_USAGE_LIMIT
-    views = await admin.query_audit(_OP, a.actor, a.action, a.target, a.since, a.until, limit)
+async def _audit_query(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    limit = a.limit or DEFAULT_LIMIT
+    views = await admin.query_audit(me, a.actor, a.action, a.target, a.since, a.until, limit)
     text = _audit_table(views)
     if len(views) == limit:
         text += f"\n(the oldest {limit} matching events; there may be more: narrow the filters, raise --limit, or --export)"
     return Rendered({"events": [v.to_json() for v in views], "limit": limit}, text)
 
 
-async def _usage_query(admin: Admin, a: argparse.Namespace) -> Rendered:
-    limit = a.limit or DEFAULT_USAGE_LIMIT
-    views = await admin.query_usage(_OP, a.principal, a.server_name, a.tool, a.since, a.until, limit)
+async def _usage_query(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    limit = a.limit or DEFAULT_LIMIT
+    views = await admin.query_usage(me, a.principal, a.server_name, a.tool, a.since, a.until, limit)
     text = _usage_table(views)
     if len(views) == limit:
         text += (
@@ -730,9 +711,9 @@ async def _usage_query(admin: Admin, a: argparse.Namespace) -> Rendered:
     return Rendered({"usage": [v.to_json() for v in views], "limit": limit}, text)
 
 
-async def _usage_prune(admin: Admin, a: argparse.Namespace) -> Rendered:
+async def _usage_prune(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
     before = datetime.now(timezone.utc) - a.older_than
-    pruned = await admin.prune_usage(_OP, before)
+    pruned = await admin.prune_usage(me, before)
     return Rendered(
         {"pruned": pruned, "before": before.isoformat().replace("+00:00", "Z")},
         f"Deleted {pruned} usage record{'' if pruned == 1 else 's'} older than {_when(before)}.",
@@ -740,12 +721,11 @@ async def _usage_prune(admin: Admin, a: argparse.Namespace) -> Rendered:
 
 
 def _cmd_usage_export(args: argparse.Namespace) -> int:
-    """JSON lines on stdout, one record each, written page by page as the store is read."""
+    """Usage records as JSON lines on stdout, one record each, written page by page as the store is read."""
 
-    async def pages(admin: Admin) -> AsyncIterator[list[Any]]:
-        return await admin.export_usage(
-            _OP, args.principal, args.server_name, args.tool, args.since, args.until, args.limit
-        )
+    async def pages(admin: AdminOps, me: Actor) -> AsyncIterator[list[Any]]:
+        return await admin.export_usage(me, args.principal, args.server_name, args.tool, args.since, args.until,
+                                        args.limit)  # fmt: skip
 
     return _export(args, pages, "usage record")
 
@@ -753,21 +733,21 @@ def _cmd_usage_export(args: argparse.Namespace) -> int:
 def _cmd_audit_export(args: argparse.Namespace) -> int:
     """The audit trail as JSON lines, page by page."""
 
-    async def pages(admin: Admin) -> AsyncIterator[list[Any]]:
-        return await admin.export_audit(_OP, args.actor, args.action, args.target, args.since, args.until)
+    async def pages(admin: AdminOps, me: Actor) -> AsyncIterator[list[Any]]:
+        return await admin.export_audit(me, args.actor, args.action, args.target, args.since, args.until, args.limit)
 
     return _export(args, pages, "audit event")
 
 
 def _export(
-    args: argparse.Namespace, start: Callable[[Admin], Awaitable[AsyncIterator[list[Any]]]], what: str
+    args: argparse.Namespace, start: Callable[[AdminOps, Actor], Awaitable[AsyncIterator[list[Any]]]], what: str
 ) -> int:
     ctx = _context(args)
 
     async def go() -> int:
         count = 0
-        async with _admin_session(ctx) as admin:
-            async for page in await start(admin):
+        async with _admin_session(ctx) as (admin, me):
+            async for page in await start(admin, me):
                 sys.stdout.write("".join(json.dumps(v.to_json(), separators=(",", ":")) + "\n" for v in page))
                 sys.stdout.flush()
                 count += len(page)
@@ -824,13 +804,13 @@ def _cmd_usage_prune(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     return cmd
 
 
-async def _form_for_input(admin: Admin, name: str) -> ServerFormView | None:
+async def _form_for_input(admin: AdminOps, me: Actor, name: str) -> ServerFormView | None:
     """Which placeholders to read from stdin; None when the server is unknown or the name
     invalid, so the use case itself refuses (and audits) before any secret is read."""
     if not NAME_RE.match(name):
         return None
     try:
-        return await admin.server_form(_OP, name)
+        return await admin.server_form(me, name)
     except AuthzError as exc:
         if exc.reason in ("not_found", "invalid_input"):
             return None
@@ -844,8 +824,8 @@ def _run_managed(handler: Handler, local_only: str = "") -> Callable[[argparse.N
         ctx = _context(args, local=bool(local_only))
 
         async def go() -> Rendered:
-            async with _admin_session(ctx) as admin:
-                return await handler(admin, args)
+            async with _admin_session(ctx) as (admin, me):
+                return await handler(admin, me, args)
 
         _emit(ctx.json, asyncio.run(go()))
         return 0
@@ -881,8 +861,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
                     "'mcp-authz keys create'."
                 )
             keyring, written = _init_keyring(ctx)
-            svc = AdminService(store, keyring, KeyHasher(ctx.settings.argon2))
-            principal, view, key = await svc.initialize(_OP, args.admin_name, args.team)
+            svc = _service(store, keyring, ctx.settings)
+            principal, view, key = await svc.initialize(Actor.operator(), args.admin_name, args.team)
         finally:
             await store.close()
         doc = {
@@ -1209,14 +1189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, metavar="N", help="requests per minute (default: unlimited)")
     leaf(principals, "list", "list principals", _run_managed(_principals_list)).add_argument("--team")
     disable_text = "disable a principal (all its keys stop working)"
-    leaf(principals, "disable", disable_text, _run_managed(_principals_toggle(True))).add_argument("name")
-    leaf(principals, "enable", "enable a principal", _run_managed(_principals_toggle(False))).add_argument("name")
+    leaf(principals, "disable", disable_text, _run_managed(_toggle("principal", True))).add_argument("name")
+    leaf(principals, "enable", "enable a principal", _run_managed(_toggle("principal", False))).add_argument("name")
 
     teams = group("teams", "teams (workspaces)")
     leaf(teams, "list", "list teams", _run_managed(_teams_list))
     disable_text = "disable a team (all its keys stop working)"
-    leaf(teams, "disable", disable_text, _run_managed(_teams_toggle(True))).add_argument("name")
-    leaf(teams, "enable", "enable a team", _run_managed(_teams_toggle(False))).add_argument("name")
+    leaf(teams, "disable", disable_text, _run_managed(_toggle("team", True))).add_argument("name")
+    leaf(teams, "enable", "enable a team", _run_managed(_toggle("team", False))).add_argument("name")
 
     keys = group("keys", "gateway keys")
     p = leaf(keys, "create", "create a gateway key (shown once)", _run_managed(_keys_create))
@@ -1291,7 +1271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=parse_limit,
         metavar="N",
-        help=f"at most N records, oldest first (default: {DEFAULT_USAGE_LIMIT}; with --export: all)",
+        help=f"at most N records, oldest first (default: {DEFAULT_LIMIT}; with --export: all)",
     )
     p.add_argument(
         "--export", action="store_true", help="write JSON lines to stdout, one record a line, streamed (not --json)"
@@ -1313,7 +1293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=parse_when, metavar="WHEN", help=f"from this time, inclusive: {when}")
     p.add_argument("--until", type=parse_when, metavar="WHEN", help=f"before this time, exclusive: {when}")
     p.add_argument("--limit", type=parse_limit, metavar="N",
-                   help=f"at most N events, oldest first (default: {DEFAULT_USAGE_LIMIT})")
+                   help=f"at most N events, oldest first (default: {DEFAULT_LIMIT})")
     p.add_argument("--export", action="store_true", help="write every matching event as JSON lines (not --json)")
     return parser
 

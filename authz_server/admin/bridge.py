@@ -25,10 +25,12 @@ class LoopContext:
         self._context = context
 
     def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]:
-        return self._context.invocation_metadata()
+        metadata: Sequence[tuple[str, str | bytes]] = self._context.invocation_metadata()
+        return metadata
 
     def peer(self) -> str:
-        return self._context.peer()
+        peer: str = self._context.peer()
+        return peer
 
     async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
         if trailing_metadata:

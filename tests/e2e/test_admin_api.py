@@ -46,7 +46,7 @@ from .sidecar import CLI, Sidecar, World, run_sidecar, seed
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open", "crm", "mx-ind")
 RIGHT = "right"  # the strict upstream accepts only `Authorization: Bearer right`
-ANY = Actor.operator()  # RemoteAdmin ignores the actor: the key decides
+ANY = Actor.key_holder()  # a RemoteAdmin acts as the holder of its key: the key decides
 
 
 @dataclass

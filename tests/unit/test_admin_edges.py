@@ -27,6 +27,7 @@ from authz_server.errors import (
     Reason,
     StoreError,
 )
+from authz_server.errors import REASONS
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,21 @@ def test_the_table_lists_subclasses_before_their_bases() -> None:
 def test_messages_are_the_errors_own_with_a_denials_hint() -> None:
     assert error_message(Denied(Reason.KEY_EXPIRED)) == "The gateway key has expired. Ask for a new key."
     assert error_message(NotFound("No server named x.")) == "No server named x."
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_every_denial_reason_has_one_row_that_both_apis_read(reason: Reason) -> None:
+    """errors.REASONS is the one table: Check's response and the admin API derive their codes from it."""
+    from google.rpc import code_pb2
+
+    from authz_server.envoy import response
+
+    info = REASONS[reason]
+    assert (info.reason, info.label) == (reason, reason.value)
+    assert info.grpc_code.value == code_pb2.Code.Value(info.grpc_code.name)
+    assert grpc_status(Denied(reason)).value[0] == info.grpc_code == response._RPC_CODE[info.status]  # noqa: SLF001
+    assert response.RPC_ERROR_CODE[info.status] == info.rpc_error_code
+    assert info.audit_action == ("authn.failure" if info.status == 401 or reason is Reason.KEY_IN_URL else "")
 
 
 # --- the remote CLI, before any connection ------------------------------------------------------------
@@ -146,4 +162,5 @@ def test_local_audit_status_and_server_update(clean_env: pytest.MonkeyPatch, cap
     export = run("audit", "--export", "--actor", "cli")
     lines = [json.loads(line) for line in export.splitlines()]
     assert lines and {e["actor"] for e in lines} == {"cli"}
+    assert [json.loads(line) for line in run("audit", "--export", "--limit", "2").splitlines()] == lines[:2]
     assert "ghp_localTOKEN0123456789" not in export + json.dumps(events)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from authz_server.admin.probe import ProbeFailed
-from authz_server.admin.service import STATUS_INDICATORS, Actor, AdminService
+from authz_server.admin.service import Actor, AdminService
+from authz_server.admin.views import STATUS_INDICATORS
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import Argon2Params, KeyHasher
 from authz_server.errors import InvalidInput, NotFound, PermissionDenied
@@ -166,6 +167,31 @@ async def test_override_test_sends_what_check_would_send_and_records_the_result(
     assert [e.details["result"] for e in events] == ["ok", "rejected", "inconclusive", "inconclusive"]
     assert all(e.request_id == "req-alice" and e.details["source"] == "10.0.0.7" for e in events)
     assert not any(GOOD in str(e) or BAD in str(e) for e in await w.store.query_audit(limit=10_000))
+
+
+async def test_the_configured_signature_headers_are_reserved_and_signed_with() -> None:
+    """The sidecar may rename its signature pair (Settings.signature_header, timestamp_header):
+    templates may not set the configured names, and `overrides test` signs with them."""
+    store = MemoryStore()
+    await store.migrate()
+    probe = FakeProbe()
+    svc = AdminService(store, Keyring.from_spec(Keyring.generate_spec()), KeyHasher(FAST), Clock(), probe,
+                       signature_header="X-Gw-Sig", timestamp_header="x-gw-ts")  # fmt: skip
+    await svc.initialize(OP)
+    for name in ("x-gw-sig", "X-GW-TS", "x-user-id"):
+        with pytest.raises(InvalidInput, match="is reserved"):
+            await svc.add_server(OP, "gh", "individual", [f"{name}: {{{{API_KEY}}}}"])
+    # The default names are no longer the gateway's, so a template may use them.
+    await svc.add_server(OP, "free", "individual", ["X-Mcp-Authz-Signature: {{API_KEY}}"])
+    _, signing = await svc.add_server(OP, "github", "individual", ["Authorization: Bearer {{API_KEY}}"],
+                                      upstream_url="http://127.0.0.1:9/mcp/github")  # fmt: skip
+    await svc.add_principal(OP, "alice", "eng", ["user"])
+    await svc.set_override(OP, "alice", "github", {"API_KEY": GOOD})
+    assert (await svc.test_override(OP, "github", "alice")).result == "ok"
+    (_, headers), = probe.calls
+    assert "x-gw-sig" in headers and "x-gw-ts" in headers and "x-mcp-authz-signature" not in headers
+    renamed = {"x-mcp-authz-signature": headers["x-gw-sig"], "x-mcp-authz-timestamp": headers["x-gw-ts"]}
+    assert verify(signing.reveal(), "POST", "/mcp/github", {**headers, **renamed}) is True
 
 
 async def test_override_test_needs_an_upstream_url_and_an_override(w: W) -> None:

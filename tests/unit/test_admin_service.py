@@ -8,12 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from authz_server.admin.service import (
-    Actor,
-    AdminService,
-    GatewayKeyView,
-    key_status,
-)
+from authz_server.admin.service import Actor, AdminService
+from authz_server.admin.views import GatewayKeyView, key_status
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
 from authz_server.crypto.keys import Argon2Params, KeyHasher

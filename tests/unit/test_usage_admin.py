@@ -7,7 +7,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from authz_server.admin.service import MAX_USAGE_LIMIT, Actor, AdminService, UsageView
+from authz_server.admin.ops import MAX_LIMIT as MAX_USAGE_LIMIT
+from authz_server.admin.service import Actor, AdminService
+from authz_server.admin.views import UsageView
 from authz_server.errors import InvalidInput, NotFound, PermissionDenied
 from authz_server.models import Role, UsageRecord
 from authz_server.store.memory import MemoryStore
