@@ -143,7 +143,8 @@ async def build(settings: Settings, keyring: Keyring, store: Store | None = None
         rejected_overrides,
         AccessLog(store.append_usage, rejected_overrides, settings.usage_queue),
         LastUsed(store, settings.last_used_flush),
-        AdminService(store, keyring, KeyHasher(settings.argon2)),
+        AdminService(store, keyring, KeyHasher(settings.argon2), signature_header=settings.signature_header,
+                     timestamp_header=settings.timestamp_header),
     )
 
 
