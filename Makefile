@@ -20,7 +20,9 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/python examples/run_demo.py
 
+# Strict type checking of the package first (pyproject.toml [tool.mypy]), then every test.
 test: venv
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The admin API's Python stubs and Envoy's descriptor set, from protos/ (checked in; a test

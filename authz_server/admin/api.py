@@ -132,7 +132,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     raise
                 hint = f"Send your gateway key as 'Authorization: Bearer mgw_…' or in the {self._extractor.key_header} header."
                 raise Denied(Reason.KEY_MISSING, hint=hint) from None
-            identity = await self._authn.authenticate_async(presented)  # type: ignore[attr-defined]
+            identity = await self._authn.authenticate_async(presented)
         except Denied as denied:
             if denied.info.audit_action:
                 # A security event, as Check records it: reason, key id when parsed, source. Never the key.

@@ -67,7 +67,8 @@ def _request_part(headers: tuple[tuple[str, str], ...], metadata: Mapping[str, s
     fields = response.dynamic_metadata.fields
     for key, text in metadata.items():
         fields[key].string_value = text
-    return response.SerializeToString()
+    serialized: bytes = response.SerializeToString()
+    return serialized
 
 
 # JSON-RPC server-error codes for denials, so MCP clients (which only surface JSON-RPC
@@ -94,7 +95,8 @@ def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_
         ("reason", denied.reason),
     ):
         fields[key].string_value = text
-    return head + response.SerializeToString()
+    body: bytes = response.SerializeToString()
+    return head + body
 
 
 _REQUEST_ID_SLOT = "\x00request-id\x00"

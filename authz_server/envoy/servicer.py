@@ -98,14 +98,15 @@ class AuthorizationServicer:
     def _denied(self, denied: Denied, inp: CheckInput | None) -> bytes:
         request_id = inp.request_id if inp else ""
         server = _server(inp)
-        if denied.status == 401 or denied.code is Reason.KEY_IN_URL:
-            # A security event (a failed authentication, or a key exposed in a URL): reason, key id
-            # when parsed, source address. Never the key.
+        action = denied.info.audit_action
+        if action:
+            # A security event (a failed authentication, or a key exposed in a URL; errors.REASONS says
+            # which): reason, key id when parsed, source address. Never the key.
             self._audit.put(
                 AuditEvent(
                     at=datetime.now(UTC),
                     actor=denied.principal_id or "-",
-                    action="authn.failure",
+                    action=action,
                     target=denied.key_id or "-",
                     outcome=denied.reason,
                     request_id=request_id,

@@ -157,6 +157,9 @@ class Authenticate(Protocol):
     def authenticate(self, presented: PresentedKey) -> Identity:
         """Return the caller's identity, or raise Denied (401, or 503 when overloaded), or Pending."""
 
+    async def authenticate_async(self, presented: PresentedKey) -> Identity:
+        """`authenticate` for callers on the event loop: a first-use verification is awaited."""
+
 
 class Authenticator:
     """The one authenticator, used by Check and by the admin API."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from authz_server.errors import Denied, Reason
-from authz_server.models import PLACEHOLDER_RE, TOOL_RE, AuthMode, Secret
+from authz_server.models import AuthMode, Secret
+from authz_server.rules import PLACEHOLDER_RE, TOOL_RE
 from authz_server.pipeline.types import CheckInput, Identity
 from authz_server.live.tables import AuthState, ServerEntry
 
