@@ -1,18 +1,25 @@
-"""The mcp-authz command, in process against a SQLite store in tmp_path, and once as a real subprocess.
+"""cli.py: the mcp-authz command, in process against a SQLite store in tmp_path, and once as a real subprocess.
 
 Every run's stdout and stderr is kept in a session transcript; the last test
 checks that no gateway key or signing secret appears anywhere but in the one
 output that issued it, and that no credential value or master key appears at all.
+
+Besides every local command: `usage` (the table, --json, the JSON-lines export, time arguments
+and pruning), the remote mode's refusals before it connects, and no key given to the CLI ever
+printed back. (`certs create`: crypto/test_certs.py.)
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import getpass
 import io
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -23,9 +30,13 @@ from typing import Any
 
 import pytest
 
-from authz_server.cli import main, parse_duration, parse_expiry, parse_grace, sqlite_path
+from authz_server.cli import main, parse_duration, parse_expiry, parse_grace, parse_when, sqlite_path
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import Keyring, read_key_file
+from authz_server.models import UsageRecord
+from authz_server.store import open_store
+
+from .fakes import assert_no_key, redacted
 
 KEY_RE = re.compile(r"mgw_[0-9A-Za-z]{32}")
 GH_TOKEN = "ghp_CLIvalueAAAAbbbbCCCCdddd1234"
@@ -602,6 +613,458 @@ def test_installed_entry_point(tmp_path: Path, transcript: Transcript) -> None:
         [sys.executable, "-m", "authz_server", "--version"], capture_output=True, text=True, env=env, timeout=60
     )
     assert version.returncode == 0 and version.stdout.startswith("mcp-authz ")
+
+
+# --- the remote CLI, before any connection ------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for var in list(os.environ):
+        if var.startswith("MCP_AUTHZ_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "message"),
+    [
+        (["--server", "github", "overrides", "list"], {}, 2, "HOST:PORT"),
+        (["--server", "127.0.0.1:1", "servers", "list", "--store", "sqlite:///x.db"], {}, 2, "--store"),
+        (["--server", "127.0.0.1:1", "servers", "list"], {}, 2, "MCP_AUTHZ_KEY"),
+        (["--server", "127.0.0.1:1", "servers", "list"], {"MCP_AUTHZ_KEY": "not-a-key"}, 2, "does not hold a gateway key"),
+        (["--server", "127.0.0.1:1", "init"], {}, 2, "init runs locally only"),
+        (["--server", "127.0.0.1:1", "serve"], {}, 2, "serve runs locally only"),
+        (["--server", "127.0.0.1:1", "usage", "prune", "--older-than", "1d"], {}, 2, "usage prune runs locally only"),
+        (["servers", "list"], {"MCP_AUTHZ_SERVER": "nonsense"}, 2, "HOST:PORT"),
+    ],
+)
+def test_remote_mode_refuses_before_connecting(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str],
+    code: int, message: str,
+) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "not-a-key" not in err
+
+
+def test_an_unreachable_sidecar_is_an_operation_error(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = gateway_keys.generate()[1].reveal()
+    clean_env.setenv("MCP_AUTHZ_KEY", key)
+    clean_env.setenv("MCP_AUTHZ_SERVER", f"127.0.0.1:{_closed_port()}")
+    assert main(["--json", "whoami"]) == 1
+    out = capsys.readouterr().out
+    assert json.loads(out)["error"]["reason"] == "unavailable" and key not in out
+
+
+# --- audit, overrides status, servers update ------------------------------------------------------------
+
+
+def test_local_audit_status_and_server_update(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    common = ["--store", f"sqlite:///{tmp_path}/a.db"]
+
+    def run(*argv: str) -> str:
+        assert main([*argv, *common]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    run("init")
+    clean_env.setenv("MCP_AUTHZ_MASTER_KEY_FILE", str(tmp_path / "mcp-authz.key"))
+    run("servers", "add", "github", "--mode", "individual", "-H", "Authorization: Bearer {{API_KEY}}",
+        "--upstream-url", "http://127.0.0.1:9/mcp")
+    run("principals", "add", "alice", "--team", "eng")
+    assert "upstream:     https://mcp.example.com/mcp" in run(
+        "servers", "update", "github", "--upstream-url", "https://mcp.example.com/mcp")
+    table = run("overrides", "status", "--server-name", "github")
+    assert "🟡 missing" in table and "alice" in table and "🟢 configured  🟡 missing  🔴 invalid  ⏰ expired" in table
+    clean_env.setattr("sys.stdin", __import__("io").StringIO("ghp_localTOKEN0123456789\n"))
+    run("overrides", "set", "--server-name", "github", "--principal", "alice", "--expires", "30d")
+    assert "🟢 configured" in run("overrides", "status", "--server", "github", "--principal", "alice")
+    events = json.loads(run("--json", "audit", "--action", "overrides.*"))["events"]
+    assert [e["action"] for e in events] == ["overrides.status", "overrides.set", "overrides.status"]
+    assert all(e["actor"] == "cli" for e in events)
+    export = run("audit", "--export", "--actor", "cli")
+    lines = [json.loads(line) for line in export.splitlines()]
+    assert lines and {e["actor"] for e in lines} == {"cli"}
+    assert [json.loads(line) for line in run("audit", "--export", "--limit", "2").splitlines()] == lines[:2]
+    assert "ghp_localTOKEN0123456789" not in export + json.dumps(events)
+
+
+# --- usage ------------------------------------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 5, 10, 0, 0, 250000, tzinfo=timezone.utc)
+
+
+def _rec(at: datetime, principal_id: str, server: str = "github", tool: str = "search", **kw: object) -> UsageRecord:
+    fields: dict[str, object] = {
+        "request_id": f"req-{at:%H%M%S}-{principal_id or 'anon'}",
+        "key_id": "KeyId01" if principal_id else "",
+        "mcp_method": "tools/call",
+        "decision": "allow",
+        "reason": "",
+        "upstream_status": 200,
+        "request_bytes": 321,
+        "response_bytes": 4096,
+        "duration_ms": 7.75,
+    }
+    fields.update(kw)
+    return UsageRecord(at=at, principal_id=principal_id, server=server, tool=tool, **fields)  # type: ignore[arg-type]
+
+
+def _append(run: Cli, records: list[UsageRecord]) -> None:
+    """Write records as the sidecar's usage writer would, straight into the CLI's store."""
+
+    async def go() -> None:
+        store = await open_store(run.store)
+        try:
+            await store.append_usage(records)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def people(ready: Cli) -> dict[str, str]:
+    """alice and bob, and four records: alice, bob, an unauthenticated denial, alice on slack."""
+    ids = {name: ready.json("principals", "add", name)["principal"]["id"] for name in ("alice", "bob")}
+    _append(
+        ready,
+        [
+            _rec(T0, ids["alice"]),
+            _rec(T0 + timedelta(minutes=1), ids["bob"], duration_ms=12.125),
+            _rec(T0 + timedelta(minutes=2), "", tool="", mcp_method="", decision="deny", reason="key_missing",
+                 upstream_status=401, response_bytes=180),
+            _rec(T0 + timedelta(minutes=3), ids["alice"], server="slack", tool="post"),
+        ],
+    )
+    return ids
+
+
+def _lines(out: str) -> list[dict]:
+    assert out.endswith("\n") or out == ""
+    return [json.loads(line) for line in out.splitlines()]
+
+
+# --- usage: query -----------------------------------------------------------------------------------------
+
+
+def test_usage_prints_a_table_oldest_first(ready: Cli, people: dict[str, str]) -> None:
+    rec = ready("usage")
+    assert rec.code == 0, rec.err
+    header, *rows = rec.out.splitlines()
+    assert header.split() == ["TIME", "PRINCIPAL", "KEY", "ID", "SERVER", "METHOD", "TOOL", "DECISION", "STATUS",
+                              "BYTES", "IN", "BYTES", "OUT", "MS", "REQUEST", "ID"]
+    assert [r.split()[:4] for r in rows] == [
+        ["2026-01-05", "10:00:00Z", "alice", "KeyId01"],
+        ["2026-01-05", "10:01:00Z", "bob", "KeyId01"],
+        ["2026-01-05", "10:02:00Z", "-", "-"],
+        ["2026-01-05", "10:03:00Z", "alice", "KeyId01"],
+    ]
+    assert rows[2].split()[4:11] == ["github", "-", "-", "deny", "(key_missing)", "401", "321"]
+    assert rows[1].split()[-2:] == ["12.1", "req-100100-" + people["bob"]]
+    assert "there may be more" not in rec.out
+
+
+def test_usage_json_is_one_document_with_every_field(ready: Cli, people: dict[str, str]) -> None:
+    doc = ready.json("usage")
+    assert doc["limit"] == 1000
+    assert [(u["principal"], u["server"], u["tool"], u["decision"]) for u in doc["usage"]] == [
+        ("alice", "github", "search", "allow"),
+        ("bob", "github", "search", "allow"),
+        ("-", "github", "", "deny"),
+        ("alice", "slack", "post", "allow"),
+    ]
+    bob = doc["usage"][1]
+    assert {k: v for k, v in bob.items() if k != "id"} == {
+        "at": "2026-01-05T10:01:00.250000Z",
+        "request_id": "req-100100-" + people["bob"],
+        "principal": "bob",
+        "principal_id": people["bob"],
+        "key_id": "KeyId01",
+        "server": "github",
+        "tool": "search",
+        "mcp_method": "tools/call",
+        "decision": "allow",
+        "reason": "",
+        "upstream_status": 200,
+        "request_bytes": 321,
+        "response_bytes": 4096,
+        "duration_ms": 12.125,
+    }
+    assert isinstance(bob["id"], int)
+
+
+# One store for the whole table: setting one up costs more than every query in it.
+FILTERS = [
+    (["--principal", "alice"], [0, 3]),
+    (["--server", "slack"], [3]),
+    (["--tool", "search"], [0, 1]),
+    (["--principal", "alice", "--server", "github", "--tool", "search"], [0]),
+    (["--since", "2026-01-05T10:01:00.250Z"], [1, 2, 3]),  # inclusive
+    (["--until", "2026-01-05T10:01:00.250Z"], [0]),  # exclusive
+    (["--since", "2026-01-05T11:00:30+01:00", "--until", "2026-01-05T10:02:30"], [1, 2]),  # offsets; naive is UTC
+    (["--since", "2026-01-05"], [0, 1, 2, 3]),
+    (["--since", "2026-01-06"], []),
+    (["--until", "1d"], [0, 1, 2, 3]),  # the records are long past
+    (["--since", "1h"], []),
+    (["--limit", "2"], [0, 1]),
+]
+
+
+def test_usage_filters(ready: Cli, people: dict[str, str]) -> None:
+    everything = [u["request_id"] for u in ready.json("usage")["usage"]]
+    for argv, expected in FILTERS:
+        found = [u["request_id"] for u in ready.json("usage", *argv)["usage"]]
+        assert found == [everything[i] for i in expected], argv
+
+
+def test_durations_count_back_from_now(ready: Cli, people: dict[str, str]) -> None:
+    now = datetime.now(timezone.utc)
+    _append(
+        ready,
+        [
+            _rec(now - timedelta(hours=3), people["bob"], request_id="three-hours-ago"),
+            _rec(now - timedelta(minutes=20), people["bob"], request_id="twenty-minutes-ago"),
+        ],
+    )
+    def ids(*argv: str) -> list[str]:
+        return [u["request_id"] for u in ready.json("usage", "--principal", "bob", *argv)["usage"]]
+
+    assert ids("--since", "1h") == ["twenty-minutes-ago"]
+    assert ids("--since", "4h", "--until", "1h") == ["three-hours-ago"]
+    assert ids("--since", "2d", "--until", "30m") == ["three-hours-ago"]
+
+
+def test_the_table_says_when_the_limit_cut_it_short(ready: Cli, people: dict[str, str]) -> None:
+    rec = ready("usage", "--limit", "3")
+    assert rec.code == 0 and len(rec.out.splitlines()) == 1 + 3 + 1
+    assert "the oldest 3 matching records; there may be more" in rec.out
+    assert ready("usage", "--limit", "4").out.count("there may be more") == 1  # exactly the limit: cannot know
+    assert "there may be more" not in ready("usage", "--limit", "5").out
+
+
+def test_client_supplied_text_cannot_drive_the_terminal(ready: Cli, people: dict[str, str]) -> None:
+    _append(ready, [_rec(T0 + timedelta(minutes=9), "", tool="evil\x1b[2J\rtool", request_id="r\nx")])
+    rec = ready("usage", "--since", "2026-01-05T10:09Z")
+    assert "\x1b" not in rec.out and "\r" not in rec.out
+    assert "evil?[2J?tool" in rec.out and "r?x" in rec.out
+    assert ready.json("usage", "--since", "2026-01-05T10:09Z")["usage"][0]["tool"] == "evil\x1b[2J\rtool"
+
+
+def test_no_records_is_not_an_error(ready: Cli) -> None:
+    rec = ready("usage")
+    assert rec.code == 0 and rec.out.strip() == "(no usage records)"
+    assert ready.json("usage") == {"usage": [], "limit": 1000}
+    assert ready("usage", "--export").out == ""
+
+
+# --- usage: export ----------------------------------------------------------------------------------------
+
+
+def test_export_writes_one_json_line_per_record(ready: Cli, people: dict[str, str]) -> None:
+    rec = ready("usage", "--export")
+    assert rec.code == 0 and rec.err == ""
+    lines = _lines(rec.out)
+    assert lines == ready.json("usage")["usage"]
+    assert len(rec.out.splitlines()) == 4 and all(line.startswith("{") for line in rec.out.splitlines())
+    assert _lines(ready("usage", "--export", "--principal", "alice", "--server", "slack").out) == [lines[3]]
+    assert _lines(ready("usage", "--export", "--limit", "2").out) == lines[:2]
+    assert _lines(ready("usage", "--export", "--json").out) == lines  # --export decides the format
+
+
+def test_a_large_export_streams_page_by_page(
+    ready: Cli, people: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later = T0 + timedelta(hours=1)
+    bulk = [_rec(later + timedelta(milliseconds=i), people["alice"], request_id=f"bulk-{i:04}") for i in range(2500)]
+    _append(ready, bulk)
+    capped = _lines(ready("usage", "--export", "--limit", "1234").out)
+    assert len(capped) == 1234 and capped[-1]["request_id"] == "bulk-1229"  # after the 4 earlier records
+
+    class CountingStdout(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    out = CountingStdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    code = main(["usage", "--export", "--since", "2026-01-05T11:00Z", "--store", ready.store,
+                 "--master-key-file", str(ready.key_file)])
+    assert code == 0
+    lines = _lines(out.getvalue())
+    assert len(lines) == 2500
+    assert [u["request_id"] for u in lines] == [f"bulk-{i:04}" for i in range(2500)]
+    assert len({u["id"] for u in lines}) == 2500
+    assert out.writes == 3  # one write per page of 1000: written as it is read, not gathered first
+
+
+# --- usage: prune -----------------------------------------------------------------------------------------
+
+
+def test_prune_deletes_records_older_than_a_duration(ready: Cli, people: dict[str, str]) -> None:
+    now = datetime.now(timezone.utc)
+    _append(ready, [_rec(now - timedelta(days=2), people["bob"], request_id="recent")])
+    rec = ready("usage", "prune", "--older-than", "30d")
+    assert rec.code == 0 and rec.out.startswith("Deleted 4 usage records older than ")
+    assert [u["request_id"] for u in ready.json("usage")["usage"]] == ["recent"]
+    doc = ready.json("usage", "prune", "--older-than", "1d")
+    assert doc["pruned"] == 1 and doc["before"].endswith("Z")
+    assert ready.json("usage")["usage"] == []
+    assert ready("usage", "prune", "--older-than", "1d").out.startswith("Deleted 0 usage records")
+
+
+USAGE_ERRORS = [
+    (["usage", "prune"], "the following arguments are required: --older-than"),
+    (["usage", "prune", "--older-than", "forever"], "argument --older-than: expected a duration"),
+    (["usage", "--principal", "alice", "prune", "--older-than", "1d"], "remove --principal"),
+    (["usage", "--export", "--since", "1d", "prune", "--older-than", "1d"], "remove --since, --export"),
+    (["usage", "--since", "soon"], "argument --since: expected an ISO date"),
+    (["usage", "--until", "2026-13-01"], "argument --until: expected an ISO date"),
+    (["usage", "--limit", "0"], "argument --limit: expected a positive number"),
+    (["usage", "--limit", "-3"], "argument --limit"),
+    (["usage", "prnue"], "invalid choice"),
+]
+
+
+def test_usage_argument_errors_exit_2(ready: Cli, people: dict[str, str]) -> None:
+    for argv, message in USAGE_ERRORS:
+        rec = ready(*argv)
+        assert rec.code == 2 and message in rec.err and rec.out == "", (argv, rec.err)
+        as_json = ready("--json", *argv)
+        assert as_json.code == 2 and json.loads(as_json.out)["error"]["reason"] == "usage", argv
+    assert len(ready.json("usage")["usage"]) == 4  # the refused prunes deleted nothing
+
+
+OPERATION_ERRORS = [
+    (["--principal", "ghost"], "not_found", "No principal named ghost."),
+    (["--principal", "Not A Name"], "invalid_input", "The principal name is invalid"),
+    (["--tool", "bad tool"], "invalid_input", "The tool name is invalid"),
+    (["--since", "1h", "--until", "2h"], "invalid_input", "must be before its end"),
+    (["--limit", "100001"], "invalid_input", "The limit must be between 1 and 100000"),
+    (["--export", "--principal", "ghost"], "not_found", "No principal named ghost."),
+]
+
+
+def test_usage_operation_errors_exit_1(ready: Cli, people: dict[str, str]) -> None:
+    for argv, reason, message in OPERATION_ERRORS:
+        rec = ready("usage", *argv)
+        assert rec.code == 1 and rec.out == "" and message in rec.err, (argv, rec.err)
+        doc = ready.json("usage", *argv, code=1)
+        assert doc["error"]["reason"] == reason and message in doc["error"]["message"], argv
+
+
+def test_every_usage_command_is_audited(ready: Cli, people: dict[str, str]) -> None:
+    ready("usage", "--principal", "alice")
+    ready("usage", "--export", "--server", "github")
+    ready("usage", "prune", "--older-than", "3650d")
+
+    async def actions() -> list[tuple[str, str, str]]:
+        store = await open_store(ready.store)
+        try:
+            events = await store.query_audit(action="usage.*")
+        finally:
+            await store.close()
+        return [(e.actor, e.action, e.outcome) for e in events]
+
+    assert asyncio.run(actions()) == [
+        ("cli", "usage.query", "ok"),
+        ("cli", "usage.export", "ok"),
+        ("cli", "usage.prune", "ok"),
+    ]
+
+
+# --- usage: time arguments (NOW: above) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1h", NOW - timedelta(hours=1)),
+        ("7d", NOW - timedelta(days=7)),
+        ("90m", NOW - timedelta(minutes=90)),
+        ("2w", NOW - timedelta(weeks=2)),
+        ("0s", NOW),
+        ("2026-02-01", datetime(2026, 2, 1, tzinfo=timezone.utc)),
+        ("2026-02-01T08:30:15.5Z", datetime(2026, 2, 1, 8, 30, 15, 500000, tzinfo=timezone.utc)),
+        ("2026-02-01T08:30+02:00", datetime(2026, 2, 1, 6, 30, tzinfo=timezone.utc)),
+        ("2026-02-01T08:30", datetime(2026, 2, 1, 8, 30, tzinfo=timezone.utc)),
+    ],
+)
+def test_parse_when(text: str, expected: datetime) -> None:
+    got = parse_when(text, now=NOW)
+    assert got == expected and got.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "1y", "-1h", "1.5h", "2026-02-30"])
+def test_parse_when_refuses_anything_else(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an ISO date") as caught:
+        parse_when(text, now=NOW)
+    assert text not in str(caught.value) or not text
+
+
+# --- a key given to the CLI is never printed back -----------------------------------------------------------
+
+
+@pytest.fixture
+def keyed_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    for var in list(os.environ):
+        if var.startswith("MCP_AUTHZ_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    common = ["--store", f"sqlite:///{tmp_path}/authz.db", "--master-key-file", str(tmp_path / "master.key")]
+
+    def run(*argv: str, common_args: bool = True) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        capsys.readouterr()
+        code = main([*argv, *(common if common_args else [])])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, out = run("--json", "init")
+    assert code == 0, out
+    return run, json.loads(out)["api_key"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (("keys", "revoke", "{key}"), 1, "whole gateway key"),
+        (("--json", "keys", "revoke", "{key}"), 1, "whole gateway key"),
+        (("keys", "regenerate", "{key}"), 1, "whole gateway key"),
+        (("keys", "{key}"), 2, "{shown}"),  # argparse: invalid choice, quoting the value
+        (("--json", "keys", "{key}"), 2, "{shown}"),
+        (("servers", "add", "x", "--mode", "{key}"), 2, "{shown}"),
+        (("keys", "revoke", "{key}", "{key}"), 2, "not shown"),  # unrecognized arguments
+        (("audit", "--since", "{key}"), 2, "--since"),
+    ],
+)
+def test_the_cli_never_prints_a_key_it_was_given(keyed_cli, argv: tuple[str, ...], code: int, says: str) -> None:  # type: ignore[no-untyped-def]
+    run, admin_key = keyed_cli
+    shown = redacted(gateway_keys.parse(admin_key).key_id)
+    got, out = run(*(a.format(key=admin_key) for a in argv))
+    assert got == code, out
+    assert "Traceback" not in out
+    assert_no_key(out, admin_key)
+    assert says.format(shown=shown) in (json.loads(out)["error"]["message"] if argv[0] == "--json" else out)
+    # The audit trail the CLI wrote keeps no key either.
+    code, audit = run("--json", "audit")
+    assert code == 0, audit
+    assert_no_key(audit, admin_key)
 
 
 # --- the transcript: last --------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""app.py, the composed sidecar in process: health before and after the state loads, the operator
+port, retention, and TLS files that cannot be used."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_server import app
+from authz_server.admin.service import Actor, AdminService
+from authz_server.config import Settings
+from authz_server.crypto.cipher import Keyring
+from authz_server.crypto.keys import KeyHasher
+from authz_server.store.memory import MemoryStore
+
+from ..e2e.harness import free_port
+from .fakes import FAST, HeldStore
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=2)
+        return reply.status
+
+
+async def test_not_serving_until_loaded_then_serving() -> None:
+    keyring = Keyring.from_spec(Keyring.generate_spec())
+    store = HeldStore()
+    await store.migrate()
+    await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", metrics_listen=f"127.0.0.1:{http_port}",
+                                 admin_listen=f"127.0.0.1:{admin_port}", store_url="memory://")
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):  # the port opens before the state loads
+                try:
+                    status = await _health(grpc_port)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
+            assert ready.status_code == 503 and "loading" in ready.json()["reason"]
+            assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
+
+            store.release.set()
+            for _ in range(100):
+                if await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+            assert await _health(admin_port) == health_pb2.HealthCheckResponse.SERVING  # the admin listener's
+            assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
+            text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
+            names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+            assert {"mcp_authz_ready", "mcp_authz_entities", "mcp_authz_key_cache_total"} <= names
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_retention_prunes_old_audit_and_usage_only() -> None:
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from authz_server.models import AuditEvent, UsageRecord
+
+    store = MemoryStore()
+    await store.migrate()
+    now = datetime.now(UTC)
+
+    def usage(days: float) -> UsageRecord:
+        return UsageRecord(now - timedelta(days=days), "r", "p", "k", "s", "", "", "allow", "", 200, 1, 1, 1.0)
+
+    await store.append_usage([usage(100), usage(1)])
+    await store.append_audit([AuditEvent(now - timedelta(days=400), "cli", "keys.revoke", "key:x", "ok"),
+                              AuditEvent(now - timedelta(days=2), "cli", "keys.revoke", "key:y", "ok")])
+    settings = Settings.from_env({}, store_url="memory://")  # defaults: audit 365 days, usage 90 days
+    task = asyncio.create_task(app._retention(SimpleNamespace(settings=settings, store=store)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert [r.at for r in await store.query_usage()] == [now - timedelta(days=1)]
+    assert [e.target for e in await store.query_audit()] == ["key:y"]
+
+
+def test_unusable_tls_files_stop_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    from authz_server.config import TlsFiles
+    from authz_server.crypto import certs
+    from authz_server.errors import ConfigError
+
+    made = certs.write_cert_set(tmp_path / "pki")
+    d = made.directory
+    good = TlsFiles(str(d / "server.crt"), str(d / "server.key"), str(d / "ca.crt"))
+    assert app._credentials(good, "Check listener") is not None
+    cases = [
+        (TlsFiles(str(d / "missing.crt"), str(d / "server.key"), str(d / "ca.crt")), "Cannot read"),
+        (TlsFiles(str(d / "server.crt"), str(d / "server.key"), str(tmp_path / "notes.txt")), "not a PEM file"),
+    ]
+    (tmp_path / "notes.txt").write_text("hello")
+    for tls, says in cases:
+        with pytest.raises(ConfigError) as refused:
+            app._credentials(tls, "Check listener")
+        assert says in refused.value.message
+    (d / "server.key").chmod(0o644)
+    with pytest.raises(ConfigError) as refused:
+        app._credentials(good, "Check listener")
+    assert "readable by other users" in refused.value.message and "BEGIN" not in refused.value.message

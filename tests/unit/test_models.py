@@ -1,0 +1,55 @@
+"""models.py: the records that are stored and shown redact any key-shaped string they are given
+(`AuditEvent` in every field, `UsageRecord` in what came from the request)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from authz_server.crypto import keys as gateway_keys
+from authz_server.crypto.keys import REDACTED
+from authz_server.models import AuditEvent
+
+from .fakes import T0, assert_no_key, real_key, redacted
+
+
+@pytest.mark.parametrize(
+    "field", ["actor", "action", "target", "outcome", "request_id", "details-key", "details-value"]
+)
+def test_an_audit_event_is_redacted_in_every_field(field: str) -> None:
+    key_id, key = real_key()
+    base = {"actor": "p_alice", "action": "keys.revoke", "target": "key:abcdefg", "outcome": "ok", "request_id": "r1"}
+    details = {"source": "127.0.0.1"}
+    if field == "details-key":
+        details[f"x{key}"] = "v"
+    elif field == "details-value":
+        details["message"] = f"got {key}"
+    else:
+        base[field] = f"key:{key}"
+    event = AuditEvent(at=T0, details=details, **base)
+    assert_no_key(repr(event), key)
+    assert redacted(key_id) in repr(event)
+    # The event is still frozen, and untouched fields keep their values.
+    with pytest.raises(AttributeError):
+        event.target = "x"  # type: ignore[misc]
+    assert event.details["source"] == "127.0.0.1"
+
+
+def test_an_audit_event_without_a_key_is_unchanged() -> None:
+    details = {"source": "127.0.0.1", "file": "mgw_notes.txt"}
+    event = AuditEvent(T0, "p_alice", "keys.revoke", "key:abcdefg", "ok", "r1", details)
+    assert (event.actor, event.action, event.target, event.outcome, event.request_id) == (
+        "p_alice", "keys.revoke", "key:abcdefg", "ok", "r1")
+    assert event.details is details
+
+
+def test_a_usage_record_keeps_no_key_from_the_request() -> None:
+    """The tool name, MCP method and request id of a usage record come from the request."""
+    from authz_server.models import UsageRecord
+
+    key = gateway_keys.generate()[1].reveal()
+    record = UsageRecord(datetime.now(timezone.utc), f"req-{key}", "p_1", "abcdefg", "github", key, f"tools/{key}", "deny",
+                         "scope_tool", 403, 10, 20, 1.5)  # fmt: skip
+    assert key not in repr(record)
+    assert record.tool == f"{key[:11]}{REDACTED}" and record.server == "github"
