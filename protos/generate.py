@@ -10,7 +10,7 @@ Outputs, relative to the root:
 It uses grpcio-tools' bundled protoc (`python -m grpc_tools.protoc`) and the
 google/api/*.proto files of googleapis-common-protos, both pinned in
 constraints.txt, so the output is byte-for-byte reproducible.
-`tests/unit/test_protos.py` regenerates into a temporary directory and compares.
+`tests/unit/repo/test_protos.py` regenerates into a temporary directory and compares.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two classes implement it: `AdminService` (service.py), which runs the use cases
 on a store, and `RemoteAdmin` (remote.py), which runs them on a sidecar through
 the admin gRPC API. The CLI types against it, and the gRPC servicer (api.py)
-serves it. tests/unit/test_admin_ops.py fails when an operation is on one side
+serves it. tests/unit/admin/test_ops.py fails when an operation is on one side
 and not the other, or when a signature differs.
 
 What holds for every operation (service.py states it in full): the first
