@@ -47,7 +47,7 @@ from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
-from authz_server.envoy import accesslog, servicer
+from authz_server.envoy import accesslog, request, servicer
 from authz_server.envoy.accesslog import AccessLog
 from authz_server.envoy.core_loop import CoreLoop
 from authz_server.envoy.health import Health
@@ -177,8 +177,9 @@ async def serve(
                                            sidecar.last_used)  # fmt: skip
     access_log = sidecar.access_log
     hot = CoreLoop(server)  # what Envoy calls per request, on a thread of its own
-    hot.unary(servicer.METHOD, external_auth_pb2.CheckRequest.FromString, check.check)
-    hot.client_stream(accesslog.METHOD, als_pb2.StreamAccessLogsMessage.FromString, access_log.open, accesslog.REPLY)
+    # Both readers never raise: what they cannot read is answered (Check) or counted (access log).
+    hot.unary(servicer.METHOD, request.parse, check.check)
+    hot.client_stream(accesslog.METHOD, accesslog.split, access_log.open, accesslog.REPLY)
     health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
     reflection.enable_server_reflection(
         (

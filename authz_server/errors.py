@@ -31,6 +31,7 @@ from dataclasses import dataclass
 class Reason(str, enum.Enum):
     """Why a request was refused. The value is the metric label and the audit outcome."""
 
+    REQUEST_UNREADABLE = "request_unreadable"
     KEY_IN_URL = "key_in_url"
     KEY_MISSING = "key_missing"
     KEY_MALFORMED = "key_malformed"
@@ -105,9 +106,14 @@ _ASK_FOR_KEY = "Ask an administrator for a key."
 _RETRY = "Retry shortly."
 
 # A key exposed in a URL is a security event like a refused key, though its answer is a 400.
+# A CheckRequest the sidecar cannot read (envoy/request.py: malformed, or too large even without
+# its metadata) is refused before anything is known of it: a 400, as its cause is the request
+# (no other request is refused with it), never Check's gRPC error, which Envoy answers with a 503.
 REASONS: dict[Reason, ReasonInfo] = {
     row.reason: row
     for row in (
+        ReasonInfo(Reason.REQUEST_UNREADABLE, 400, "", "The gateway could not read this request.",
+                   "Send a well-formed request of ordinary size; operators find the cause in the sidecar's log."),
         ReasonInfo(
             Reason.KEY_IN_URL, 400, AUTHN_FAILURE,
             "A gateway key was found in the URL's query string or inside a path segment; the request was not "

@@ -15,6 +15,11 @@ delivered only to this queue; everything else (admin, health, reflection) stays
 with `grpc.server` on the same port. Handlers must never block: a Check whose key
 needs its first-use Argon2 run replies later from the hashing thread.
 
+No message ends a stream: one its reader cannot read is skipped, logged (sampled), and the
+stream goes on, so the other entries Envoy sends on it are not lost. Both readers Envoy's
+calls use never raise anyway (envoy/request.py answers a Check it cannot read with a
+denial; envoy/accesslog.py skips and counts an entry it cannot read).
+
 This uses grpcio's Cython layer (`grpc._cython.cygrpc`) and the server's core
 handle, which are not public API: grpcio is pinned, and the end-to-end tests
 serve every Check and access-log entry through this loop.
@@ -33,6 +38,7 @@ from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc
 
 from authz_server.errors import ConfigError
+from authz_server.observability.logs import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ class CoreLoop:
         self._methods: list[_Accept] = []
         self._lock = threading.Lock()  # a reply from another thread must not race the queue's shutdown
         self._open = True
+        self.sampler = Sampler()  # log lines about calls' input, at most a few a second
         self._thread = threading.Thread(target=self._run, name="core-loop", daemon=True)
 
     def unary(self, method: str, parse: Callable[[bytes], Any], handle: Callable[[Any, Respond], None]) -> None:
@@ -189,8 +196,12 @@ class _Unary(_Call):
             return
         try:
             request = self.parse(message)
-        except DecodeError:
+        except DecodeError:  # Check's reader never raises (envoy/request.py): it answers what it cannot read
             self.loop.finish(self.call, None, cygrpc.StatusCode.invalid_argument, b"malformed request")
+            return
+        except Exception:  # noqa: BLE001 - a reader's bug: answer the call rather than leave it hanging
+            log.exception("request could not be read")
+            self.loop.finish(self.call, None, cygrpc.StatusCode.internal, b"internal error")
             return
         self.handle(request, self.reply)
 
@@ -215,13 +226,21 @@ class _ClientStream(_Call):
             self.loop.finish(self.call, self.reply, cygrpc.StatusCode.ok)
             return
         try:
-            self.stream.receive(self.parse(message))
-        except Exception as exc:  # noqa: BLE001 - end this stream cleanly; the client opens another
+            parsed = self.parse(message)
+        except Exception as exc:  # noqa: BLE001
+            # A message costs only itself: the stream goes on. (The access log's reader never raises:
+            # it splits each message into its entries and counts what it cannot read.)
+            skipped = self.loop.sampler.admit("stream message unreadable")
+            if skipped is not None:
+                log.warning("stream message unreadable; skipped", exc_info=not isinstance(exc, DecodeError),
+                            extra={"bytes": len(message), "not_logged_before": skipped})  # fmt: skip
+            self.read()
+            return
+        try:
+            self.stream.receive(parsed)
+        except Exception:  # noqa: BLE001 - a handler's bug: end this stream cleanly; the client opens another
             self.stream.close()
-            if isinstance(exc, DecodeError):
-                self.loop.finish(self.call, None, cygrpc.StatusCode.invalid_argument, b"malformed message")
-            else:
-                log.exception("stream failed")
-                self.loop.finish(self.call, None, cygrpc.StatusCode.internal, b"internal error")
+            log.exception("stream failed")
+            self.loop.finish(self.call, None, cygrpc.StatusCode.internal, b"internal error")
             return
         self.read()

@@ -2,7 +2,10 @@
 
 It translates, decides, and records (metrics, audit, last-used) in this one place.
 `Check` never raises: a Denied becomes its denial, and anything unexpected a 503
-with reason `internal`, logged without the request's headers.
+with reason `internal`, logged without the request's headers. What the core loop could
+not read (envoy/request.py `parse`) is answered too: without its metadata, decided as any
+request whose tool is unknown; not at all, a 400 `request_unreadable`. Both are logged
+(sampled) with the size and the cause, never the bytes.
 
 `check` runs on the core loop's thread (envoy/core_loop.py) and hands the
 response, already serialized, to `respond`. It never blocks: a key on its first
@@ -22,6 +25,7 @@ from authz_server.envoy import request as request_translator
 from authz_server.envoy import response as response_translator
 from authz_server.envoy.core_loop import Respond
 from authz_server.envoy.health import Health
+from authz_server.envoy.request import Parsed, Unreadable, WithoutMetadata
 from authz_server.errors import Denied, Reason
 from authz_server.models import AuditEvent
 from authz_server.observability.batch import BatchWriter
@@ -52,10 +56,17 @@ class AuthorizationServicer:
         self._last_used = last_used
         self._log_sampler = Sampler()
 
-    def check(self, request: CheckRequest, respond: Respond, started: float = 0.0) -> None:
+    def check(self, request: Parsed, respond: Respond, started: float = 0.0) -> None:
         """Decide and call `respond` once with the serialized CheckResponse, now or after a first-use
         verification. Never raises: failures are denials."""
         started = started or time.perf_counter()
+        if not isinstance(request, CheckRequest):
+            readable = self._readable(request)
+            if readable is None:
+                self._metrics.observe_check("deny", Reason.REQUEST_UNREADABLE.value, "", time.perf_counter() - started)
+                respond(self._denied(Denied(Reason.REQUEST_UNREADABLE), None))
+                return
+            request = readable
         inp: CheckInput | None = None
         try:
             inp = request_translator.to_input(request)
@@ -89,6 +100,20 @@ class AuthorizationServicer:
             self._internal(inp, respond, started)
             return
         self.check(request, respond, started)
+
+    def _readable(self, request: WithoutMetadata | Unreadable) -> CheckRequest | None:
+        """What of a request upb could not read whole can be decided on (None: nothing); logged, sampled."""
+        if isinstance(request, Unreadable):
+            message = "check request unreadable; refused"
+        else:
+            message = "check request metadata unreadable; decided without the MCP method and tool"
+        skipped = self._log_sampler.admit(message)
+        if skipped is not None:
+            extra: dict[str, object] = {"cause": request.why, "bytes": request.size}
+            if skipped:
+                extra["not_logged_before"] = skipped
+            log.warning(message, extra=extra)
+        return None if isinstance(request, Unreadable) else request.request
 
     def _internal(self, inp: CheckInput | None, respond: Respond, started: float) -> None:
         """Answer 503 `internal`: something failed that is not the caller's doing."""

@@ -168,6 +168,14 @@ class _LiveCollector(Collector):
 
         yield GaugeMetricFamily("mcp_authz_access_log_streams", "Envoy access-log streams open now (one per worker).",
                                 value=s.access_log.streams)
+        unreadable = CounterMetricFamily(
+            "mcp_authz_access_log_unreadable",
+            "Access-log entries skipped unread (part=entry), and messages whose framing broke (part=message).",
+            labels=["part"],
+        )
+        unreadable.add_metric(["entry"], s.access_log.unreadable)
+        unreadable.add_metric(["message"], s.access_log.unreadable_messages)
+        yield unreadable
 
         depth = GaugeMetricFamily("mcp_authz_queue_depth", "Records waiting in a write-behind queue.", labels=["queue"])
         dropped = CounterMetricFamily("mcp_authz_queue_dropped", "Records a write-behind queue dropped.", labels=["queue"])

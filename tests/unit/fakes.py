@@ -246,15 +246,21 @@ class Served:
     """A grpc.server whose Check runs on a CoreLoop calling `check`, plus health on the pool; and a
     client-streaming method whose streams are Recorders."""
 
-    def __init__(self, check: object, fail_on: bytes = b"") -> None:
+    def __init__(
+        self,
+        check: object,
+        fail_on: bytes = b"",
+        parse: Callable[[bytes], object] = CheckRequest.FromString,
+        stream_parse: Callable[[bytes], object] = bytes,
+    ) -> None:
         self.streams: list[Recorder] = []
         self.server = grpc.server(ThreadPoolExecutor(4))
         checker = health.HealthServicer()
         checker.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(checker, self.server)
         self.loop = CoreLoop(self.server)
-        self.loop.unary(METHOD, CheckRequest.FromString, check)  # type: ignore[arg-type]
-        self.loop.client_stream(STREAM, bytes, lambda: Recorder(self.streams, fail_on), b"done")
+        self.loop.unary(METHOD, parse, check)  # type: ignore[arg-type]
+        self.loop.client_stream(STREAM, stream_parse, lambda: Recorder(self.streams, fail_on), b"done")
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.loop.start()

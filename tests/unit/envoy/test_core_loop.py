@@ -59,6 +59,20 @@ def test_a_malformed_request_is_invalid_argument_and_the_loop_goes_on(served: li
     assert s.check(_request("/")) == b"ok"
 
 
+def test_a_request_whose_reader_fails_is_answered_internal_not_left_hanging(served: list[Served]) -> None:
+    def read(message: bytes) -> CheckRequest:
+        if message == b"bug":
+            raise RuntimeError("reader bug")
+        return CheckRequest.FromString(message)
+
+    s = Served(lambda request, respond: respond(b"ok"), parse=read)
+    served.append(s)
+    with pytest.raises(grpc.RpcError) as exc:
+        s.raw(b"bug", timeout=5)
+    assert exc.value.code() == grpc.StatusCode.INTERNAL
+    assert s.check(_request("/")) == b"ok"
+
+
 def test_a_check_that_raises_costs_that_call_only(served: list[Served]) -> None:
     def check(request: CheckRequest, respond: Respond) -> None:
         if request.attributes.request.http.path == "/boom":
@@ -131,6 +145,24 @@ def test_a_stream_whose_handler_fails_ends_with_internal_and_the_next_one_works(
     assert exc.value.code() == grpc.StatusCode.INTERNAL
     assert s.stream(iter([b"3"]), timeout=5) == b"done"
     assert [(r.messages, r.closed) for r in s.streams] == [([b"1"], 1), ([b"3"], 1)]
+
+
+def test_a_stream_message_its_reader_cannot_read_is_skipped_and_the_stream_goes_on(served: list[Served]) -> None:
+    """Each message costs only itself: one the reader refuses (DecodeError) or fails on (a bug) is skipped,
+    and the messages after it, on the same stream, still arrive."""
+    from google.protobuf.message import DecodeError
+
+    def read(message: bytes) -> bytes:
+        if message == b"undecodable":
+            raise DecodeError("no")
+        if message == b"reader bug":
+            raise RuntimeError("bug")
+        return message
+
+    s = Served(lambda request, respond: respond(b"ok"), stream_parse=read)
+    served.append(s)
+    assert s.stream(iter([b"1", b"undecodable", b"2", b"reader bug", b"3"]), timeout=5) == b"done"
+    assert [(r.messages, r.closed) for r in s.streams] == [([b"1", b"2", b"3"], 1)]
 
 
 def _held_open(first: bytes, release: threading.Event) -> Iterator[bytes]:

@@ -84,3 +84,88 @@ def _input(key: str):  # type: ignore[no-untyped-def]
 
 def _status(body: bytes) -> int:
     return CheckResponse.FromString(body).status.code
+
+
+# --- what the core loop could not read (envoy/request.py parse) -------------------------------------
+
+
+def _servicer(w: World) -> tuple[AuthorizationServicer, metrics_module.Metrics]:
+    health_state = Health(60)
+    health_state.serving = True
+    metrics = metrics_module.create()
+    servicer = AuthorizationServicer(w.pipeline(), health_state, metrics, BatchWriter("audit", _sink, 10),
+                                     LastUsed(None, 60))  # type: ignore[arg-type]
+    return servicer, metrics
+
+
+def _with_deep_tool_name(request: CheckRequest, levels: int = 40) -> bytes:
+    """`request` as Envoy sends a tools/call whose params.name nests `levels` deep (too deep for upb)."""
+    from authz_server.envoy.protowire import length_delimited as ld
+    from authz_server.envoy.request import MCP_FILTER_NAMESPACE
+
+    name = b""
+    for _ in range(levels):
+        name = ld(5, ld(1, ld(1, b"a") + ld(2, name)))
+    metadata = (ld(1, ld(1, b"method") + ld(2, ld(3, b"tools/call")))
+                + ld(1, ld(1, b"params") + ld(2, ld(5, ld(1, ld(1, b"name") + ld(2, name))))))  # fmt: skip
+    entry = ld(1, MCP_FILTER_NAMESPACE.encode()) + ld(2, metadata)
+    return request.SerializeToString() + ld(1, ld(11, ld(1, entry)))
+
+
+def _decision(body: bytes) -> tuple[int, str]:
+    """(HTTP status, reason) of a CheckResponse: (200, "") for an allow."""
+    reply = CheckResponse.FromString(body)
+    if reply.status.code == code_pb2.OK:
+        return 200, ""
+    return reply.denied_response.status.code, reply.dynamic_metadata.fields["reason"].string_value
+
+
+def test_metadata_too_deep_to_read_leaves_the_tool_unknown_a_whole_server_key_allowed(served: list[Served]) -> None:
+    """Deep metadata is dropped, not the request: a key for the whole server is allowed, a key limited to
+    one tool is refused (it cannot be told which tool is called), as it would be for a shallow call of
+    another tool; the same key with the tool readable is allowed."""
+    from authz_server.envoy import request as request_translator
+
+    w = World()
+    w.server("github", AuthMode.NONE)
+    whole, scoped = w.key(w.principal("whole")), w.key(w.principal("scoped"), scope=("github:search",))
+    servicer, _metrics = _servicer(w)
+    s = Served(servicer.check, parse=request_translator.parse)
+    served.append(s)
+    assert _decision(s.raw(_with_deep_tool_name(_check(whole)), timeout=5)) == (200, "")
+    assert _decision(s.raw(_with_deep_tool_name(_check(scoped)), timeout=5)) == (403, "scope_tool")
+    readable = _check(scoped)
+    readable.attributes.metadata_context.filter_metadata[request_translator.MCP_FILTER_NAMESPACE].update(
+        {"method": "tools/call", "params": {"name": "search"}})  # fmt: skip
+    assert _decision(s.raw(readable.SerializeToString(), timeout=5)) == (200, "")
+
+
+def test_an_unreadable_check_request_is_a_400_denial_counted_never_a_grpc_error(served: list[Served]) -> None:
+    """Fuzzed through a real core loop: whatever the bytes, Check answers a CheckResponse (no gRPC error,
+    which Envoy would turn into a 503); what cannot be read at all is a 400 `request_unreadable`, counted."""
+    import json
+    import random
+
+    from authz_server.envoy import request as request_translator
+
+    w = World()
+    w.server("github", AuthMode.NONE)
+    key = w.key(w.principal("alice"))
+    servicer, metrics = _servicer(w)
+    s = Served(servicer.check, parse=request_translator.parse)
+    served.append(s)
+    assert _decision(s.raw(b"\xff\xff\xff", timeout=5)) == (400, "request_unreadable")
+    body = json.loads(CheckResponse.FromString(s.raw(b"\x0b", timeout=5)).denied_response.body)
+    assert body["error"]["code"] == -32600 and body["error"]["data"]["reason"] == "request_unreadable"
+    rng = random.Random(13)
+    real = _check(key).SerializeToString()
+    inputs = [rng.randbytes(rng.randrange(1, 60)) for _ in range(300)] + [real[:cut] for cut in range(1, len(real))]
+    inputs += [_with_deep_tool_name(_check(key), rng.randrange(35, 400)) for _ in range(20)]
+    answers = [_decision(s.raw(data, timeout=5)) for data in inputs]  # any gRPC error raises here
+    assert (200, "") in answers and (400, "request_unreadable") in answers
+    unreadable = sum(1 for a in answers if a == (400, "request_unreadable")) + 2
+    families = {m.name: m for m in metrics.collect_checks()}
+    counted = sum(sample.value for sample in families["mcp_authz_check_decisions"].samples
+                  if sample.labels.get("reason") == "request_unreadable")  # fmt: skip
+    assert counted == unreadable
+    assert _decision(s.raw(real, timeout=5)) == (200, "")  # and the loop goes on

@@ -33,7 +33,7 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
         follower=SimpleNamespace(last_success=time.monotonic(), seen_seq=12),
         state=state,
         health=SimpleNamespace(serving=True),
-        access_log=SimpleNamespace(streams=2),
+        access_log=SimpleNamespace(streams=2, unreadable=3, unreadable_messages=1),
         queues=lambda: [queue],
     )
     state.seq = 10
@@ -50,6 +50,8 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     assert values[("mcp_authz_changelog_lag_sequence", ())] == 2
     assert values[("mcp_authz_queue_depth", (("queue", "usage"),))] == 1
     assert values[("mcp_authz_access_log_streams", ())] == 2
+    assert values[("mcp_authz_access_log_unreadable_total", (("part", "entry"),))] == 3
+    assert values[("mcp_authz_access_log_unreadable_total", (("part", "message"),))] == 1
     assert values[("mcp_authz_check_duration_seconds_count", ())] == 2
     assert "mcp_authz_build_info" in {s.name for f in families.values() for s in f.samples}
     for (_, labels), _v in values.items():
