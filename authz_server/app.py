@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,12 +102,26 @@ class Sidecar:
 
 
 async def build(settings: Settings, keyring: Keyring, store: Store | None = None) -> Sidecar:
-    """Open and check the store and wire every component; the state is loaded by `serve`. Raises ConfigError."""
-    store = store or await open_store(settings.store_url)
+    """Open and check the store and wire every component; the state is loaded by `serve`.
+
+    The store is opened without creating anything (`open_store(create=False)`): a missing or
+    uninitialised store is refused, and an older schema is upgraded only once the master key has
+    matched. Raises ConfigError (or StoreError), having closed the store, given or opened.
+    """
+    store = store or await open_store(settings.store_url, create=False)
+    try:
+        return await _wire(settings, keyring, store)
+    except BaseException:
+        await store.close()
+        raise
+
+
+async def _wire(settings: Settings, keyring: Keyring, store: Store) -> Sidecar:
     checks = await store.get_key_checks()
     if not checks:
         raise ConfigError("The store is not initialised. Run 'mcp-authz init' first.")
     keyring.verify_check(checks)
+    await store.migrate()  # an initialised store whose schema is older than this mcp-authz's
     state = AuthState()
     verified = VerifiedKeys(state)  # written by the Argon2 threads, evicted from by the follower
     authenticator = Authenticator(
@@ -164,65 +180,79 @@ async def serve(
     """
     logs.configure(settings.log_level)
     stop = stop or _stop_on_signals()
+    # Everything that can refuse the start is checked, bound or opened before anything starts,
+    # and what was opened is closed on the way out, so a refusal exits at once (undo below).
     check_credentials = _credentials(settings.check_tls, "Check listener")
     admin_credentials = _credentials(settings.admin_tls, "admin listener")
+    for address in (settings.listen, settings.admin_listen):
+        _check_address_free(address)
     sidecar = await build(settings, keyring, store)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-    # Two listeners, by who may reach them (README, "Trust boundaries"). Check and the access log
-    # are for Envoy alone: whoever can call Check reads the credentials it injects. Admin calls
-    # are for people with gateway keys. Separate servers, so no port serves both.
-    server = _grpc_server(4)  # its threads only answer health checks and reflection
-    check = servicer.AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit,
-                                           sidecar.last_used)  # fmt: skip
-    access_log = sidecar.access_log
-    hot = CoreLoop(server)  # what Envoy calls per request, on a thread of its own
-    # Both readers never raise: what they cannot read is answered (Check) or counted (access log).
-    hot.unary(servicer.METHOD, request.parse, check.check)
-    hot.client_stream(accesslog.METHOD, accesslog.split, access_log.open, accesslog.REPLY)
-    health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
-    reflection.enable_server_reflection(
-        (
-            external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
-            als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
-            health_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    _bind(server, settings.listen, check_credentials)
+    async with contextlib.AsyncExitStack() as undo:  # emptied once everything has started
+        undo.push_async_callback(sidecar.store.close)
+        undo.callback(sidecar.authenticator.close)
+        # Two listeners, by who may reach them (README, "Trust boundaries"). Check and the access log
+        # are for Envoy alone: whoever can call Check reads the credentials it injects. Admin calls
+        # are for people with gateway keys. Separate servers, so no port serves both.
+        server = _grpc_server(4)  # its threads only answer health checks and reflection
+        check = servicer.AuthorizationServicer(sidecar.pipeline, sidecar.health, sidecar.metrics, sidecar.audit,
+                                               sidecar.last_used)  # fmt: skip
+        access_log = sidecar.access_log
+        hot = CoreLoop(server)  # what Envoy calls per request, on a thread of its own
+        undo.callback(hot.close)  # after the servers stop (the callbacks run last first)
+        undo.callback(_stop_now, server)
+        # Both readers never raise: what they cannot read is answered (Check) or counted (access log).
+        hot.unary(servicer.METHOD, request.parse, check.check)
+        hot.client_stream(accesslog.METHOD, accesslog.split, access_log.open, accesslog.REPLY)
+        health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+                als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+                health_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        _bind(server, settings.listen, check_credentials)
 
-    admin_server = None
-    if settings.admin_listen:
-        admin_server = _grpc_server(settings.grpc_threads)
-        # The admin API authenticates with Check's own authenticator (same caches, same revocation);
-        # a key is never taken from a path here, only from the metadata.
-        admin = AdminServicer(
-            sidecar.admin,
-            sidecar.authenticator,
-            KeyExtractor(settings.key_header, path_keys=False),
-            sidecar.audit,
-            ready=lambda: sidecar.health.serving,
-        )
-        admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
-            OnLoop(admin, asyncio.get_running_loop()), admin_server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
-        reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), admin_server)
-        _bind(admin_server, settings.admin_listen, admin_credentials)
-    sidecar.health.start()
-    server.start()
-    hot.start()
-    if admin_server is not None:
-        admin_server.start()
-    http = None
-    if settings.metrics_listen:
-        host, port = parse_hostport(settings.metrics_listen, "The metrics address")
-        try:
-            http = OperatorHttp(host, port, sidecar.metrics.registry, sidecar.health)
-        except OSError as exc:
-            raise ConfigError(f"Cannot listen on {settings.metrics_listen}: {exc.strerror}.") from None
-        http.start()
+        admin_server = None
+        if settings.admin_listen:
+            admin_server = _grpc_server(settings.grpc_threads)
+            undo.callback(_stop_now, admin_server)
+            # The admin API authenticates with Check's own authenticator (same caches, same revocation);
+            # a key is never taken from a path here, only from the metadata.
+            admin = AdminServicer(
+                sidecar.admin,
+                sidecar.authenticator,
+                KeyExtractor(settings.key_header, path_keys=False),
+                sidecar.audit,
+                ready=lambda: sidecar.health.serving,
+            )
+            admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
+                OnLoop(admin, asyncio.get_running_loop()), admin_server
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
+            reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
+                                                admin_server)  # fmt: skip
+            _bind(admin_server, settings.admin_listen, admin_credentials)
+        http = None
+        if settings.metrics_listen:
+            host, port = parse_hostport(settings.metrics_listen, "The metrics address")
+            try:
+                http = OperatorHttp(host, port, sidecar.metrics.registry, sidecar.health)  # bound, not started
+            except OSError as exc:
+                raise ConfigError(f"Cannot listen on {settings.metrics_listen}: {exc.strerror}.") from None
+            undo.callback(http.stop)
+        sidecar.health.start()
+        server.start()
+        hot.start()
+        if admin_server is not None:
+            admin_server.start()
+        if http is not None:
+            http.start()
+        undo.pop_all()  # started: from here on the `finally` below stops it all
     tasks: list[asyncio.Task[None]] = []
     try:
         await sidecar.follower.load()
@@ -280,6 +310,47 @@ async def serve(
         )
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+def _stop_now(server: grpc.Server) -> None:
+    """Let go of a server that never served (a refused start), its port included. gRPC core releases a
+    bound port only when a started server shuts down, so one never started is started, then stopped."""
+    with contextlib.suppress(ValueError):  # started already
+        server.start()
+    server.stop(None).wait(2)
+
+
+def _check_address_free(address: str) -> None:
+    """Refuse a listen address that cannot be bound before anything opens, in one clear line (gRPC's own
+    bind failure comes later and also writes a log line of its core to stderr): a TCP address something
+    else listens on, a Unix socket in a directory that does not exist. Only certain refusals: whatever
+    this cannot tell, the bind itself decides."""
+    if not address:
+        return
+    if address.startswith(UNIX_PREFIX):
+        if not Path(address[len(UNIX_PREFIX) :]).parent.is_dir():
+            raise ConfigError(f"Cannot listen on {address}: its directory does not exist.")
+        return
+    host, port = parse_hostport(address, "The listen address")
+    if port == 0:
+        return
+    try:
+        candidates = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return
+    errors = []
+    for family, kind, proto, _, sockaddr in candidates:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(sockaddr)
+            return  # one address binds: gRPC can listen
+        except OSError as exc:
+            errors.append(exc)
+    if errors and all(exc.errno == errno.EADDRINUSE for exc in errors):
+        raise ConfigError(f"Cannot listen on {address}: {errors[0].strerror}.")
 
 
 def _grpc_server(threads: int) -> grpc.Server:

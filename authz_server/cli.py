@@ -19,7 +19,9 @@ Output contract:
 - secrets are never read from the command line, only from stdin or a prompt;
 - exit 0 on success, 1 for an operation error (not found, conflict, invalid
   input, refused, store failure), 2 for a usage or configuration error
-  (argparse, settings, master key); expected errors never print a traceback.
+  (argparse, settings, master key) and for any refusal of `serve`/`run` to
+  start (a store it cannot open included); expected errors never print a
+  traceback, and a refusal to start is that one `error:` line.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import os
 import re
 import sys
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -51,7 +53,7 @@ from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, re
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.crypto.keys import KeyHasher
-from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput
+from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput, StoreError
 from authz_server.models import AuthMode, Placeholder, Secret
 from authz_server.rules import NAME_RE, PLACEHOLDER_NAME_RE
 from authz_server.store.base import Store
@@ -295,10 +297,10 @@ def _require_store(url: str) -> None:
         raise ConfigError(f"No store at {db}: run 'mcp-authz init' first, or pass --store.")
 
 
-async def _open_store(url: str) -> Store:
+async def _open_store(url: str, *, create: bool = True) -> Store:
     from authz_server.store import open_store  # the store package is wired at run time
 
-    return await open_store(url)
+    return await open_store(url, create=create)
 
 
 def _service(store: Store, keyring: Keyring, settings: Settings) -> AdminService:
@@ -852,7 +854,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
             raise InvalidInput(f"The {what} name is invalid: use lowercase letters, digits, '.', '_' or '-'.")
 
     async def go() -> Rendered:
-        store = await _open_store(ctx.settings.store_url)
+        url = ctx.settings.store_url
+        try:
+            store = await _open_store(url, create=False)  # one that exists already: its state decides
+            keyring, new_key = None, None
+        except ConfigError:  # none yet: settle the master key first, so a bad one leaves no empty store behind
+            keyring, new_key = _init_keyring(ctx)
+            store = await _open_store(url)
         try:
             await store.migrate()
             if await store.get_key_checks():
@@ -860,7 +868,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
                     "The store is already initialised. Use the existing admin key, or create another with "
                     "'mcp-authz keys create'."
                 )
-            keyring, written = _init_keyring(ctx)
+            if keyring is None:
+                keyring, new_key = _init_keyring(ctx)
+            written = _write_new_key(*new_key) if new_key else None
             svc = _service(store, keyring, ctx.settings)
             principal, view, key = await svc.initialize(Actor.operator(), args.admin_name, args.team)
         finally:
@@ -887,8 +897,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
-    """The configured master key, or a new one written to a 0600 file. Returns (keyring, file written)."""
+def _init_keyring(ctx: _Context) -> tuple[Keyring, tuple[Path, str] | None]:
+    """The configured master key; else a new one and the 0600 file to write it to, checked but not yet
+    written (`_write_new_key`, once the store has taken the initialisation). Returns (keyring, new key)."""
     env = ctx.env
     path_text = env.get(ENV_KEY_FILE, "")
     if env.get(ENV_KEY) or (path_text and Path(path_text).exists()):
@@ -898,13 +909,18 @@ def _init_keyring(ctx: _Context) -> tuple[Keyring, Path | None]:
         raise ConfigError(
             f"{path} exists already but no master key is configured; pass --master-key-file {path} to use it."
         )
+    if not path.parent.is_dir():
+        raise ConfigError(f"Cannot write the master key file {path}: its directory does not exist.")
     spec = Keyring.generate_spec()
-    keyring = Keyring.from_spec(spec)
+    return Keyring.from_spec(spec), (path, spec)
+
+
+def _write_new_key(path: Path, spec: str) -> Path:
     try:
         write_key_file(path, spec)
     except OSError as exc:
         raise ConfigError(f"Cannot write the master key file {path}: {exc.strerror}.") from None
-    return keyring, path
+    return path
 
 
 def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
@@ -930,11 +946,23 @@ def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
     return ctx.settings, _load_keyring(ctx)
 
 
+@contextlib.contextmanager
+def _refusing_to_start() -> Iterator[None]:
+    """A store the sidecar cannot open or read is a refusal to start, like a bad setting: exit 2."""
+    try:
+        yield
+    except StoreError as exc:
+        refusal = ConfigError(exc.message)
+        refusal.reason = exc.reason
+        raise refusal from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings, keyring = _serve_settings(args)
     from authz_server import app  # imported here: the management commands do not need gRPC
 
-    asyncio.run(app.serve(settings, keyring))
+    with _refusing_to_start():
+        asyncio.run(app.serve(settings, keyring))
     return 0
 
 
@@ -943,7 +971,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = Path(args.envoy_config or os.environ.get(ENV_ENVOY_CONFIG) or DEFAULT_ENVOY_CONFIG)
     from authz_server import app
 
-    asyncio.run(app.run_with_envoy(settings, keyring, envoy_config=config))
+    with _refusing_to_start():
+        asyncio.run(app.run_with_envoy(settings, keyring, envoy_config=config))
     return 0
 
 

@@ -61,5 +61,7 @@ class OperatorHttp:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and release the port; also for a server never started (a refused start)."""
+        if self._thread.ident is not None:  # shutdown() waits for serve_forever, which must have started
+            self._server.shutdown()
         self._server.server_close()

@@ -9,8 +9,9 @@ Each change-logging transaction also sends NOTIFY on `mcp_authz_changes`, its
 payload naming the schema; `wait_for_changes` listens on a dedicated
 connection and wakes early on a notification for its own schema.
 
-The URL may carry `?schema=NAME`: tables then live in that schema (created if
-missing), and the parameter is removed before the DSN reaches asyncpg.
+The URL may carry `?schema=NAME`: tables then live in that schema (created by
+`migrate` if missing; the sidecar opens with `create=False` and refuses a missing
+one instead), and the parameter is removed before the DSN reaches asyncpg.
 """
 
 from __future__ import annotations
@@ -118,11 +119,20 @@ class PostgresStore(SqlStore):
     def schema(self) -> str | None:
         return self._schema
 
+    @property
+    def where(self) -> str:
+        """host:port/database and the schema, without user or password, for messages."""
+        return _where(self._dsn) + (f" (schema {self._schema!r})" if self._schema else "")
+
     @classmethod
     async def connect(
-        cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
+        cls, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0, create: bool = True
     ) -> PostgresStore:
-        """Connect a pool and the notification listener. Call `migrate()` next."""
+        """Connect a pool and the notification listener. Call `migrate()` next.
+
+        `create=False` (the sidecar): a schema named in the URL must exist already; a missing
+        one is refused (ConfigError) rather than left for `migrate` to create.
+        """
         dsn, schema = parse_url(url)
         settings = {"application_name": "mcp-authz"}
         if schema:
@@ -134,6 +144,10 @@ class PostgresStore(SqlStore):
             raise StoreError(f"Cannot connect to PostgreSQL at {_where(dsn)}: {type(exc).__name__}: {exc}") from exc
         store = cls(pool, dsn, schema, kwargs)
         try:
+            if not create and schema and not await store._schema_exists():
+                raise ConfigError(
+                    f"The PostgreSQL schema {schema!r} does not exist at {_where(dsn)}: run 'mcp-authz init' first."
+                )
             await store._listen()
         except BaseException:
             await pool.close()
@@ -151,6 +165,13 @@ class PostgresStore(SqlStore):
             except _DRIVER_ERRORS:
                 listener.terminate()  # the server is gone: nothing to close gracefully
         await self._pool.close()
+
+    async def _schema_exists(self) -> bool:
+        try:
+            found = await self._pool.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self._schema)
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"Cannot read from PostgreSQL at {_where(self._dsn)}: {type(exc).__name__}: {exc}") from exc
+        return found is not None
 
     # --- notifications -------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiosqlite
 
-from authz_server.errors import Conflict, StoreError
+from authz_server.errors import ConfigError, Conflict, StoreError
 from authz_server.store.codec import Row, TextTime
 from authz_server.store.sql import SqlStore, Tx
 
@@ -87,6 +87,11 @@ def split_statements(script: str) -> Iterator[str]:
         raise StoreError("A SQLite migration ends with an incomplete statement.")
 
 
+async def _has_migrations(conn: aiosqlite.Connection) -> bool:
+    async with conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'") as cur:
+        return await cur.fetchone() is not None
+
+
 class SqliteStore(SqlStore):
     """The Store over one SQLite file. Open it with `await SqliteStore.connect(path)`."""
 
@@ -100,28 +105,49 @@ class SqliteStore(SqlStore):
         self._closed = False
 
     @classmethod
-    async def connect(cls, path: str | Path, *, busy_timeout: float = 5.0) -> SqliteStore:
-        """Open (creating if needed) the database file at `path`. Call `migrate()` next."""
+    async def connect(cls, path: str | Path, *, busy_timeout: float = 5.0, create: bool = True) -> SqliteStore:
+        """Open the database file at `path`, creating it if needed. Call `migrate()` next.
+
+        `create=False` (the sidecar): only an existing file that `init` set up; a missing file or
+        one without the schema is refused (ConfigError) before anything is written to it, and
+        the file is opened read-write without ever creating it.
+        """
         where = str(path)
         # Checked here for a clearer message, and because a failed aiosqlite.connect
         # leaves its worker thread calling back into the event loop.
         if not Path(where).parent.is_dir():
             raise StoreError(f"Cannot open the SQLite store at {where}: its directory does not exist.")
+        if not create and not Path(where).is_file():
+            raise ConfigError(f"No store at {where}: run 'mcp-authz init' first.")
         try:
-            conn = await aiosqlite.connect(where, isolation_level=None)
+            if create:
+                conn = await aiosqlite.connect(where, isolation_level=None)
+            else:  # mode=rw: should the file go away meanwhile, SQLite refuses instead of creating it
+                conn = await aiosqlite.connect(f"{Path(where).absolute().as_uri()}?mode=rw", isolation_level=None,
+                                               uri=True)  # fmt: skip
         except sqlite3.Error as exc:
             raise StoreError(f"Cannot open the SQLite store at {where}: {exc}.") from exc
         try:
             conn.row_factory = sqlite3.Row
             # busy_timeout first: switching to WAL itself may wait on another process.
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # Looked at before switching to WAL, which would write to an empty file.
+            if not create and not await _has_migrations(conn):
+                raise ConfigError(f"The store at {where} is not initialised: run 'mcp-authz init' first.")
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute("PRAGMA foreign_keys = ON")
             await conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             await conn.close()
-            raise StoreError(f"Cannot open the SQLite store at {where}: {exc}.") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"Cannot open the SQLite store at {where}: {exc}.") from exc
+            raise
         return cls(conn, where)
+
+    @property
+    def where(self) -> str:
+        """The database file, for messages."""
+        return self._path
 
     async def close(self) -> None:
         if not self._closed:

@@ -261,3 +261,53 @@ async def test_usage_writes_send_no_notification(pair: tuple[PostgresStore, Post
     await writer.prune_usage(minutes(1))
     await waiting
     assert time.monotonic() - started >= 0.2
+
+
+# --- create=False: what the sidecar opens ------------------------------------------------------------
+
+
+async def _schema_state(base_url: str, schema: str) -> tuple[bool, list[str]]:
+    conn = await asyncpg.connect(base_url, timeout=5)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema) is not None
+        tables = [r[0] for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema)]
+    finally:
+        await conn.close()
+    return exists, tables
+
+
+@pytest.mark.postgres
+async def test_without_create_a_missing_schema_is_refused_not_created(pg_url: str, pg_base_url: str) -> None:
+    _, schema = parse_url(pg_url)
+    assert schema is not None
+    with pytest.raises(ConfigError, match=f"schema '{schema}' does not exist .*run 'mcp-authz init' first"):
+        await open_store(pg_url, create=False)
+    assert await _schema_state(pg_base_url, schema) == (False, [])
+
+
+@pytest.mark.postgres
+async def test_without_create_an_empty_schema_is_refused_and_left_empty(pg_url: str, pg_base_url: str) -> None:
+    _, schema = parse_url(pg_url)
+    assert schema is not None
+    conn = await asyncpg.connect(pg_base_url, timeout=5)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    with pytest.raises(ConfigError, match="not initialised: run 'mcp-authz init' first"):
+        await open_store(pg_url, create=False)
+    assert await _schema_state(pg_base_url, schema) == (True, [])
+
+
+@pytest.mark.postgres
+async def test_without_create_an_initialised_schema_opens_without_migrating(pg_url: str) -> None:
+    store = await open_store(pg_url)
+    latest = await store.schema_version()
+    await store.close()
+    opened = await open_store(pg_url, create=False)
+    try:
+        assert await opened.schema_version() == latest
+        assert isinstance(opened, PostgresStore)
+    finally:
+        await opened.close()

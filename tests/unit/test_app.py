@@ -115,3 +115,54 @@ def test_unusable_tls_files_stop_the_start_with_a_clear_error(tmp_path: Path) ->
     with pytest.raises(ConfigError) as refused:
         app._credentials(good, "Check listener")
     assert "readable by other users" in refused.value.message and "BEGIN" not in refused.value.message
+
+
+class _RecordingStore(MemoryStore):
+    """Counts migrations and closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.migrations = 0
+        self.closes = 0
+
+    async def migrate(self) -> None:
+        self.migrations += 1
+        await super().migrate()
+
+    async def close(self) -> None:
+        self.closes += 1
+        await super().close()
+
+
+async def _initialised(keyring: Keyring) -> _RecordingStore:
+    store = _RecordingStore()
+    await store.migrate()
+    await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
+    store.migrations = 0
+    return store
+
+
+async def test_build_refuses_before_upgrading_anything_and_closes_the_store() -> None:
+    """A refused start changes nothing in the store (the schema is upgraded only once the master key
+    matches) and closes it, so the process can exit."""
+    from authz_server.errors import ConfigError, MasterKeyError
+
+    settings = Settings.from_env({}, store_url="memory://")
+    right, wrong = (Keyring.from_spec(Keyring.generate_spec()) for _ in range(2))
+    store = await _initialised(right)
+    with pytest.raises(MasterKeyError):
+        await app.build(settings, wrong, store)
+    assert (store.migrations, store.closes) == (0, 1)
+
+    empty = _RecordingStore()
+    with pytest.raises(ConfigError, match="not initialised"):
+        await app.build(settings, right, empty)
+    assert (empty.migrations, empty.closes) == (0, 1)
+
+    store = await _initialised(right)
+    sidecar = await app.build(settings, right, store)
+    try:
+        assert (store.migrations, store.closes) == (1, 0)
+    finally:
+        sidecar.authenticator.close()
+        await sidecar.store.close()

@@ -186,6 +186,20 @@ def test_init_refuses_to_reuse_an_unconfigured_key_file(run: Cli) -> None:
     rec = run("init", "--store", "sqlite:///authz.db", common=False)
     assert rec.code == 2
     assert "mcp-authz.key exists already" in rec.err and "--master-key-file" in rec.err
+    assert sorted(p.name for p in run.tmp.iterdir()) == ["mcp-authz.key"]  # no empty database left behind
+
+
+@pytest.mark.parametrize(
+    ("key_file", "says"),
+    [("bad.key", "malformed"), ("missing-dir/new.key", "its directory does not exist")],
+)
+def test_a_master_key_init_cannot_use_leaves_no_empty_database(run: Cli, key_file: str, says: str) -> None:
+    bad = run.tmp / "bad.key"
+    bad.write_text("not a key\n")
+    bad.chmod(0o600)
+    rec = run("init", "--store", "sqlite:///authz.db", "--master-key-file", key_file, common=False)
+    assert rec.code == 2 and says in rec.err, rec.err
+    assert sorted(p.name for p in run.tmp.iterdir()) == ["bad.key"]
     rec = run("init", "--store", "sqlite:///authz.db", "--admin-name", "Bad Name", common=False)
     assert rec.code == 1 and "admin name is invalid" in rec.err
 
