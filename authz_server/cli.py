@@ -934,6 +934,7 @@ def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
         metrics_listen=args.metrics_listen,
         key_header=args.key_header,
         poll_interval=args.poll_interval,
+        drain_seconds=args.drain,
         # A flag wins over its variable, one file at a time.
         check_tls=TlsFiles.of(args.tls_cert or env.get("MCP_AUTHZ_TLS_CERT"), args.tls_key or env.get("MCP_AUTHZ_TLS_KEY"),
                               args.client_ca or env.get("MCP_AUTHZ_CLIENT_CA"), "--tls-cert, --tls-key"),
@@ -1164,6 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow --admin-listen beyond this host without TLS (when something else encrypts it)")
         p.add_argument("--key-header", metavar="H", help="custom header a gateway key may come in (default: x-api-key)")
         p.add_argument("--poll-interval", metavar="S", type=float, help="seconds between store polls (default: 0.1)")
+        p.add_argument("--drain", metavar="S", type=float,
+                       help="on SIGTERM, seconds of NOT_SERVING while still answering Check, so Envoy moves traffic "
+                            "away first (default: 2; a second signal cuts it short)")
         p.add_argument(
             "--metrics-listen", metavar="HOST:PORT", help="HTTP /metrics, /healthz, /readyz (default: 127.0.0.1:9090)"
         )

@@ -98,6 +98,10 @@ class Settings:
     insecure_admin_listener: bool = False  # allow a non-local admin listener without TLS
     metrics_listen: str = "127.0.0.1:9090"  # HTTP: /metrics, /healthz, /readyz ("" turns it off)
     store_outage_limit: float = 30.0  # seconds without the store before health says NOT_SERVING
+    # Seconds between SIGTERM and no longer taking Checks: health says NOT_SERVING at once, and Check keeps
+    # answering until Envoy's health checks have moved traffic away. At least envoy/envoy.yaml's health-check
+    # interval plus its jitter (1 s + 0.1 s), with room for the answer to reach every Envoy worker.
+    drain_seconds: float = 2.0
     key_header: str = "x-api-key"  # custom header a gateway key may come in
     path_keys: bool = True  # accept a key as a path segment (MCPGate URL form)
     poll_interval: float = 0.1  # seconds between change-log polls
@@ -145,6 +149,7 @@ class Settings:
             "grpc_threads": ("MCP_AUTHZ_GRPC_THREADS", int),
             "last_used_flush": ("MCP_AUTHZ_LAST_USED_FLUSH", float),
             "store_outage_limit": ("MCP_AUTHZ_STORE_OUTAGE_LIMIT", float),
+            "drain_seconds": ("MCP_AUTHZ_DRAIN_SECONDS", float),
             "audit_retention_days": ("MCP_AUTHZ_AUDIT_RETENTION_DAYS", float),
             "usage_retention_days": ("MCP_AUTHZ_USAGE_RETENTION_DAYS", float),
         }
@@ -173,6 +178,8 @@ class Settings:
             parse_hostport(self.metrics_listen, "The metrics address")
         if self.store_outage_limit <= 0:
             raise ConfigError("The store outage limit must be a positive number of seconds.")
+        if not 0 <= self.drain_seconds <= 300:
+            raise ConfigError("The drain must be between 0 and 300 seconds.")
         if self.audit_retention_days < 0 or self.usage_retention_days < 0:
             raise ConfigError("Retention must be a number of days, or 0 to keep everything.")
         if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):

@@ -57,11 +57,11 @@ class BatchWriter(Generic[T]):
             self._queue.append(record)
 
     async def run(self) -> None:
-        """Write batches until cancelled; on cancel, flush what is queued."""
+        """Write batches until cancelled; on cancel, finish the batch being written, then flush what is queued."""
         try:
             while True:
                 await asyncio.sleep(self._interval)
-                await self.flush()
+                await finish_even_if_cancelled(self.flush())
         except asyncio.CancelledError:
             await self.flush()
             raise
@@ -104,3 +104,17 @@ class BatchWriter(Generic[T]):
         if failed is not None:
             log.warning("items dropped: cannot convert", extra={"queue": self.name, "error": type(failed).__name__})
         return records
+
+
+async def finish_even_if_cancelled(work: Awaitable[None]) -> None:
+    """Await `work` to its end, even when the caller is cancelled meanwhile (then re-raise the cancel).
+
+    A writer cancelled in the middle of a write would otherwise abandon the records it had taken
+    off its queue: neither written nor counted as dropped (a stopping sidecar cancels its writers).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

@@ -39,7 +39,7 @@ def _app(registry: CollectorRegistry, health: Health) -> Callable[..., Iterable[
         if path == "/healthz":
             status, body = "200 OK", {"status": "alive"}
         elif path == "/readyz":
-            ready = health.serving
+            ready = health.ready  # false while draining: Check still answers, but send nothing new
             status = "200 OK" if ready else "503 Service Unavailable"
             body = {"status": "ready" if ready else "not ready", "reason": health.reason}
         else:

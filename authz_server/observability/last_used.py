@@ -10,6 +10,7 @@ import logging
 import threading
 from datetime import UTC, datetime
 
+from authz_server.observability.batch import finish_even_if_cancelled
 from authz_server.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class LastUsed:
         try:
             while True:
                 await asyncio.sleep(self._interval)
-                await self.flush()
+                await finish_even_if_cancelled(self.flush())  # a cancel must not drop what is being written
         except asyncio.CancelledError:
             await self.flush()
             raise

@@ -198,4 +198,5 @@ class _LiveCollector(Collector):
         entities.add_metric(["overrides"], len(state.overrides))
         entities.add_metric(["teams"], len(state.teams))
         yield entities
-        yield GaugeMetricFamily("mcp_authz_ready", "1 when the sidecar serves Check.", value=1 if s.health.serving else 0)
+        yield GaugeMetricFamily("mcp_authz_ready", "1 when the sidecar asks for Check (not loading, not draining).",
+                                 value=1 if s.health.ready else 0)

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from authz_server.config import Settings
+
 from .harness import (
     ADMIN_ROUTE,
     AUTHZ_ADMIN_CLUSTER,
@@ -69,6 +71,11 @@ def admin_route(hcm: dict[str, Any]) -> dict[str, Any]:
 def grpc_access_log(hcm: dict[str, Any]) -> dict[str, Any]:
     (log,) = [a for a in hcm["access_log"] if a["name"] == GRPC_ACCESS_LOG]
     return log
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
 
 
 def cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -138,6 +145,12 @@ def test_shipped_config_contract() -> None:
     assert authz["transport_api_version"] == "V3"
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == AUTHZ_CLUSTER
     assert authz["grpc_service"]["timeout"] == "2s"
+    # A Check no sidecar answered is asked of another (graceful drain, rolling restarts): only
+    # failures before any answer, never a decision (those come with gRPC OK), on another host.
+    retry = authz["grpc_service"]["retry_policy"]
+    assert set(retry["retry_on"].split(",")) == {"connect-failure", "refused-stream", "reset", "unavailable"}
+    assert retry["num_retries"] == 2 and retry["host_selection_retry_max_attempts"] == 3
+    assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
     (mapper,) = hcm["local_reply_config"]["mappers"]  # a JSON body for that 503
@@ -175,6 +188,11 @@ def test_shipped_config_contract() -> None:
     assert (health["interval"], health["timeout"], health["no_traffic_interval"]) == ("1s", "1s", "1s")
     assert (health["unhealthy_threshold"], health["healthy_threshold"]) == (2, 1)
     assert authz_cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
+    # Retries are not capped at Envoy's default 3 in flight, so a replica dying under load costs nothing.
+    assert authz_cluster["circuit_breakers"] == {"thresholds": [{"max_retries": 1000}]}
+    # The sidecar's default drain outlasts a health-check interval plus its jitter: Envoy sees
+    # NOT_SERVING before the sidecar stops answering.
+    assert Settings().drain_seconds > _seconds(health["interval"]) + _seconds(health["interval_jitter"])
 
     # Routes: the admin API, the demo MCP route, then a 404 catch-all; only the admin API
     # (authenticated by the sidecar itself) and the catch-all skip ext_authz.

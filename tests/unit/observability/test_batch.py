@@ -1,9 +1,10 @@
-"""observability/batch.py: write-behind queues batch, flush on cancel, count what they lose, and
-go on after an item that cannot be converted."""
+"""observability/batch.py: write-behind queues batch, flush on cancel (finishing the batch being
+written), count what they lose, and go on after an item that cannot be converted."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -55,3 +56,52 @@ async def test_an_item_that_cannot_be_converted_costs_only_itself() -> None:
     writer.put(1)
     await writer.flush()  # the writer goes on after a bad item
     assert writer.written == 7
+
+
+async def test_a_writer_cancelled_mid_write_finishes_that_batch_first() -> None:
+    """A stopping sidecar cancels its writers: the batch being written must still be written (and
+    counted), not dropped with the cancelled coroutine."""
+    started, release = asyncio.Event(), asyncio.Event()
+    written: list[int] = []
+
+    async def slow_write(records: Sequence[int]) -> None:
+        started.set()
+        await release.wait()
+        written.extend(records)
+
+    writer: BatchWriter[int] = BatchWriter("t", slow_write, maxsize=100, batch=3, interval=0.001)
+    for i in range(5):
+        writer.put(i)
+    task = asyncio.create_task(writer.run())
+    await started.wait()  # the first batch (0, 1, 2) is off the queue, being written
+    task.cancel()
+    await asyncio.sleep(0.01)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert written == [0, 1, 2, 3, 4]
+    assert (writer.written, writer.dropped, writer.depth) == (5, 0, 0)
+
+
+async def test_last_used_cancelled_mid_flush_finishes_that_flush() -> None:
+    from authz_server.observability.last_used import LastUsed
+
+    started, release = asyncio.Event(), asyncio.Event()
+    touched: dict[str, object] = {}
+
+    class SlowStore:
+        async def touch_keys(self, keys: dict[str, object]) -> None:
+            started.set()
+            await release.wait()
+            touched.update(keys)
+
+    last_used = LastUsed(SlowStore(), interval=0.001)  # type: ignore[arg-type]
+    last_used.mark("k1", 1.0)
+    task = asyncio.create_task(last_used.run())
+    await started.wait()
+    task.cancel()
+    await asyncio.sleep(0.01)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert list(touched) == ["k1"]

@@ -32,7 +32,7 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
                                       inflight=0, verified=SimpleNamespace(evictions=1)),
         follower=SimpleNamespace(last_success=time.monotonic(), seen_seq=12),
         state=state,
-        health=SimpleNamespace(serving=True),
+        health=SimpleNamespace(serving=True, ready=True),
         access_log=SimpleNamespace(streams=2, unreadable=3, unreadable_messages=1),
         queues=lambda: [queue],
     )
