@@ -246,6 +246,13 @@ class CorruptRow(StoreError):
     reason = "corrupt_row"
 
 
+class StoreRefused(StoreError):
+    """The store is up but refused what was written (a constraint, a bad value): writing the same
+    again fails the same way, so a write-behind queue does not retry it (observability/batch.py)."""
+
+    reason = "store"
+
+
 class RemoteError(AuthzError):
     """A call to a remote sidecar's admin API failed. `reason` is the one the sidecar sent
     (its `mcp-authz-reason` trailer), or the transport's when no sidecar answered."""

@@ -180,13 +180,22 @@ class _LiveCollector(Collector):
         depth = GaugeMetricFamily("mcp_authz_queue_depth", "Records waiting in a write-behind queue.", labels=["queue"])
         dropped = CounterMetricFamily("mcp_authz_queue_dropped", "Records a write-behind queue dropped.", labels=["queue"])
         written = CounterMetricFamily("mcp_authz_queue_written", "Records a write-behind queue wrote.", labels=["queue"])
+        retries = CounterMetricFamily("mcp_authz_queue_retries",
+                                      "Failed batch writes a write-behind queue kept and retried (the store was unreachable).",
+                                      labels=["queue"])
+        failing = GaugeMetricFamily("mcp_authz_queue_failing",
+                                    "1 while a write-behind queue's last write failed and is being retried.", labels=["queue"])
         for queue in s.queues():
             depth.add_metric([queue.name], queue.depth)
             dropped.add_metric([queue.name], queue.dropped)
             written.add_metric([queue.name], queue.written)
+            retries.add_metric([queue.name], queue.retries)
+            failing.add_metric([queue.name], 1 if queue.failing else 0)
         yield depth
         yield dropped
         yield written
+        yield retries
+        yield failing
 
         now = time.time()
         keys = list(state.keys.values())  # one C-level copy: safe against the event loop's writes

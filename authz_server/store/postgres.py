@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from authz_server.errors import ConfigError, Conflict, StoreError
+from authz_server.errors import ConfigError, Conflict, StoreError, StoreRefused
 from authz_server.store.codec import NativeTime, Row
 from authz_server.store.sql import SqlStore, Tx, insert_sql
 
@@ -211,6 +211,8 @@ class PostgresStore(SqlStore):
             yield
         except asyncpg.UniqueViolationError as exc:
             raise Conflict("That would duplicate an existing row.") from exc
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+            raise StoreRefused(f"The PostgreSQL store refused a write: {type(exc).__name__}: {exc}") from exc
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"The PostgreSQL store failed: {type(exc).__name__}: {exc}") from exc
 

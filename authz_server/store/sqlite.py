@@ -19,7 +19,7 @@ from typing import Any
 
 import aiosqlite
 
-from authz_server.errors import ConfigError, Conflict, StoreError
+from authz_server.errors import ConfigError, Conflict, StoreError, StoreRefused
 from authz_server.store.codec import Row, TextTime
 from authz_server.store.sql import SqlStore, Tx
 
@@ -166,7 +166,7 @@ class SqliteStore(SqlStore):
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 raise Conflict("That would duplicate an existing row.") from exc
-            raise StoreError(f"The SQLite store at {self._path} refused a write: {exc}.") from exc
+            raise StoreRefused(f"The SQLite store at {self._path} refused a write: {exc}.") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"The SQLite store at {self._path} failed: {exc}.") from exc
 

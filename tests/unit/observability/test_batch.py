@@ -1,5 +1,6 @@
 """observability/batch.py: write-behind queues batch, flush on cancel (finishing the batch being
-written), count what they lose, and go on after an item that cannot be converted."""
+written), retry a batch the store could not take (in order, with backoff), count what they lose,
+and go on after an item or a record that cannot be converted or stored."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from authz_server.observability.batch import BatchWriter
+from authz_server.errors import Conflict, InvalidInput, StoreError, StoreRefused
+from authz_server.observability.batch import BatchWriter, transient
 
 from ..fakes import Sink
 
@@ -35,8 +37,96 @@ async def test_batch_writer_counts_what_it_loses() -> None:
     for i in range(5):
         writer.put(i)  # 2 beyond the bound
     assert writer.dropped == 2
-    await writer.flush()  # the store fails: the 3 queued are counted, not silently lost
-    assert (writer.written, writer.dropped) == (0, 5)
+    assert not await writer.flush()  # the store is down: the batch is kept for a retry, not lost
+    assert (writer.written, writer.dropped, writer.depth, writer.retries, writer.failing) == (0, 2, 3, 1, True)
+    await writer.drain(0.05)  # still down when the bound is up: counted, not silently lost
+    assert (writer.written, writer.dropped, writer.depth) == (0, 5, 0)
+
+
+class Flaky:
+    """A store that fails its first `failures` writes as an unreachable one does, then recovers."""
+
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
+        self.failures = failures
+        self.error = error or ConnectionResetError("store down")
+        self.calls = 0
+        self.written: list[int] = []
+
+    async def write(self, records: Sequence[int]) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        self.written.extend(records)
+
+
+async def test_a_failed_batch_is_retried_with_backoff_in_order_and_nothing_is_lost() -> None:
+    store = Flaky(failures=4, error=StoreError("The PostgreSQL store failed: ConnectionDoesNotExistError"))
+    writer: BatchWriter[int] = BatchWriter("usage", store.write, maxsize=100, batch=3, interval=0.001,
+                                           retry_first=0.01, retry_cap=0.02)
+    task = asyncio.create_task(writer.run())
+    for i in range(10):
+        writer.put(i)
+        await asyncio.sleep(0.003)  # records keep arriving while the store is down
+    for _ in range(200):
+        if writer.depth == 0 and not writer.failing:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.written == list(range(10))
+    assert (writer.written, writer.dropped, writer.retries, writer.failing) == (10, 0, 4, False)
+
+
+async def test_a_stopping_writer_waits_for_the_store_to_come_back() -> None:
+    store = Flaky(failures=3)
+    writer: BatchWriter[int] = BatchWriter("audit", store.write, maxsize=100, interval=0.001,
+                                           retry_first=0.01, retry_cap=0.02, settle=5.0)
+    for i in range(7):
+        writer.put(i)
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(0)
+    task.cancel()  # the sidecar stops while the store is down
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.written == list(range(7))
+    assert (writer.written, writer.dropped, writer.depth, writer.retries) == (7, 0, 0, 3)
+
+
+async def test_records_past_the_memory_bound_are_dropped_and_counted_while_the_store_is_down() -> None:
+    store = Flaky(failures=1)
+    writer: BatchWriter[int] = BatchWriter("usage", store.write, maxsize=4, batch=2)
+    for i in range(2):
+        writer.put(i)
+    assert not await writer.flush()  # 0, 1 held for the retry
+    for i in range(2, 9):
+        writer.put(i)  # 4 queue, 3 past the bound
+    assert (writer.depth, writer.dropped) == (6, 3)
+    assert await writer.flush()
+    assert store.written == [0, 1, 2, 3, 4, 5]
+    assert (writer.written, writer.dropped, writer.retries) == (6, 3, 1)
+
+
+async def test_a_batch_the_store_refuses_is_not_retried_and_costs_only_the_refused_records() -> None:
+    written: list[int] = []
+
+    async def write(records: Sequence[int]) -> None:
+        if 3 in records:
+            raise StoreRefused("The SQLite store refused a write: CHECK constraint failed.")
+        written.extend(records)
+
+    writer: BatchWriter[int] = BatchWriter("usage", write, maxsize=100, batch=5)
+    for i in range(7):
+        writer.put(i)
+    assert await writer.flush()
+    assert written == [0, 1, 2, 4, 5, 6]
+    assert (writer.written, writer.dropped, writer.retries, writer.depth) == (6, 1, 0, 0)
+
+
+def test_only_an_unreachable_store_is_retried() -> None:
+    assert transient(ConnectionResetError()) and transient(TimeoutError()) and transient(StoreError("down"))
+    assert not transient(StoreRefused("no")) and not transient(InvalidInput("bad")) and not transient(Conflict("dup"))
+    assert not transient(ValueError("bug"))
 
 
 async def test_an_item_that_cannot_be_converted_costs_only_itself() -> None:

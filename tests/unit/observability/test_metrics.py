@@ -49,6 +49,8 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     assert values[("mcp_authz_entities", (("kind", "active_keys"),))] == 1
     assert values[("mcp_authz_changelog_lag_sequence", ())] == 2
     assert values[("mcp_authz_queue_depth", (("queue", "usage"),))] == 1
+    assert values[("mcp_authz_queue_retries_total", (("queue", "usage"),))] == 0
+    assert values[("mcp_authz_queue_failing", (("queue", "usage"),))] == 0
     assert values[("mcp_authz_access_log_streams", ())] == 2
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "entry"),))] == 3
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "message"),))] == 1
