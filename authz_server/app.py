@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,12 +58,23 @@ from authz_server.errors import ConfigError, NotFound
 from authz_server.live.follower import StateFollower
 from authz_server.live.tables import AuthState
 from authz_server.live.verified import VerifiedKeys
-from authz_server.models import AuditEvent, OverrideStatus, UsageRecord
+from authz_server.models import (
+    AuditEvent,
+    OverrideStatus,
+    UsageRecord,
+    audit_from_json,
+    audit_to_json,
+    status_from_json,
+    status_to_json,
+    usage_from_json,
+    usage_to_json,
+)
 from authz_server.observability import logs
 from authz_server.observability import metrics as metrics_module
 from authz_server.observability.batch import BatchWriter
 from authz_server.observability.http import OperatorHttp
 from authz_server.observability.metrics import Metrics
+from authz_server.observability.spool import Spool
 from authz_server.observability.last_used import LastUsed
 from authz_server.pipeline.authn import Authenticator, KeyExtractor, NegativeCache
 from authz_server.pipeline.limits import RateLimiter
@@ -147,7 +158,14 @@ async def _wire(settings: Settings, keyring: Keyring, store: Store) -> Sidecar:
                 await store.set_override_status(principal_id, server, OverrideStatus.INVALID, reason, at)
             log.warning("override rejected by upstream", extra={"principal_id": principal_id, "server": server})
 
-    rejected_overrides: BatchWriter[tuple[str, str, str, datetime]] = BatchWriter("override_status", mark_rejected, 1000)
+    spool_dir = settings.spool_directory()
+    spool_bytes = int(settings.spool_max_mb * 1024 * 1024)
+
+    def spool(name: str, encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Spool[Any] | None:
+        return None if spool_dir is None else Spool(spool_dir, name, encode, decode, spool_bytes)
+
+    rejected_overrides: BatchWriter[tuple[str, str, str, datetime]] = BatchWriter(
+        "override_status", mark_rejected, 1000, spool=spool("override_status", status_to_json, status_from_json))
     return Sidecar(
         settings,
         store,
@@ -156,9 +174,10 @@ async def _wire(settings: Settings, keyring: Keyring, store: Store) -> Sidecar:
         authenticator,
         pipeline,
         Health(settings.store_outage_limit),
-        BatchWriter("audit", store.append_audit, settings.audit_queue),
+        BatchWriter("audit", store.append_audit, settings.audit_queue, spool=spool("audit", audit_to_json, audit_from_json)),
         rejected_overrides,
-        AccessLog(store.append_usage, rejected_overrides, settings.usage_queue),
+        AccessLog(store.append_usage, rejected_overrides, settings.usage_queue,
+                  spool=spool("usage", usage_to_json, usage_from_json)),
         LastUsed(store, settings.last_used_flush),
         AdminService(store, keyring, KeyHasher(settings.argon2), signature_header=settings.signature_header,
                      timestamp_header=settings.timestamp_header),

@@ -114,6 +114,10 @@ class Settings:
     last_used_flush: float = 5.0  # seconds between last_used_at writes
     audit_queue: int = 10_000
     usage_queue: int = 100_000
+    # Where the write-behind queues spill records while the store is unreachable (observability/spool.py).
+    # "": beside a SQLite store (`<file>.spool`); none for PostgreSQL or memory:// unless set.
+    spool_dir: str = ""
+    spool_max_mb: float = 256.0  # per queue and sidecar; past it, records are dropped (counted)
     audit_retention_days: float = 365.0  # 0 keeps everything
     usage_retention_days: float = 90.0
     signature_header: str = SIGNATURE_HEADER
@@ -131,6 +135,7 @@ class Settings:
             "metrics_listen": "MCP_AUTHZ_METRICS_LISTEN",
             "key_header": "MCP_AUTHZ_KEY_HEADER",
             "log_level": "MCP_AUTHZ_LOG_LEVEL",
+            "spool_dir": "MCP_AUTHZ_SPOOL_DIR",
         }
         for name, var in text.items():
             if env.get(var):
@@ -152,6 +157,7 @@ class Settings:
             "drain_seconds": ("MCP_AUTHZ_DRAIN_SECONDS", float),
             "audit_retention_days": ("MCP_AUTHZ_AUDIT_RETENTION_DAYS", float),
             "usage_retention_days": ("MCP_AUTHZ_USAGE_RETENTION_DAYS", float),
+            "spool_max_mb": ("MCP_AUTHZ_SPOOL_MAX_MB", float),
         }
         for name, (var, kind) in numbers.items():
             if env.get(var):
@@ -171,6 +177,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values).validated()
 
+    def spool_directory(self) -> Path | None:
+        """Where the write-behind queues spill: the setting, else beside a SQLite store, else nowhere."""
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        if self.store_url.startswith("sqlite:///") and len(self.store_url) > len("sqlite:///"):
+            return Path(self.store_url[len("sqlite:///"):] + ".spool")
+        return None
+
     def validated(self) -> Settings:
         parse_listen(self.listen, "The listen address")
         self._check_listeners()
@@ -180,6 +194,8 @@ class Settings:
             raise ConfigError("The store outage limit must be a positive number of seconds.")
         if not 0 <= self.drain_seconds <= 300:
             raise ConfigError("The drain must be between 0 and 300 seconds.")
+        if not 1 <= self.spool_max_mb <= 1024 * 1024:
+            raise ConfigError("The spool bound (MCP_AUTHZ_SPOOL_MAX_MB) must be between 1 and 1048576 MB.")
         if self.audit_retention_days < 0 or self.usage_retention_days < 0:
             raise ConfigError("Retention must be a number of days, or 0 to keep everything.")
         if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime
 
 from authz_server.errors import redact
@@ -254,3 +255,41 @@ class Snapshot:
 
 def override_key(principal_id: str, server: str) -> str:
     return f"{principal_id}/{server}"
+
+
+# --- the write-behind spool's JSON lines (observability/spool.py): each record's one shape on disk ----
+
+
+def audit_to_json(e: AuditEvent) -> dict[str, Any]:
+    return {"at": e.at.isoformat(), "actor": e.actor, "action": e.action, "target": e.target,
+            "outcome": e.outcome, "request_id": e.request_id, "details": dict(e.details)}  # fmt: skip
+
+
+def audit_from_json(d: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(datetime.fromisoformat(d["at"]), str(d["actor"]), str(d["action"]), str(d["target"]),
+                      str(d["outcome"]), str(d["request_id"]), {str(k): str(v) for k, v in d["details"].items()})  # fmt: skip
+
+
+def usage_to_json(r: UsageRecord) -> dict[str, Any]:
+    return {"at": r.at.isoformat(), "request_id": r.request_id, "principal_id": r.principal_id, "key_id": r.key_id,
+            "server": r.server, "tool": r.tool, "mcp_method": r.mcp_method, "decision": r.decision,
+            "reason": r.reason, "upstream_status": r.upstream_status, "request_bytes": r.request_bytes,
+            "response_bytes": r.response_bytes, "duration_ms": r.duration_ms}  # fmt: skip
+
+
+def usage_from_json(d: dict[str, Any]) -> UsageRecord:
+    return UsageRecord(datetime.fromisoformat(d["at"]), str(d["request_id"]), str(d["principal_id"]), str(d["key_id"]),
+                       str(d["server"]), str(d["tool"]), str(d["mcp_method"]), str(d["decision"]), str(d["reason"]),
+                       int(d["upstream_status"]), int(d["request_bytes"]), int(d["response_bytes"]),
+                       float(d["duration_ms"]))  # fmt: skip
+
+
+def status_to_json(item: tuple[str, str, str, datetime]) -> list[str]:
+    """An override an upstream rejected: principal id, server, reason, when."""
+    principal_id, server, reason, at = item
+    return [principal_id, server, reason, at.isoformat()]
+
+
+def status_from_json(d: list[str]) -> tuple[str, str, str, datetime]:
+    principal_id, server, reason, at = d
+    return str(principal_id), str(server), str(reason), datetime.fromisoformat(at)

@@ -15,8 +15,14 @@ transaction wrote nothing) or is idempotent (an override's status). A write the 
 written one record at a time, and only the records refused alone are dropped. Every drop is
 counted (`dropped`) and logged with its count; `retries` counts failed attempts that were retried.
 
-On cancel (a stopping sidecar), the writer goes on retrying for up to `settle` seconds; what is
-still unwritten then is counted as dropped and logged.
+With a `spool` (observability/spool.py), what is in memory while the store is down moves to a
+local file every `interval` (the batch being retried first), and is written back, before anything
+newer, when the store answers; past the spool's bound records are dropped, counted and logged.
+A file that cannot be written keeps the records in memory, as without a spool.
+
+On cancel (a stopping sidecar), the writer goes on retrying for up to `settle` seconds, or, with a
+spool, until nothing is left in memory (the next start replays the file); what is still in memory
+then is counted as dropped and logged.
 
 With `convert`, what is put is raw (an access-log entry as Envoy sent it) and becomes a record
 only when the writer takes it, so the conversion costs the event loop's thread, not the caller's.
@@ -35,13 +41,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from authz_server.errors import StoreError, StoreRefused
+from authz_server.observability.spool import Spool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_FIRST = 0.05  # seconds before the first retry; doubled per failure
 RETRY_CAP = 5.0  # the longest wait between two attempts
-SETTLE = 10.0  # how long a stopping writer goes on retrying before it counts the rest as dropped
+SETTLE = 5.0  # how long a stopping writer goes on retrying before it counts the rest as dropped
 
 
 def transient(exc: BaseException) -> bool:
@@ -62,6 +69,7 @@ class BatchWriter(Generic[T]):
         retry_first: float = RETRY_FIRST,
         retry_cap: float = RETRY_CAP,
         settle: float = SETTLE,
+        spool: Spool[T] | None = None,
     ) -> None:
         self.name = name
         self._write_batch = write
@@ -74,12 +82,16 @@ class BatchWriter(Generic[T]):
         self._retry_first = retry_first
         self._retry_cap = retry_cap
         self._settle = settle
+        self._spool = spool
+        self._spill_failed = False
+        self._next_attempt = 0.0
         self._failures = 0  # consecutive failed attempts; 0 when the last write succeeded
         self._failing_since = 0.0
         self._reported_drops = 0
         self.dropped = 0
         self.written = 0
         self.retries = 0
+        self.spilled = 0  # records written to the spool (each is also counted in `written` once in the store)
 
     @property
     def depth(self) -> int:
@@ -99,35 +111,53 @@ class BatchWriter(Generic[T]):
 
     async def run(self) -> None:
         """Write batches until cancelled; on cancel, finish the batch being written, then go on
-        writing (retrying for up to `settle` seconds) what is queued."""
+        writing what is queued (`drain`). With a spool, first adopt what earlier runs left on disk."""
         try:
+            if self._spool is not None:
+                await finish_even_if_cancelled(asyncio.to_thread(self._spool.adopt))  # replayed by the first flush
             while True:
-                await asyncio.sleep(self._backoff() if self._failures else self._interval)
+                await asyncio.sleep(self._interval)
+                if self._failures and time.monotonic() < self._next_attempt:
+                    if self._spool is not None:  # not yet time to retry: move what is in memory to disk
+                        await finish_even_if_cancelled(self._spill())
+                    continue
                 await finish_even_if_cancelled(self.flush())
                 self._report_drops()
         except asyncio.CancelledError:
             await self.drain(self._settle)
+            if self._spool is not None:
+                self._spool.close()  # what it holds stays on disk, for the next start
             raise
 
     async def flush(self) -> bool:
-        """Write everything queued now, in batches; stop at the first failure the store may recover
-        from, keeping that batch for the next attempt. True when everything was written."""
-        while self._pending or self._queue:
+        """Write everything queued now (after what is spooled), in batches; stop at the first failure
+        the store may recover from, keeping that batch (in memory, or on disk with a spool) for the
+        next attempt. True when everything was written."""
+        spool = self._spool
+        while True:
+            if spool is not None and spool.pending:
+                await self._spill()  # what is in memory goes after what is on disk
+                if not await self._replay(spool):
+                    return False
+                continue
             if not self._pending:
+                if not self._queue:
+                    return True
                 self._pending = self._take()
-                if not self._pending:
-                    continue
+                continue
             if not await self._write():
+                if spool is not None:
+                    await self._spill()
                 return False
-        return True
 
     async def drain(self, seconds: float) -> None:
-        """Write everything queued, retrying with backoff for up to `seconds`; then count what is
-        left as dropped and log it (a stopping sidecar)."""
+        """Write everything queued, retrying with backoff for up to `seconds` (a stopping sidecar).
+        With a spool, stop as soon as nothing is left in memory: the rest is on disk, for the next
+        start. What is still in memory at the end is counted as dropped and logged."""
         deadline = time.monotonic() + seconds
         while not await self.flush():
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (self._spool is not None and not self.depth):
                 break
             await asyncio.sleep(min(self._backoff(), left))
         lost = self.depth
@@ -138,7 +168,14 @@ class BatchWriter(Generic[T]):
             self._reported_drops += lost  # logged here, not again below
             log.error("records dropped: the store stayed unreachable while stopping",
                       extra={"queue": self.name, "count": lost, "seconds": seconds})
+        if self._spool is not None and self._spool.pending:
+            log.warning("records left on disk for the next start: the store is unreachable",
+                        extra={"queue": self.name, "bytes": self._spool.bytes, "spool": str(self._spool.directory)})
         self._report_drops()
+
+    @property
+    def spooled_bytes(self) -> int:
+        return 0 if self._spool is None else self._spool.bytes
 
     def _backoff(self) -> float:
         """Exponential in the consecutive failures, capped, with full jitter on its upper half."""
@@ -152,57 +189,107 @@ class BatchWriter(Generic[T]):
             items.append(queue.popleft())
         return items if self._convert is None else self._converted(items)
 
+    async def _spill(self) -> None:
+        """Move what is in memory (the batch held for a retry first) to the spool, batch by batch.
+        Past the spool's bound the batch is dropped, counted and logged; when the disk cannot be
+        written at all, the records stay in memory."""
+        spool = self._spool
+        assert spool is not None
+        while self._pending or self._queue:
+            if not self._pending:
+                self._pending = self._take()
+                continue
+            records = self._pending
+            try:
+                kept = await asyncio.to_thread(spool.append, records)
+            except OSError as exc:
+                if not self._spill_failed:
+                    self._spill_failed = True
+                    log.error("cannot spill to disk; records stay in memory",
+                              extra={"queue": self.name, "spool": str(spool.directory), "error": str(exc)})
+                return
+            self._spill_failed = False
+            self._pending = []
+            if kept:
+                self.spilled += kept
+            else:
+                self.dropped += len(records)
+                self._reported_drops += len(records)
+                log.error("records dropped: the spool is full",
+                          extra={"queue": self.name, "count": len(records), "max_bytes": spool.max_bytes})
+
+    async def _replay(self, spool: Spool[T]) -> bool:
+        """Write what is spooled to the store, oldest first; False when the store failed again."""
+        while spool.pending:
+            records, ends = await asyncio.to_thread(spool.read, self._batch)
+            if not records:
+                continue  # unreadable lines were skipped
+            left = await self._store(records)
+            done = len(records) - len(left)
+            if done:
+                await asyncio.to_thread(spool.consumed, ends[done - 1])
+            if left:
+                return False
+        return True
+
     async def _write(self) -> bool:
         """Write the pending batch; False when it failed and is kept for a retry."""
-        records = self._pending
+        self._pending = await self._store(self._pending)
+        return not self._pending
+
+    async def _store(self, records: list[T]) -> list[T]:
+        """Write `records`; return those left unwritten because the store is unreachable."""
         try:
             await self._write_batch(records)
         except Exception as exc:  # noqa: BLE001 - a store outage must not kill the writer
             if transient(exc):
-                return self._failed(exc, len(records))
-            return await self._write_each(exc)
+                self._failed(exc, len(records))
+                return records
+            return await self._store_each(records, exc)
         self._written(len(records))
-        return True
+        return []
 
-    async def _write_each(self, refused: Exception) -> bool:
+    async def _store_each(self, records: list[T], refused: Exception) -> list[T]:
         """The store refused the batch: write its records one by one, dropping only those refused alone."""
         lost = 0
-        while self._pending:
-            record = self._pending[0]
+        for i, record in enumerate(records):
             try:
                 await self._write_batch([record])
             except Exception as exc:  # noqa: BLE001 - as above
                 if transient(exc):
-                    return self._failed(exc, len(self._pending))
+                    self._refused(lost, refused)
+                    self._failed(exc, len(records) - i)
+                    return records[i:]
                 lost += 1
                 refused = exc
             else:
                 self.written += 1
-            self._pending.pop(0)
+        self._refused(lost, refused)
+        self._written(0)
+        return []
+
+    def _refused(self, lost: int, exc: Exception) -> None:
         if lost:
             self.dropped += lost
+            self._reported_drops += lost
             log.warning("records dropped: the store refused them",
-                        extra={"queue": self.name, "count": lost, "error": type(refused).__name__,
-                               "detail": str(refused)[:200]})
-        self._written(0)
-        return True
+                        extra={"queue": self.name, "count": lost, "error": type(exc).__name__, "detail": str(exc)[:200]})
 
     def _written(self, count: int) -> None:
         self.written += count
-        self._pending = []
         if self._failures:
             log.warning("store writes resumed", extra={"queue": self.name, "retries": self._failures,
                                                         "seconds": round(time.monotonic() - self._failing_since, 3)})
             self._failures = 0
 
-    def _failed(self, exc: Exception, count: int) -> bool:
+    def _failed(self, exc: Exception, count: int) -> None:
         if not self._failures:
             self._failing_since = time.monotonic()
             log.warning("batch write failed; kept and retried",
                         extra={"queue": self.name, "count": count, "error": type(exc).__name__})
         self._failures += 1
         self.retries += 1
-        return False
+        self._next_attempt = time.monotonic() + self._backoff()
 
     def _report_drops(self) -> None:
         """Log how many records the queue dropped since the last report (`put` drops on the

@@ -185,8 +185,15 @@ class _LiveCollector(Collector):
                                       labels=["queue"])
         failing = GaugeMetricFamily("mcp_authz_queue_failing",
                                     "1 while a write-behind queue's last write failed and is being retried.", labels=["queue"])
+        spilled = CounterMetricFamily("mcp_authz_queue_spilled",
+                                      "Records a write-behind queue spilled to its local spool while the store was unreachable.",
+                                      labels=["queue"])
+        spooled = GaugeMetricFamily("mcp_authz_queue_spooled_bytes", "Bytes in a queue's spool not yet in the store.",
+                                    labels=["queue"])
         for queue in s.queues():
             depth.add_metric([queue.name], queue.depth)
+            spilled.add_metric([queue.name], queue.spilled)
+            spooled.add_metric([queue.name], queue.spooled_bytes)
             dropped.add_metric([queue.name], queue.dropped)
             written.add_metric([queue.name], queue.written)
             retries.add_metric([queue.name], queue.retries)
@@ -196,6 +203,8 @@ class _LiveCollector(Collector):
         yield written
         yield retries
         yield failing
+        yield spilled
+        yield spooled
 
         now = time.time()
         keys = list(state.keys.values())  # one C-level copy: safe against the event loop's writes
