@@ -153,9 +153,14 @@ class BatchWriter(Generic[T]):
     async def drain(self, seconds: float) -> None:
         """Write everything queued, retrying with backoff for up to `seconds` (a stopping sidecar).
         With a spool, stop as soon as nothing is left in memory: the rest is on disk, for the next
-        start. What is still in memory at the end is counted as dropped and logged."""
+        start; when the last write had failed, it goes to disk without trying the store again. What
+        is still in memory at the end is counted as dropped and logged."""
         deadline = time.monotonic() + seconds
-        while not await self.flush():
+        done = False
+        if self._spool is not None and self._failures:
+            await self._spill()  # the store is failing now: straight to disk, without waiting on it again
+            done = not self.depth
+        while not done and not await self.flush():
             left = deadline - time.monotonic()
             if left <= 0 or (self._spool is not None and not self.depth):
                 break

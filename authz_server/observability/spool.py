@@ -135,9 +135,9 @@ class Spool(Generic[T]):
                     records.append(self._decode(json.loads(line)))
                     ends.append(at + start)
                 except (ValueError, TypeError, KeyError):
-                    self.unreadable += 1
                     if records:  # keep the offsets simple: return what precedes the bad line
                         break
+                    self.unreadable += 1
                     self._consume(spool_file, at + start)  # skip it at once
                     return self.read(limit)
             return records, ends
