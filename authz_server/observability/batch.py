@@ -85,6 +85,7 @@ class BatchWriter(Generic[T]):
         self._spool = spool
         self._spill_failed = False
         self._next_attempt = 0.0
+        self._unreadable_seen = 0
         self._failures = 0  # consecutive failed attempts; 0 when the last write succeeded
         self._failing_since = 0.0
         self._reported_drops = 0
@@ -115,6 +116,7 @@ class BatchWriter(Generic[T]):
         try:
             if self._spool is not None:
                 await finish_even_if_cancelled(asyncio.to_thread(self._spool.adopt))  # replayed by the first flush
+                self._count_unreadable(self._spool)
             while True:
                 await asyncio.sleep(self._interval)
                 if self._failures and time.monotonic() < self._next_attempt:
@@ -227,6 +229,7 @@ class BatchWriter(Generic[T]):
         """Write what is spooled to the store, oldest first; False when the store failed again."""
         while spool.pending:
             records, ends = await asyncio.to_thread(spool.read, self._batch)
+            self._count_unreadable(spool)
             if not records:
                 continue  # unreadable lines were skipped
             left = await self._store(records)
@@ -236,6 +239,15 @@ class BatchWriter(Generic[T]):
             if left:
                 return False
         return True
+
+    def _count_unreadable(self, spool: Spool[T]) -> None:
+        """Records the spool could not read back (a torn write before a crash) are drops too."""
+        lost = spool.unreadable - self._unreadable_seen
+        if lost:
+            self._unreadable_seen = spool.unreadable
+            self.dropped += lost
+            self._reported_drops += lost
+            log.error("records dropped: unreadable in the spool", extra={"queue": self.name, "count": lost})
 
     async def _write(self) -> bool:
         """Write the pending batch; False when it failed and is kept for a retry."""

@@ -85,7 +85,8 @@ class Spool(Generic[T]):
             if os.fstat(fd).st_nlink == 0:  # finished and deleted by its owner meanwhile
                 os.close(fd)
                 continue
-            size = _whole_lines(fd)
+            size, torn = _whole_lines(fd)
+            self.unreadable += torn
             spool_file = _File(path, fd, _read_offset(path), size)
             self._files.append(spool_file)
             found += max(0, size - spool_file.offset)
@@ -217,22 +218,23 @@ def _write_offset(path: Path, offset: int) -> None:
     os.replace(tmp, target)
 
 
-def _whole_lines(fd: int) -> int:
-    """The file's size without a torn last line (a crash mid-append), which is cut off."""
+def _whole_lines(fd: int) -> tuple[int, int]:
+    """The file's size without a torn last line (a crash mid-append), which is cut off; and 1 if
+    there was one, else 0."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return 0
+        return 0, 0
     tail = min(size, 1 << 20)
     os.lseek(fd, size - tail, os.SEEK_SET)
     data = os.read(fd, tail)
     if data.endswith(b"\n"):
-        return size
+        return size, 0
     cut = data.rfind(b"\n")
     whole = size - tail + cut + 1 if cut >= 0 else (0 if tail == size else size)
     if whole != size:
         os.ftruncate(fd, whole)
         log.warning("a torn record at the end of a spool file was cut off", extra={"bytes": size - whole})
-    return whole
+    return whole, int(whole != size)
 
 
 def _fsync_dir(directory: Path) -> None:

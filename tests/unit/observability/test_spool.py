@@ -114,6 +114,7 @@ def test_replay_resumes_where_the_store_stopped_and_a_torn_line_is_cut(tmp_path:
 
     later = _spool(tmp_path)
     later.adopt()
+    assert later.unreadable == 1  # the torn line, counted
     records, ends = later.read(10)
     assert records == [3, 4]  # not 1 and 2 again, and not the torn line
     later.consumed(ends[-1])
@@ -172,3 +173,20 @@ def test_the_spool_defaults_beside_a_sqlite_store_and_is_off_for_postgresql() ->
     assert Settings(store_url="sqlite:////var/lib/mcp/authz.db").spool_directory() == Path("/var/lib/mcp/authz.db.spool")
     assert Settings(store_url="postgresql://db/authz").spool_directory() is None
     assert Settings(store_url="postgresql://db/authz", spool_dir="/spool").spool_directory() == Path("/spool")
+
+
+async def test_a_line_that_cannot_be_read_back_is_dropped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "usage.1-dead.jsonl").write_bytes(b"1\n{not json\n2\n")  # left by a sidecar that is gone
+    store = Store()
+    writer: BatchWriter[int] = BatchWriter("usage", store.write, maxsize=100, interval=0.001, spool=_spool(tmp_path))
+    task = asyncio.create_task(writer.run())
+    for _ in range(200):
+        if store.written == [1, 2]:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.written == [1, 2]
+    assert (writer.written, writer.dropped) == (2, 1)
+    assert list(tmp_path.iterdir()) == []
