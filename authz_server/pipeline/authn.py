@@ -85,7 +85,7 @@ def scan_url(path: str, path_keys: bool = True) -> tuple[str, str | None]:
     raw_path, sep, query = path.partition("?")
     segments = raw_path.split("/")
     found = [s for s in segments if keys.looks_like_key(s)]
-    rest = "/".join(s for s in segments if not keys.looks_like_key(s)) if found else raw_path
+    rest = "/".join(s for s in segments if s not in found) if found else raw_path
     if (found and not path_keys) or _hides_key(rest) or _hides_key(query):
         raise Denied(Reason.KEY_IN_URL, key_id=_key_id_in(path))
     if not found:

@@ -36,12 +36,12 @@ from authz_server.config import Settings
 from authz_server.crypto.cipher import ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.errors import ConfigError
 
+from ..postgres import reachable_url
 from .harness import LOOPBACK, REPO_ROOT, SHIPPED_ENVOY_YAML, free_port
 from .sidecar import BIN, CLI, World, seed
 
 MAX_SECONDS = 5.0  # generous for a loaded CI machine; measured times are well under 2 s
 HANG_SECONDS = 15.0  # past this the process is killed and the test fails: it hangs
-PG_CANDIDATES = ("postgresql://127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass
@@ -244,26 +244,10 @@ def test_postgres_that_does_not_answer(world: World, tmp_path: Path) -> None:
     assert snapshot(tmp_path) == {}
 
 
-async def _probe(url: str) -> None:
-    conn = await asyncpg.connect(url, timeout=3)
-    try:
-        await conn.fetchval("SELECT 1")
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def pg_base() -> str:
     """A PostgreSQL URL that answers, or a skip naming why none did."""
-    candidates = [os.environ["MCP_AUTHZ_TEST_POSTGRES"]] if os.environ.get("MCP_AUTHZ_TEST_POSTGRES") else PG_CANDIDATES
-    reasons = []
-    for url in candidates:
-        try:
-            asyncio.run(_probe(url))
-            return url
-        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-            reasons.append(f"{url}: {type(exc).__name__}: {exc}")
-    pytest.skip(f"PostgreSQL is not reachable, so its start-up refusals are not tested ({'; '.join(reasons)})")
+    return reachable_url("its start-up refusals")
 
 
 async def _pg_state(base: str, schema: str) -> tuple[list[str], list[str]]:

@@ -7,9 +7,6 @@ the postgres tests are skipped, with the reason, never failed.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import threading
 import uuid
 from collections.abc import AsyncIterator
 
@@ -19,49 +16,12 @@ import pytest
 from authz_server.store import open_store
 from authz_server.store.base import Store
 
-PG_CANDIDATES = (
-    "postgresql://127.0.0.1:5432/test",
-    "postgresql://postgres@127.0.0.1:5432/test",
-)
-
-
-async def _probe(url: str) -> None:
-    conn = await asyncpg.connect(url, timeout=3)
-    try:
-        await conn.fetchval("SELECT 1")
-    finally:
-        await conn.close()
-
-
-def _run_in_thread(coro: object) -> None:
-    """Run a coroutine to completion even when called from inside a running loop."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro)  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            errors.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-
+from ..postgres import reachable_url
 
 @pytest.fixture(scope="session")
 def pg_base_url() -> str:
     """A PostgreSQL URL that answers, or a skip naming why none did."""
-    candidates = [os.environ["MCP_AUTHZ_TEST_POSTGRES"]] if os.environ.get("MCP_AUTHZ_TEST_POSTGRES") else PG_CANDIDATES
-    reasons = []
-    for url in candidates:
-        try:
-            _run_in_thread(_probe(url))
-            return url
-        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-            reasons.append(f"{url}: {type(exc).__name__}: {exc}")
-    pytest.skip(f"PostgreSQL is not reachable, so the postgres store is not tested ({'; '.join(reasons)})")
+    return reachable_url("the postgres store")
 
 
 async def drop_schema(base_url: str, schema: str) -> None:
