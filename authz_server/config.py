@@ -7,6 +7,7 @@ values with a ConfigError that names the variable and never echoes a secret.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -14,6 +15,7 @@ import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from authz_server.crypto.keys import Argon2Params
 from authz_server.errors import ConfigError
@@ -178,11 +180,22 @@ class Settings:
         return replace(cls(), **values).validated()
 
     def spool_directory(self) -> Path | None:
-        """Where the write-behind queues spill: the setting, else beside a SQLite store, else nowhere."""
+        """Where the write-behind queues spill: the setting; else beside a SQLite store; else, for
+        PostgreSQL, a directory of this database's own under the user's state directory
+        ($XDG_STATE_HOME, else ~/.local/state), so records spooled for one database are never
+        replayed into another; none for memory://."""
         if self.spool_dir:
             return Path(self.spool_dir)
         if self.store_url.startswith("sqlite:///") and len(self.store_url) > len("sqlite:///"):
             return Path(self.store_url[len("sqlite:///"):] + ".spool")
+        if self.store_url.startswith(("postgres://", "postgresql://")):
+            parts = urlsplit(self.store_url)
+            where = f"{parts.hostname}:{parts.port}{parts.path}?{parts.query}"  # no user or password
+            try:
+                state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+            except RuntimeError:  # no home directory: set MCP_AUTHZ_SPOOL_DIR
+                return None
+            return Path(state) / "mcp-authz" / "spool" / f"postgres-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
         return None
 
     def validated(self) -> Settings:

@@ -8,6 +8,7 @@ secrets travel as `Sealed` ciphertext; decrypted values are wrapped in
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime
@@ -192,6 +193,12 @@ class Change:
     at: datetime
 
 
+def new_uid() -> str:
+    """A record's unique id (96 random bits, hex): the store keeps one row per uid, so a batch
+    written twice (retried after an outage, replayed from the spool) is stored once."""
+    return os.urandom(12).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: datetime
@@ -201,7 +208,8 @@ class AuditEvent:
     outcome: str  # "ok", "denied", "error", or a denial reason
     request_id: str = ""
     details: dict[str, str] = field(default_factory=dict)
-    id: int | None = None
+    id: int | None = None  # the store's row id, once stored
+    uid: str = field(default_factory=new_uid, compare=False)  # made with the event: a retried write stores it once
 
     def __post_init__(self) -> None:
         # Every writer builds one of these (the admin service, Check's and the admin API's
@@ -231,7 +239,8 @@ class UsageRecord:
     request_bytes: int
     response_bytes: int
     duration_ms: float
-    id: int | None = None
+    id: int | None = None  # the store's row id, once stored
+    uid: str = field(default_factory=new_uid, compare=False)  # made with the record: a retried write stores it once
 
     def __post_init__(self) -> None:
         # The tool, MCP method and request id come from the request: a key-shaped one is cut to its key id.
@@ -262,26 +271,27 @@ def override_key(principal_id: str, server: str) -> str:
 
 def audit_to_json(e: AuditEvent) -> dict[str, Any]:
     return {"at": e.at.isoformat(), "actor": e.actor, "action": e.action, "target": e.target,
-            "outcome": e.outcome, "request_id": e.request_id, "details": dict(e.details)}  # fmt: skip
+            "outcome": e.outcome, "request_id": e.request_id, "details": dict(e.details), "uid": e.uid}  # fmt: skip
 
 
 def audit_from_json(d: dict[str, Any]) -> AuditEvent:
     return AuditEvent(datetime.fromisoformat(d["at"]), str(d["actor"]), str(d["action"]), str(d["target"]),
-                      str(d["outcome"]), str(d["request_id"]), {str(k): str(v) for k, v in d["details"].items()})  # fmt: skip
+                      str(d["outcome"]), str(d["request_id"]), {str(k): str(v) for k, v in d["details"].items()},
+                      uid=str(d.get("uid") or new_uid()))  # fmt: skip
 
 
 def usage_to_json(r: UsageRecord) -> dict[str, Any]:
     return {"at": r.at.isoformat(), "request_id": r.request_id, "principal_id": r.principal_id, "key_id": r.key_id,
             "server": r.server, "tool": r.tool, "mcp_method": r.mcp_method, "decision": r.decision,
             "reason": r.reason, "upstream_status": r.upstream_status, "request_bytes": r.request_bytes,
-            "response_bytes": r.response_bytes, "duration_ms": r.duration_ms}  # fmt: skip
+            "response_bytes": r.response_bytes, "duration_ms": r.duration_ms, "uid": r.uid}  # fmt: skip
 
 
 def usage_from_json(d: dict[str, Any]) -> UsageRecord:
     return UsageRecord(datetime.fromisoformat(d["at"]), str(d["request_id"]), str(d["principal_id"]), str(d["key_id"]),
                        str(d["server"]), str(d["tool"]), str(d["mcp_method"]), str(d["decision"]), str(d["reason"]),
                        int(d["upstream_status"]), int(d["request_bytes"]), int(d["response_bytes"]),
-                       float(d["duration_ms"]))  # fmt: skip
+                       float(d["duration_ms"]), uid=str(d.get("uid") or new_uid()))  # fmt: skip
 
 
 def status_to_json(item: tuple[str, str, str, datetime]) -> list[str]:

@@ -9,11 +9,13 @@ stream. The writer runs on the event loop and drains the queue every
 A write that fails because the store is unreachable (a StoreError or an OSError) is retried:
 the batch is kept in memory and written again after an exponential, capped and jittered backoff,
 before anything queued after it (order is kept), while new records go on queueing up to `maxsize`.
-Retrying is safe because each write function writes its batch in one transaction (a failed
-transaction wrote nothing) or is idempotent (an override's status). A write the store refuses
-(StoreRefused, InvalidInput, Conflict, or any other error) would fail again: the batch is then
-written one record at a time, and only the records refused alone are dropped. Every drop is
-counted (`dropped`) and logged with its count; `retries` counts failed attempts that were retried.
+A write the store does not answer within `write_timeout` (a partition sends no error) fails too.
+Retrying is safe because each write is idempotent: an audit event or usage record carries a uid
+made with it and the store keeps one row per uid (so a batch whose commit reply was lost, or whose
+abandoned attempt finished late, is not stored twice); an override's status is set, not added.
+A write the store refuses (StoreRefused, InvalidInput, Conflict, or any other error) would fail
+again: the batch is then written one record at a time, and only the records refused alone are
+dropped. Every drop is counted (`dropped`) and logged with its count; `retries` counts failed attempts that were retried.
 
 With a `spool` (observability/spool.py), what is in memory while the store is down moves to a
 local file every `interval` (the batch being retried first), and is written back, before anything
@@ -49,6 +51,11 @@ T = TypeVar("T")
 RETRY_FIRST = 0.05  # seconds before the first retry; doubled per failure
 RETRY_CAP = 5.0  # the longest wait between two attempts
 SETTLE = 5.0  # how long a stopping writer goes on retrying before it counts the rest as dropped
+WRITE_TIMEOUT = 5.0  # a write not answered by then counts as failed (a partition sends no error)
+
+
+class WriteTimeout(StoreError):
+    """The store did not answer a write in time: treated as unreachable, so the batch is retried."""
 
 
 def transient(exc: BaseException) -> bool:
@@ -69,6 +76,7 @@ class BatchWriter(Generic[T]):
         retry_first: float = RETRY_FIRST,
         retry_cap: float = RETRY_CAP,
         settle: float = SETTLE,
+        write_timeout: float = WRITE_TIMEOUT,
         spool: Spool[T] | None = None,
     ) -> None:
         self.name = name
@@ -82,6 +90,7 @@ class BatchWriter(Generic[T]):
         self._retry_first = retry_first
         self._retry_cap = retry_cap
         self._settle = settle
+        self._write_timeout = write_timeout
         self._spool = spool
         self._spill_failed = False
         self._next_attempt = 0.0
@@ -257,7 +266,7 @@ class BatchWriter(Generic[T]):
     async def _store(self, records: list[T]) -> list[T]:
         """Write `records`; return those left unwritten because the store is unreachable."""
         try:
-            await self._write_batch(records)
+            await self._attempt(records)
         except Exception as exc:  # noqa: BLE001 - a store outage must not kill the writer
             if transient(exc):
                 self._failed(exc, len(records))
@@ -271,7 +280,7 @@ class BatchWriter(Generic[T]):
         lost = 0
         for i, record in enumerate(records):
             try:
-                await self._write_batch([record])
+                await self._attempt([record])
             except Exception as exc:  # noqa: BLE001 - as above
                 if transient(exc):
                     self._refused(lost, refused)
@@ -284,6 +293,19 @@ class BatchWriter(Generic[T]):
         self._refused(lost, refused)
         self._written(0)
         return []
+
+    async def _attempt(self, records: list[T]) -> None:
+        """One write, bounded by `write_timeout`. A store that does not answer (a partition: no
+        error ever arrives) fails the attempt, which is cancelled and left to end on its own. Should
+        it have committed after all, the retry adds nothing: each record carries its uid and the
+        store keeps one row per uid."""
+        attempt = asyncio.ensure_future(self._write_batch(records))
+        done, _ = await asyncio.wait({attempt}, timeout=self._write_timeout)
+        if not done:
+            attempt.cancel()
+            attempt.add_done_callback(_consume)
+            raise WriteTimeout(f"The store did not answer a write within {self._write_timeout:g} s.")
+        attempt.result()
 
     def _refused(self, lost: int, exc: Exception) -> None:
         if lost:
@@ -334,6 +356,12 @@ class BatchWriter(Generic[T]):
         if failed is not None:
             log.warning("items dropped: cannot convert", extra={"queue": self.name, "error": type(failed).__name__})
         return records
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    """Collect an abandoned attempt's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def finish_even_if_cancelled(work: Awaitable[object]) -> None:

@@ -5,7 +5,8 @@ created on the first spill with mode 0600 and held under an exclusive `flock` fo
 life. Each append is one batch of JSON lines (`models.record_to_json`), written and fsynced
 before it counts as spilled. Records are read back oldest first; how far they reached the store
 is kept in `<file>.offset` (replaced atomically and fsynced after each batch the store took), so a
-crash while replaying writes at most one batch twice. A file read to its end is deleted.
+crash while replaying reads at most one batch again (the store keeps it once: records carry
+uids). A file read to its end is deleted.
 
 At start, a sidecar adopts the files of sidecars that are gone (their lock is free) and replays
 them before its own. Past `max_bytes` per queue and process, a spill is refused: the writer

@@ -80,7 +80,7 @@ OVERRIDE_COLUMNS = (
     "status_at",
     "expires_at",
 )
-AUDIT_COLUMNS = ("at", "actor", "action", "target", "outcome", "request_id", "details")
+AUDIT_COLUMNS = ("at", "actor", "action", "target", "outcome", "request_id", "details", "uid")
 USAGE_COLUMNS = (
     "at",
     "request_id",
@@ -95,6 +95,7 @@ USAGE_COLUMNS = (
     "request_bytes",
     "response_bytes",
     "duration_ms",
+    "uid",
 )
 USAGE_DECISIONS = frozenset({"allow", "deny"})
 
@@ -509,6 +510,7 @@ class RowCodec:
             e.outcome,
             e.request_id,
             encode_str_map(e.details),
+            e.uid,
         )
 
     def decode_audit(self, row: Row) -> AuditEvent:
@@ -522,6 +524,7 @@ class RowCodec:
                 outcome=_text(row["outcome"]),
                 request_id=_text(row["request_id"]),
                 details=decode_str_map(row["details"]),
+                uid=_text(row["uid"] or ""),  # NULL: a row from before version 4
             )
 
     def encode_usage(self, r: UsageRecord) -> tuple[Any, ...]:
@@ -540,6 +543,7 @@ class RowCodec:
             r.request_bytes,
             r.response_bytes,
             float(r.duration_ms),
+            r.uid,
         )
 
     def decode_usage(self, row: Row) -> UsageRecord:
@@ -561,6 +565,7 @@ class RowCodec:
                 response_bytes=row["response_bytes"],
                 # SQLite hands back a REAL column holding a whole number as an int.
                 duration_ms=float(duration) if type(duration) is int else duration,
+                uid=row["uid"] or "",  # NULL: a row from before version 4
             )
             problem = usage_problem(record)
             if problem is not None:

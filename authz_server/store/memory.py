@@ -52,7 +52,7 @@ def _own(record: _T) -> _T:
 class MemoryStore:
     """The Store in process memory. `memory://` in a store URL."""
 
-    SCHEMA_VERSION = 3  # as the SQL migrations: 1 initial, 2 usage records, 3 upstream_url
+    SCHEMA_VERSION = 4  # as the SQL migrations: 1 initial, 2 usage records, 3 upstream_url, 4 record uids
 
     def __init__(self) -> None:
         self._version = 0
@@ -67,6 +67,7 @@ class MemoryStore:
         self._audit_ids = 0
         self._usage: list[UsageRecord] = []
         self._usage_ids = 0
+        self._uids: set[str] = set()  # of every audit event and usage record appended
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -320,6 +321,9 @@ class MemoryStore:
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
         self._open()
         for event in events:
+            if event.uid in self._uids:
+                continue  # stored already (a retried batch), as the SQL stores' APPEND_ONCE
+            self._uids.add(event.uid)
             self._audit_ids += 1
             self._audit.append(dataclasses.replace(_own(event), id=self._audit_ids))
 
@@ -369,6 +373,9 @@ class MemoryStore:
     async def append_usage(self, records: Sequence[UsageRecord]) -> None:
         self._open()
         for record in check_usage(records):  # all checked before any is kept, as in one transaction
+            if record.uid in self._uids:
+                continue
+            self._uids.add(record.uid)
             self._usage_ids += 1
             self._usage.append(dataclasses.replace(record, id=self._usage_ids))
 

@@ -28,9 +28,10 @@ import asyncpg
 
 from authz_server.errors import ConfigError, Conflict, StoreError, StoreRefused
 from authz_server.store.codec import NativeTime, Row
-from authz_server.store.sql import SqlStore, Tx, insert_sql
+from authz_server.store.sql import SqlStore, Tx, append_once, insert_sql
 
 CHANNEL = "mcp_authz_changes"
+CLOSE_TIMEOUT = 2.0  # seconds a graceful close may take before connections are cut
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _PLACEHOLDER = re.compile(r"\?")
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
@@ -91,7 +92,7 @@ class _PgTx:
 
     async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         # asyncpg pipelines executemany in one round trip, with no GIL hand-off per row.
-        await self.executemany(insert_sql(table, columns), rows)
+        await self.executemany(f"{insert_sql(table, columns)} {append_once(columns)}", rows)
 
     async def script(self, sql: str) -> None:
         await self._conn.execute(sql)  # no arguments: the simple protocol runs several statements
@@ -158,13 +159,17 @@ class PostgresStore(SqlStore):
         if self._closed:
             return
         self._closed = True
+        # Bounded: a server that does not answer (a partition) would hold a graceful close for ever.
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             try:
-                await listener.close()
-            except _DRIVER_ERRORS:
+                await listener.close(timeout=CLOSE_TIMEOUT)
+            except (*_DRIVER_ERRORS, TimeoutError):
                 listener.terminate()  # the server is gone: nothing to close gracefully
-        await self._pool.close()
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._pool.terminate()
 
     async def _schema_exists(self) -> bool:
         try:

@@ -72,7 +72,8 @@ class Tx(Protocol):
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None: ...
 
     async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Append rows to a table, as few statements as the driver allows."""
+        """Append rows to an append-only table (audit_events, usage_records), as few statements as the
+        driver allows; a row whose `uid` is stored already is skipped (`append_once`)."""
         ...
 
     async def script(self, sql: str) -> None:
@@ -91,6 +92,12 @@ def load_migrations(dialect: str) -> list[tuple[int, str]]:
     if [v for v, _ in found] != list(range(1, len(found) + 1)):
         raise StoreError(f"The {dialect} migrations are not numbered 0001, 0002, … without gaps.")
     return found
+
+
+def append_once(columns: Sequence[str]) -> str:
+    """The append-only tables keep one row per record uid (migration 0004): a write-behind batch
+    written again after an outage, or replayed from the spool, adds nothing it added before."""
+    return "ON CONFLICT (uid) DO NOTHING" if "uid" in columns else ""
 
 
 def insert_sql(table: str, columns: Sequence[str]) -> str:

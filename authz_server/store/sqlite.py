@@ -21,7 +21,7 @@ import aiosqlite
 
 from authz_server.errors import ConfigError, Conflict, StoreError, StoreRefused
 from authz_server.store.codec import Row, TextTime
-from authz_server.store.sql import SqlStore, Tx
+from authz_server.store.sql import SqlStore, Tx, append_once
 
 
 _MAX_VARIABLES = 2000  # well under SQLite's limit on bound parameters per statement
@@ -65,7 +65,8 @@ class _SqliteTx:
             chunk = rows[start : start + per_statement]
             values = ", ".join([placeholder] * len(chunk))
             await self._conn.execute(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", [v for row in chunk for v in row]
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values} {append_once(columns)}",
+                [v for row in chunk for v in row],
             )
 
     async def script(self, sql: str) -> None:

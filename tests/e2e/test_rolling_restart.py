@@ -226,11 +226,18 @@ class Rig:
     envoy: EnvoyProcess
     upstream: Upstream
     stack: ExitStack
+    sidecar_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    async def start(cls, tmp_path: Path, stack: ExitStack, count: int) -> Rig:
-        world = await seed(tmp_path / "world")
-        sidecars = [await asyncio.to_thread(stack.enter_context, run_sidecar(world, name=f"sidecar{i + 1}"))
+    async def start(
+        cls, tmp_path: Path, stack: ExitStack, count: int, *, store_url: str | None = None,
+        sidecar_env: dict[str, str] | None = None,
+    ) -> Rig:
+        """`store_url`: seed there instead of SQLite; `sidecar_env`: the sidecars' own settings
+        (e.g. their MCP_AUTHZ_STORE through a fault proxy)."""
+        world = await seed(tmp_path / "world", store_url)
+        env = sidecar_env or {}
+        sidecars = [await asyncio.to_thread(stack.enter_context, run_sidecar(world, name=f"sidecar{i + 1}", env=env))
                     for i in range(count)]  # fmt: skip
         ports = [s.port for s in sidecars]
         upstream = stack.enter_context(Upstream())
@@ -240,12 +247,13 @@ class Rig:
                       mutate=_endpoints(ports)),
         )  # fmt: skip
         await _all_healthy(envoy, count)
-        return cls(world, sidecars, envoy, upstream, stack)
+        return cls(world, sidecars, envoy, upstream, stack, env)
 
-    def load(self) -> Load:
-        headers = {"authorization": f"Bearer {self.world.keys['alice']}", "content-type": "application/json",
+    def load(self, key: str | None = None, rate: float = RATE) -> Load:
+        """Requests with alice's key, or with `key`."""
+        headers = {"authorization": f"Bearer {key or self.world.keys['alice']}", "content-type": "application/json",
                    "accept": "application/json, text/event-stream"}  # fmt: skip
-        return Load(self.envoy.url(SERVER), headers)
+        return Load(self.envoy.url(SERVER), headers, rate)
 
     async def restart(self, i: int, since: float) -> Restart:
         """SIGTERM sidecar `i`, wait for it to exit, start it again on its port, wait until Envoy sees it healthy."""
@@ -255,7 +263,7 @@ class Rig:
         code = await asyncio.to_thread(old.process.proc.wait, DRAIN + 10)
         exited = time.monotonic() - signalled
         self.sidecars[i] = await asyncio.to_thread(
-            self.stack.enter_context, run_sidecar(self.world, port=old.port, name=f"sidecar{i + 1}-restarted")
+            self.stack.enter_context, run_sidecar(self.world, port=old.port, name=f"sidecar{i + 1}-restarted", env=self.sidecar_env)
         )
         await _all_healthy(self.envoy, len(self.sidecars))
         logs = old.logs()

@@ -23,6 +23,7 @@ from authz_server.models import (
     Sealed,
     Snapshot,
     Team,
+    new_uid,
 )
 from authz_server.store import codec, open_store, sql
 from authz_server.store.memory import MemoryStore
@@ -849,6 +850,22 @@ async def test_query_usage_orders_by_time_then_id(store: Store) -> None:
     assert [r.request_id for r in by_id] == ["late", "tie-a", "early", "tie-b"]
 
 
+async def test_records_written_again_are_stored_once(store: Store, usage_records: list, events: list) -> None:
+    """A write-behind batch retried after its commit reply was lost, or replayed from the spool,
+    carries the same uids: the store adds nothing it has already."""
+    await store.append_usage(usage_records[:2])
+    await store.append_usage(usage_records)  # the first two again, and the rest
+    await store.append_audit(events[:1])
+    await store.append_audit(events)
+    await store.append_audit(events[1:2])
+    stored = await store.query_usage()
+    assert [r.uid for r in stored] == [r.uid for r in usage_records]  # each once, and the uid round-trips
+    assert [e.uid for e in await store.query_audit()] == [e.uid for e in events]
+    fresh = [dataclasses.replace(r, uid=new_uid()) for r in usage_records[:1]]
+    await store.append_usage(fresh)  # the same values, another record: stored
+    assert len(await store.query_usage()) == len(usage_records) + 1
+
+
 async def test_append_usage_refuses_a_bad_batch_whole(store: Store) -> None:
     good = usage(T0)
     naive = usage(datetime(2025, 3, 1, 12, 0, 0))
@@ -928,13 +945,17 @@ class _RowWith:
 
 
 def _as_version_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the SQL stores apply only 0001 and read and write servers without the later columns."""
+    """Make the SQL stores apply only 0001 and read and write servers and audit events without the later columns."""
     every, encode, decode = sql.load_migrations, codec.RowCodec.encode_server, codec.RowCodec.decode_server
+    encode_audit, decode_audit = codec.RowCodec.encode_audit, codec.RowCodec.decode_audit
     later = ("upstream_url",)  # server columns added after version 1, each last in SERVER_COLUMNS
     monkeypatch.setattr(sql, "load_migrations", lambda dialect: every(dialect)[:1])
     monkeypatch.setattr(sql, "SERVER_COLUMNS", codec.SERVER_COLUMNS[: -len(later)])
     monkeypatch.setattr(codec.RowCodec, "encode_server", lambda self, s: encode(self, s)[: -len(later)])
     monkeypatch.setattr(codec.RowCodec, "decode_server", lambda self, row: decode(self, _RowWith(row, upstream_url="")))
+    monkeypatch.setattr(sql, "AUDIT_COLUMNS", codec.AUDIT_COLUMNS[:-1])  # uid (version 4) is last
+    monkeypatch.setattr(codec.RowCodec, "encode_audit", lambda self, e: encode_audit(self, e)[:-1])
+    monkeypatch.setattr(codec.RowCodec, "decode_audit", lambda self, row: decode_audit(self, _RowWith(row, uid=None)))
 
 
 async def test_a_version_1_store_migrates_to_the_newest_and_keeps_its_data(
@@ -958,8 +979,8 @@ async def test_a_version_1_store_migrates_to_the_newest_and_keeps_its_data(
             await old.close()
 
     newest = len(every("sqlite"))
-    assert newest == len(every("postgres")) == MemoryStore.SCHEMA_VERSION == 3
-    new = await open_store(persistent_url)  # open_store migrates: 0002 and 0003
+    assert newest == len(every("postgres")) == MemoryStore.SCHEMA_VERSION == 4
+    new = await open_store(persistent_url)  # open_store migrates: 0002 to 0004
     try:
         assert await new.schema_version() == newest
         assert await new.snapshot() == snap

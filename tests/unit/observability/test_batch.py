@@ -195,3 +195,36 @@ async def test_last_used_cancelled_mid_flush_finishes_that_flush() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert list(touched) == ["k1"]
+
+
+class Silent:
+    """A store whose first write never answers (a partition: no error comes), then answers at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.written: list[int] = []
+        self.released = asyncio.Event()
+
+    async def write(self, records: Sequence[int]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.released.wait()  # cancelled by the writer's timeout
+        self.written.extend(records)
+
+
+async def test_a_write_the_store_never_answers_times_out_and_is_retried() -> None:
+    store = Silent()
+    writer: BatchWriter[int] = BatchWriter("usage", store.write, maxsize=100, interval=0.001,
+                                           retry_first=0.01, retry_cap=0.02, write_timeout=0.05)
+    for i in range(5):
+        writer.put(i)
+    task = asyncio.create_task(writer.run())
+    for _ in range(200):
+        if store.written:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.written == list(range(5))  # the retry wrote them; the silent attempt was cancelled
+    assert (store.calls, writer.written, writer.dropped, writer.retries) == (2, 5, 0, 1)

@@ -167,12 +167,28 @@ async def test_a_spool_that_cannot_be_written_keeps_the_records_in_memory(tmp_pa
     assert store.written == list(range(5))
 
 
-def test_the_spool_defaults_beside_a_sqlite_store_and_is_off_for_postgresql() -> None:
+def test_the_spool_defaults_beside_a_sqlite_store_and_per_database_for_postgresql(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from authz_server.config import Settings
 
-    assert Settings(store_url="sqlite:////var/lib/mcp/authz.db").spool_directory() == Path("/var/lib/mcp/authz.db.spool")
-    assert Settings(store_url="postgresql://db/authz").spool_directory() is None
+    def where(url: str) -> Path | None:
+        return Settings(store_url=url).spool_directory()
+
+    assert where("sqlite:////var/lib/mcp/authz.db") == Path("/var/lib/mcp/authz.db.spool")
+    assert where("memory://") is None
     assert Settings(store_url="postgresql://db/authz", spool_dir="/spool").spool_directory() == Path("/spool")
+    monkeypatch.setenv("XDG_STATE_HOME", "/state")
+    pg = where("postgresql://app:s3cret-pw@db:5432/authz?schema=tenant_a")
+    assert pg is not None and pg.parent == Path("/state/mcp-authz/spool") and "s3cret" not in str(pg)
+    # The same database gives the same directory whoever connects; another database or schema, another.
+    assert where("postgresql://other:pw@db:5432/authz?schema=tenant_a") == pg
+    others = {where("postgresql://db:5432/authz?schema=tenant_b"), where("postgresql://db:5432/other?schema=tenant_a"),
+              where("postgresql://db2:5432/authz?schema=tenant_a")}  # fmt: skip
+    assert len(others) == 3 and pg not in others
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", "/home/ops")
+    assert str(where("postgresql://db/authz")).startswith("/home/ops/.local/state/mcp-authz/spool/postgres-")
 
 
 async def test_a_line_that_cannot_be_read_back_is_dropped_and_counted(tmp_path: Path) -> None:
