@@ -299,13 +299,7 @@ class BatchWriter(Generic[T]):
         error ever arrives) fails the attempt, which is cancelled and left to end on its own. Should
         it have committed after all, the retry adds nothing: each record carries its uid and the
         store keeps one row per uid."""
-        attempt = asyncio.ensure_future(self._write_batch(records))
-        done, _ = await asyncio.wait({attempt}, timeout=self._write_timeout)
-        if not done:
-            attempt.cancel()
-            attempt.add_done_callback(_consume)
-            raise WriteTimeout(f"The store did not answer a write within {self._write_timeout:g} s.")
-        attempt.result()
+        await bounded(self._write_batch(records), self._write_timeout)
 
     def _refused(self, lost: int, exc: Exception) -> None:
         if lost:
@@ -356,6 +350,19 @@ class BatchWriter(Generic[T]):
         if failed is not None:
             log.warning("items dropped: cannot convert", extra={"queue": self.name, "error": type(failed).__name__})
         return records
+
+
+async def bounded(write: Awaitable[None], timeout: float) -> None:
+    """Await a store write for at most `timeout` seconds, else raise WriteTimeout. The write is then
+    cancelled and left to end on its own: awaiting its end could hang as long as the store is silent
+    (a driver rolling back over a connection that answers nothing)."""
+    attempt = asyncio.ensure_future(write)
+    done, _ = await asyncio.wait({attempt}, timeout=timeout)
+    if not done:
+        attempt.cancel()
+        attempt.add_done_callback(_consume)
+        raise WriteTimeout(f"The store did not answer a write within {timeout:g} s.")
+    attempt.result()
 
 
 def _consume(task: asyncio.Future[None]) -> None:

@@ -228,3 +228,31 @@ async def test_a_write_the_store_never_answers_times_out_and_is_retried() -> Non
         await task
     assert store.written == list(range(5))  # the retry wrote them; the silent attempt was cancelled
     assert (store.calls, writer.written, writer.dropped, writer.retries) == (2, 5, 0, 1)
+
+
+async def test_last_used_gives_up_on_a_silent_store_and_does_not_wait_on_it_again_when_stopping(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from authz_server.observability import last_used as module
+
+    monkeypatch.setattr(module, "WRITE_TIMEOUT", 0.05)
+    calls = 0
+
+    class SilentStore:
+        async def touch_keys(self, keys: dict[str, object]) -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.Event().wait()  # never answers
+
+    last_used = module.LastUsed(SilentStore(), interval=0.01)  # type: ignore[arg-type]
+    last_used.mark("k1", 1.0)
+    task = asyncio.create_task(last_used.run())
+    while calls < 2:  # timed out, kept, and tried again on the next flush
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.06)  # the second attempt has timed out too: the store is failing
+    tried = calls
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == tried  # stopping: no final flush against a store that is failing
+    assert "last_used_at not written" in caplog.text
