@@ -317,10 +317,11 @@ async def _admin_session(ctx: _Context) -> AsyncIterator[tuple[AdminOps, Actor]]
     if ctx.remote is None:
         _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
         keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
-        store = await _open_store(ctx.settings.store_url)
+        store = await _open_store(ctx.settings.store_url, create=False)  # a missing store or schema is not made
         try:
             service = _service(store, keyring, ctx.settings)
             await service.verify_master_key()
+            await store.migrate()  # an older schema is upgraded, once the master key is known to fit
             yield service, Actor.operator()
         finally:
             await store.close()
