@@ -297,6 +297,9 @@ async def serve(
             asyncio.create_task(sidecar.last_used.run(), name="last-used"),
             asyncio.create_task(_retention(sidecar), name="retention"),
         ]
+        if stop.is_set():  # stopped while loading: never reported SERVING, so nothing to drain either
+            log.info("stopped before ready")
+            return
         sidecar.health.set(True, "ok")
         log.info(
             "ready",

@@ -69,6 +69,40 @@ async def test_not_serving_until_loaded_then_serving() -> None:
         await asyncio.wait_for(task, 10)
 
 
+async def test_stopped_while_loading_it_never_says_serving_and_does_not_drain() -> None:
+    keyring = Keyring.from_spec(Keyring.generate_spec())
+    store = HeldStore()
+    await store.migrate()
+    await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
+    grpc_port = free_port()
+    settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", admin_listen=f"127.0.0.1:{free_port()}",
+                                 store_url="memory://", drain_seconds=30)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
+    seen = []
+    for _ in range(100):  # the port opens before the state loads
+        try:
+            seen.append(await _health(grpc_port))
+            break
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
+    stop.set()  # SIGTERM while the state is still loading
+    store.release.set()
+    watcher = asyncio.create_task(_watch_health(grpc_port, seen))
+    await asyncio.wait_for(task, 5)  # no 30 s drain: Envoy never saw it ready
+    watcher.cancel()
+    assert seen and health_pb2.HealthCheckResponse.SERVING not in seen, seen
+
+
+async def _watch_health(port: int, seen: list[int]) -> None:
+    while True:
+        try:
+            seen.append(await _health(port))
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.005)
+
+
 async def test_retention_prunes_old_audit_and_usage_only() -> None:
     from datetime import UTC, datetime, timedelta
     from types import SimpleNamespace
