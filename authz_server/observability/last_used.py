@@ -10,7 +10,7 @@ import logging
 import threading
 from datetime import UTC, datetime
 
-from authz_server.observability.batch import WRITE_TIMEOUT, bounded, finish_even_if_cancelled
+from authz_server.observability.batch import WRITE_TIMEOUT, Bounded, finish_even_if_cancelled
 from authz_server.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ class LastUsed:
         self._pending: dict[str, float] = {}
         self._lock = threading.Lock()
         self._failing = False  # the last flush failed
+        self._bounded = Bounded(WRITE_TIMEOUT)
 
     def mark(self, key_id: str, now: float) -> None:
         with self._lock:
@@ -49,8 +50,8 @@ class LastUsed:
         if not pending:
             return
         try:
-            await bounded(self._store.touch_keys({k: datetime.fromtimestamp(t, UTC) for k, t in pending.items()}),
-                          WRITE_TIMEOUT)  # fmt: skip
+            touched = {k: datetime.fromtimestamp(t, UTC) for k, t in pending.items()}
+            await self._bounded(lambda: self._store.touch_keys(touched))
         except Exception as exc:  # noqa: BLE001 - retried on the next flush
             with self._lock:
                 for key_id, t in pending.items():
