@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import httpx
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +31,15 @@ async def _health(port: int) -> int:
         return reply.status
 
 
+async def _check(port: int) -> external_auth_pb2.CheckResponse:
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method, request.attributes.request.http.path = "POST", "/mcp/x"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply: external_auth_pb2.CheckResponse = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+            request, timeout=2)  # fmt: skip
+        return reply
+
+
 async def test_not_serving_until_loaded_then_serving() -> None:
     keyring = Keyring.from_spec(Keyring.generate_spec())
     store = HeldStore()
@@ -49,6 +59,10 @@ async def test_not_serving_until_loaded_then_serving() -> None:
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.05)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Check while loading: UNAVAILABLE, which Envoy's retry policy takes to another sidecar.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _check(grpc_port)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
             assert ready.status_code == 503 and "loading" in ready.json()["reason"]
             assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
@@ -59,6 +73,7 @@ async def test_not_serving_until_loaded_then_serving() -> None:
                     break
                 await asyncio.sleep(0.05)
             assert await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+            assert (await _check(grpc_port)).status.code == 16  # loaded: Check decides (no key: UNAUTHENTICATED)
             assert await _health(admin_port) == health_pb2.HealthCheckResponse.SERVING  # the admin listener's
             assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
             text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
