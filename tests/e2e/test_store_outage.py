@@ -128,8 +128,9 @@ async def test_a_sidecar_stopped_during_an_outage_leaves_its_records_to_the_next
               f"failures: {_windows(load.failures())}")  # fmt: skip
     assert code == 0, logs[-3000:]
     # The drain (2 s), then no store write waited on twice: what is in memory goes to disk, the
-    # last-used flush already failing is not retried; a write abandoned in SQLite's busy wait (5 s) ends.
-    assert exited_after < 10, report
+    # last-used flush already failing is not retried; a write abandoned in SQLite's busy wait (5 s)
+    # ends. About 6 s here, 10 s on a starved machine; waiting twice took 18 s.
+    assert exited_after < 15, report
     assert spooled > 0 and '"usage_dropped": 0' in logs, logs[-3000:]
     assert "records left on disk for the next start" in logs, logs[-3000:]
     assert load.ok > 1000, report
