@@ -121,6 +121,13 @@ def authorize(actor: Actor, action: str, target: Principal | None = None, *, eve
     raise PermissionDenied(f"You are not allowed to do {action} on this target.")
 
 
+def authorize_grant(actor: Actor, roles: Iterable[Role]) -> None:
+    """Nobody gives a role that ranks above their own (a manager never makes an admin), whatever
+    else `authorize` lets them do: raise PermissionDenied."""
+    if rank(roles) > rank(actor.roles):
+        raise PermissionDenied("You may not give a role that ranks above your own.")
+
+
 def may(actor: Actor, action: str, target: Principal | None = None, *, everyone: bool = False) -> bool:
     """`authorize` as a yes/no, for choosing what a listing shows."""
     try:

@@ -31,7 +31,9 @@ def _sample(name: str, hint: Any) -> Any:
     args = set(typing.get_args(hint)) or {hint}
     if datetime in args:
         return WHEN
-    origin = typing.get_origin(hint)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint) and len(inner) == 1
+    origin = typing.get_origin(inner[0] if optional else hint)  # X | None: X's
     if origin is not None and issubclass(origin, Iterable) and origin is not str:
         return [f"{name}-1", f"{name}-2"]
     return f"{name}-x"
