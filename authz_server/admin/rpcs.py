@@ -140,7 +140,7 @@ class Arg:
 
     def write(self, request: Any, value: Any) -> None:
         """Put the argument in a request (the client's side), or refuse it clearly."""
-        if value is None and self.absent is None and self.kind in ("time", "present", "scalar"):
+        if value is None and self.absent is None and self.kind in ("time", "present", "scalar", "list"):
             return  # not given: the field stays unset
         try:
             plain = [_plain(v) for v in value] if self.kind == "list" else _plain(value)

@@ -72,3 +72,15 @@ def test_only_pruning_is_local_and_every_method_of_the_proto_is_served() -> None
     served = {r.op for r in rpcs.RPCS}
     assert set(operations(AdminOps)) - served == rpcs.LOCAL_ONLY == {"prune_usage"}
     assert {r.name for r in rpcs.RPCS} == {m.name for m in pb.DESCRIPTOR.services_by_name["Admin"].methods}
+
+
+@pytest.mark.parametrize("rpc", rpcs.RPCS, ids=lambda r: r.name)
+def test_an_argument_not_given_arrives_as_not_given(rpc: rpcs.Rpc) -> None:
+    """None for an argument that may be None (an edit's unchanged field, a list among them) leaves
+    its field unset, and the server reads None back."""
+    method = getattr(AdminOps, rpc.op)
+    hints = typing.get_type_hints(method)
+    given = _arguments(rpc)
+    unset = {n for n in given if n not in rpc.fixed and type(None) in typing.get_args(hints[n])}
+    received = rpc.arguments(rpc.build({n: None if n in unset else v for n, v in given.items()}))
+    assert {n: received[n] for n in unset} == dict.fromkeys(unset)
