@@ -10,7 +10,8 @@ decides. The rule, as README's Administration section states it:
   principal's keys, since a key for someone is the power to act as them;
 - manager and user: their own keys, overrides and usage records;
 - everything else (servers, principals, teams, pruning usage, the audit trail)
-  is for admins.
+  is for admins;
+- and whoever gives roles gives none above their own (`authorize_grant`).
 """
 
 from __future__ import annotations

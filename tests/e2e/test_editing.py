@@ -5,6 +5,7 @@ seen within a second, and no override is ever dropped silently."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from .harness import LOOPBACK
-from .sidecar import Sidecar, World, run_sidecar, seed_world
+from authz_server.crypto.cipher import ENV_KEY_FILE
+
+from .sidecar import CLI, Sidecar, World, run_sidecar, seed_world
 
 pytestmark = pytest.mark.e2e
 
@@ -140,3 +143,31 @@ def test_principals_delete_revokes_its_key_at_once_and_keeps_its_records(live: t
     # The only admin stays.
     assert "last enabled admin" in refused(world, "principals", "delete", "admin")
     assert dave not in (world.dir / "cli-output.log").read_text()
+
+
+def test_the_remote_cli_edits_too(live: tuple[World, Sidecar]) -> None:
+    world, sidecar = live
+    admin_key = json.loads(ok(world, "--json", "keys", "create", "admin", "--label", "remote"))["api_key"]
+
+    def remote(*args: str, key: str = admin_key) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in world.env.items() if k not in ("MCP_AUTHZ_STORE", ENV_KEY_FILE)}
+        env["MCP_AUTHZ_KEY"] = key
+        return subprocess.run([CLI, "--server", sidecar.admin_target, "--json", *args], capture_output=True,
+                              text=True, env=env, timeout=30, cwd=world.dir)  # fmt: skip
+
+    done = remote("servers", "update", "github", "-H", "Authorization: token {{API_KEY}}", "-H", "X-Org: {{ORG}}")
+    assert done.returncode == 0, done.stderr
+    assert [(i["principal"], i["missing"]) for i in json.loads(done.stdout)["incompatible"]] == [("alice", ["ORG"])]
+    done = remote("principals", "update", "bob", "--roles", "manager")
+    assert done.returncode == 0 and json.loads(done.stdout)["principal"]["roles"] == ["manager"], done.stderr
+    # A manager now, bob still may not make anyone an admin, nor delete anyone.
+    for args in (("principals", "update", "carol", "--roles", "admin"), ("principals", "delete", "carol")):
+        done = remote(*args, key=world.keys["bob"])
+        said = done.stdout + done.stderr  # with --json, the refusal is a JSON document
+        assert done.returncode != 0 and "permission_denied" in said and "Traceback" not in said
+    done = remote("principals", "delete", "carol")
+    assert done.returncode == 0 and json.loads(done.stdout)["deleted"]["keys_revoked"] == 1, done.stderr
+    assert within_a_second(lambda: check(sidecar, world.keys["carol"], "linear"), lambda a: a[0] != "allow")[0] == (
+        "key_unknown")  # fmt: skip
+    done = remote("principals", "delete", "ghost")
+    assert done.returncode != 0 and "No principal named ghost" in done.stdout + done.stderr
