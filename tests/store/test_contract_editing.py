@@ -7,9 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from authz_server.admin.service import Actor, AdminService
+from authz_server.crypto.cipher import Keyring
+from authz_server.crypto.keys import KeyHasher
 from authz_server.errors import NotFound
-from authz_server.models import Entity, PrincipalKind, Role
+from authz_server.live.follower import StateFollower
+from authz_server.live.tables import AuthState
+from authz_server.live.verified import VerifiedKeys
+from authz_server.models import AuthMode, Entity, PrincipalKind, Role
 from authz_server.store.base import Store
+from tests.unit.fakes import FAST
 from tests.store.records import T0, audit, entries, key, last_seq, override, principal, seed, usage
 
 
@@ -111,3 +118,37 @@ async def test_trim_changes_by_age(store: Store) -> None:
 async def test_oldest_change_seq_of_an_empty_log_is_zero(store: Store) -> None:
     assert await store.oldest_change_seq() == 0
     assert await store.trim_changes(keep=1, before=datetime.now(UTC)) == 0
+
+
+async def test_a_follower_behind_the_trimmed_log_ends_as_a_fresh_load(store: Store) -> None:
+    """On every backend: a follower that stopped reading while principals were edited and deleted
+    and the log was trimmed past its point reloads, and holds what a fresh load holds."""
+    keyring = Keyring.from_spec(Keyring.generate_spec())
+    admin = AdminService(store, keyring, KeyHasher(FAST))
+    op = Actor.operator()
+    await admin.initialize(op)
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    for name in ("alice", "bob"):
+        await admin.add_principal(op, name, "eng", (Role.USER,))
+        await admin.create_key(op, name)
+        await admin.set_override(op, name, "gh", {"API_KEY": f"{name}-token-0123456789"})
+
+    def follower() -> StateFollower:
+        state = AuthState()
+        return StateFollower(store, keyring, state, VerifiedKeys(state), poll_interval=0.05)
+
+    lagging = follower()
+    await lagging.load()
+    await admin.delete_principal(op, "bob")
+    await admin.update_principal(op, "alice", team="ops", rate_limit_per_minute=7)
+    await admin.update_server(op, "gh", headers=["Authorization: Bearer {{API_KEY}}", "X-Org: {{ORG}}"])
+    await admin.add_principal(op, "carol", "eng", (Role.USER,))
+    await store.trim_changes(keep=1)
+    await lagging.poll_once()
+
+    fresh = follower()
+    await fresh.load()
+    a, b = lagging.state, fresh.state
+    assert (a.seq, a.teams, a.principals, a.servers, a.keys, a.overrides) == (
+        b.seq, b.teams, b.principals, b.servers, b.keys, b.overrides)  # fmt: skip
+    assert sorted(p.name for p in a.principals.values()) == ["admin", "alice", "carol"]
