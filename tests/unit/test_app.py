@@ -4,6 +4,7 @@ port, retention, and TLS files that cannot be used."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -215,3 +216,24 @@ async def test_build_refuses_before_upgrading_anything_and_closes_the_store() ->
     finally:
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+async def test_the_change_log_is_trimmed_to_its_bounds_periodically() -> None:
+    store = MemoryStore()
+    await store.migrate()
+    for i in range(1500):
+        await store.ensure_team(f"t{i}", datetime.now(UTC))
+    settings = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "1000"})
+    task = asyncio.create_task(app.trim_change_log(settings, store, every=0.01))
+    try:
+        for _ in range(200):
+            if len(await store.changes_since(0, limit=10_000)) == 1000:
+                break
+            await asyncio.sleep(0.01)
+        assert len(await store.changes_since(0, limit=10_000)) == 1000
+        assert await store.oldest_change_seq() == 501
+    finally:
+        task.cancel()
+    off = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "0", "MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "0"})
+    await asyncio.wait_for(app.trim_change_log(off, store), 1)  # no bounds: returns at once, trims nothing
+    assert await store.oldest_change_seq() == 501
