@@ -237,7 +237,8 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> ManagedProcess:
+def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
+           cwd: Path = REPO_ROOT) -> ManagedProcess:  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
@@ -246,7 +247,7 @@ def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | N
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=dict(env) if env is not None else None,
             start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops us in order
         )
