@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
-from .harness import REPO_ROOT, ManagedProcess, _spawn, free_port, wait_until
+from .harness import INITIALIZE_REQUEST, MCP_ACCEPT, REPO_ROOT, ManagedProcess, _spawn, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -178,7 +179,7 @@ def header_commands() -> list[list[str]]:
 
 
 def test_the_default_stack_serves_a_tool_call_as_the_header_says(tmp_path: Path) -> None:
-    _newcomer(tmp_path, {})
+    _newcomer(tmp_path, {"MCP_GATEWAY_HOST": "gateway.test"})
 
 
 def test_the_postgres_option_serves_the_same(tmp_path: Path) -> None:
@@ -202,7 +203,7 @@ async def _drop_schema(url: str, schema: str) -> None:
         await conn.close()
 
 
-def _newcomer(tmp_path: Path, env: dict[str, str]) -> None:
+def _newcomer(tmp_path: Path, env: dict[str, str]) -> Host:
     host = Host(tmp_path, load_compose(env))
     up, run_cli, call = header_commands()[:3]
     assert up[:3] == ["docker", "compose", "up"]
@@ -231,6 +232,15 @@ def _newcomer(tmp_path: Path, env: dict[str, str]) -> None:
         # `overrides test` against the demo's upstream URL (the example, beside the sidecar).
         shown = host.run("cli", ["servers", "show", "demo"])
         assert str(host.ports[9100]) in shown.stdout, shown.stdout
+
+        # The example's DNS-rebinding protection: loopback names and MCP_GATEWAY_HOST pass, others get 421.
+        url = f"http://127.0.0.1:{host.ports[10000]}/mcp/demo"
+        named = {"gateway.test": 200, "localhost": 200, "elsewhere.test": 421} if env.get("MCP_GATEWAY_HOST") else {}
+        for name, status in named.items():
+            answer = httpx.post(url, json=INITIALIZE_REQUEST, timeout=10, headers={
+                "host": f"{name}:10000", "authorization": f"Bearer {key.group(0)}", "accept": MCP_ACCEPT})  # fmt: skip
+            assert answer.status_code == status, (name, answer.status_code, answer.text)
+    return host
 
 
 def test_the_mtls_profile_serves_through_mutual_tls(tmp_path: Path) -> None:

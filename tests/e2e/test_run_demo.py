@@ -14,6 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .harness import REPO_ROOT, ManagedProcess, _spawn, free_port, wait_until
@@ -64,6 +65,14 @@ def run_demo(tmp_path: Path, name: str) -> Iterator[Demo]:
         yield demo
     finally:
         assert process.stop(timeout=20) == 0, process.log_tail()  # SIGTERM stops it as Ctrl-C does
+
+
+def _readme_block_after(heading: str) -> str:
+    """The first fenced block after the README paragraph that starts with `heading`."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(heading) :]
+    start = after.index("```sh\n") + len("```sh\n")
+    return after[start : after.index("```", start)]
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -122,6 +131,19 @@ def test_make_run_prints_what_a_newcomer_needs_and_a_tool_call_works_as_printed(
         assert tested.returncode == 0, tested.stdout + tested.stderr
         revoked = _cli(env, "keys", "revoke", alice_key_id.group(1))
         assert revoked.returncode == 0, revoked.stderr
+        # The README's block that makes what the Administration examples need, then their keys at work.
+        block = _readme_block_after("**The Administration examples below on the demo.**")
+        made = subprocess.run(["bash", "-euo", "pipefail", "-c", f'{block}\necho "ALICE_KEY=$ALICE_KEY"'],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                              env={**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+        alice_key = made.stdout.rsplit("ALICE_KEY=", 1)[1].strip()
+        gateway = first.printed("Gateway URL").removesuffix("/mcp/demo")
+        for key, name in ((alice_key, "alice"), (env["ADMIN_KEY"], "admin")):
+            who = httpx.get(f"{gateway}/admin/v1/whoami", headers={"authorization": f"Bearer {key}"}, timeout=10)
+            assert who.status_code == 200 and who.json()["name"] == name, who.text
+        shown = json.loads(_cli(env, "--json", "servers", "show", "github").stdout)["server"]
+        assert shown["mode"] == "individual" and shown["upstream_url"] == "http://127.0.0.1:9100/mcp/github"
         # Envoy's work-in-progress warnings about the MCP filter are not shown.
         assert "work-in-progress" not in first.process.log_tail(100_000)
 

@@ -130,6 +130,13 @@ def test_compose_commands_use_flags_their_programs_have() -> None:
             assert flag in envoy_help, (name, flag)
 
 
+def test_readme_shows_the_commands_the_compose_file_starts_with() -> None:
+    header = [line[1:].strip() for line in COMPOSE.read_text().splitlines() if line.startswith("#   docker compose ")]
+    readme = (ROOT / "README.md").read_text()
+    for line in header[:3]:
+        assert line in readme, line
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """.dockerignore's rule: the last pattern that matches a path or one of its parents decides."""
     verdict = False
