@@ -35,6 +35,8 @@ from typing import Any
 import httpx
 import yaml
 
+from authz_server.envoy import bootstrap
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_YAML = REPO_ROOT / "envoy" / "envoy.yaml"
 EXAMPLE_SERVER = REPO_ROOT / "examples" / "mcp_server.py"
@@ -122,11 +124,7 @@ def _mcp_server_of(route: dict[str, Any]) -> str | None:
 def absolutize_descriptors(config: dict[str, Any], base: Path = REPO_ROOT) -> None:
     """Make the transcoder's `proto_descriptor` absolute (it is relative to Envoy's working
     directory, the repository, in the shipped file), so a rendered config works from anywhere."""
-    for flt in _hcm(config)["http_filters"]:
-        typed = flt.get("typed_config", {})
-        descriptor = typed.get("proto_descriptor")
-        if flt["name"] == TRANSCODER_FILTER and descriptor and not Path(descriptor).is_absolute():
-            typed["proto_descriptor"] = str(base / descriptor)
+    bootstrap.absolutize_descriptors(config, [base])
 
 
 def mcp_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
