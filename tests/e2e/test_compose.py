@@ -243,11 +243,15 @@ def _newcomer(tmp_path: Path, env: dict[str, str]) -> Host:
     return host
 
 
+def _sidecar_on_loopback(text: str) -> str:
+    """The mtls sidecar's host name (not its service name) as 127.0.0.1: no Docker DNS here."""
+    return re.sub(r"(?<=[\s'\"])authz-mtls(?=:\d|\s|'|\")", "127.0.0.1", text)
+
+
 def test_the_mtls_profile_serves_through_mutual_tls(tmp_path: Path) -> None:
     """Profile mtls: the sidecar's host name becomes 127.0.0.1 (the certificate is made for it)."""
     host = Host(tmp_path, load_compose({}))
-    text = re.sub(r"(?<=[\s'\"])authz-mtls(?=:\d|\s|'|\")", "127.0.0.1", yaml.safe_dump(host.compose))
-    host.compose = yaml.safe_load(text)
+    host.compose = yaml.safe_load(_sidecar_on_loopback(yaml.safe_dump(host.compose)))
     assert "authz-mtls" in host.compose["services"]  # the service keeps its name
     mtls = [name for name, spec in host.compose["services"].items() if "mtls" in spec.get("profiles", [])]
     # The mtls sidecar and Envoy bind the same loopback ports as the default stack's would: not started here.
@@ -261,6 +265,12 @@ def test_the_mtls_profile_serves_through_mutual_tls(tmp_path: Path) -> None:
                               text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"signature_verified": true' in done.stdout and '"x-user-id": "demo"' in done.stdout
+        # The header's remote CLI line: the admin API over TLS, verified against the CA the cli finds.
+        (remote,) = [argv for argv in header_commands() if "--server" in argv]
+        assert remote[:5] == ["docker", "compose", "run", "--rm", "cli"]
+        who = host.run("cli", [_sidecar_on_loopback(f" {w}").strip() for w in remote[5:]],
+                       env={"MCP_AUTHZ_KEY": key.group(0)})  # fmt: skip
+        assert who.returncode == 0 and "demo" in who.stdout, who.stdout + who.stderr
         # Envoy's container never sees the CA key, the store or the master key.
         assert set(host.mounts("envoy-mtls")) == {"/tmp", "/certs"}
         assert not (host.mounts("envoy-mtls")["/certs"] / "ca.key").exists()
