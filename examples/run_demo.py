@@ -39,7 +39,7 @@ from authz_server.admin.service import Actor, AdminService  # noqa: E402
 from authz_server.crypto.cipher import Keyring, read_key_file, write_key_file  # noqa: E402
 from authz_server.crypto.keys import KeyHasher  # noqa: E402
 from authz_server.envoy import bootstrap  # noqa: E402
-from authz_server.errors import NotFound  # noqa: E402
+from authz_server.errors import AuthzError, NotFound  # noqa: E402
 from authz_server.models import AuthMode, Role  # noqa: E402
 from authz_server.store import open_store  # noqa: E402
 
@@ -109,7 +109,12 @@ async def prepare(files: Files, upstream_url: str, signing_file: Path, *, issue_
             await admin.set_shared(op, SERVER, {"API_KEY": SHARED_TOKEN})
             await admin.add_principal(op, USER, "demo", (Role.USER,))
         await admin.verify_master_key()
-        if (await admin.show_server(op, SERVER)).upstream_url != upstream_url:
+        try:
+            server = await admin.show_server(op, SERVER)
+        except NotFound:
+            raise NotFound(f"This store has no server {SERVER!r}: it was not made by the demo. Use another "
+                           "--data-dir (or --store).") from None  # fmt: skip
+        if server.upstream_url != upstream_url:
             await admin.update_server(op, SERVER, upstream_url=upstream_url)  # the example moved (or an older demo)
         if not files.admin_key.exists():
             try:
@@ -171,6 +176,14 @@ def render_envoy_config(out: Path, ports: dict[str, int]) -> None:
     out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
+def _prepared(files: Files, upstream_url: str, signing_file: Path, *, issue_demo_key: bool) -> tuple[str, str] | None:
+    """`prepare`; a store or key the demo cannot use is a one-line error (exit 1), not a traceback."""
+    try:
+        return asyncio.run(prepare(files, upstream_url, signing_file, issue_demo_key=issue_demo_key))
+    except AuthzError as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     env = os.environ
     p = argparse.ArgumentParser(prog="examples/run_demo.py", description=__doc__.split("\n\n")[0])
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     signing_file = args.signing_secret_file or files.data / "demo-signing.secret"
     if args.setup_only:
         upstream = args.upstream_url or f"http://{LOOPBACK}:{FIXED['example']}/mcp/{SERVER}"
-        asyncio.run(prepare(files, upstream, signing_file, issue_demo_key=False))
+        _prepared(files, upstream, signing_file, issue_demo_key=False)
         return 0
     ports = {"gateway": args.port, **{name: _free_port() if args.free_ports else port for name, port in FIXED.items()}}
     busy = [f"{port} ({WHAT[name]})" for name, port in ports.items() if _busy(port)]
@@ -204,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     upstream = f"http://{LOOPBACK}:{ports['example']}/mcp/{SERVER}"
-    issued = asyncio.run(prepare(files, upstream, signing_file, issue_demo_key=True))
-    assert issued is not None
-    key, key_id = issued
+    key, key_id = _prepared(files, upstream, signing_file, issue_demo_key=True) or ("", "")
     render_envoy_config(files.envoy_config, ports)
     env = {**os.environ, "MCP_AUTHZ_STORE": files.store_url, "MCP_AUTHZ_MASTER_KEY_FILE": str(files.master_key)}
     env.pop("MCP_AUTHZ_MASTER_KEY", None)

@@ -174,3 +174,8 @@ def test_setup_only_makes_the_world_and_prints_no_secret(tmp_path: Path) -> None
         assert "mgw_" not in out.stdout + out.stderr
     for path in (tmp_path / "data" / "admin.key", tmp_path / "data" / "mcp-authz.key", signing):
         assert path.stat().st_mode & 0o777 == 0o600, path
+    # A store it cannot use: one line, no traceback.
+    bad = subprocess.run([*argv, "--store", f"sqlite:///{tmp_path}/missing/dir/x.db"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr, bad.stderr
+    assert "directory does not exist" in bad.stderr
