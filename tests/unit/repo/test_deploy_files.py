@@ -137,6 +137,16 @@ def test_readme_shows_the_commands_the_compose_file_starts_with() -> None:
         assert line in readme, line
 
 
+def test_the_documented_validation_of_envoy_yaml_prints_only_its_verdict() -> None:
+    """envoy.yaml's own first instruction, run from the repository root as it says."""
+    text = (ROOT / "envoy" / "envoy.yaml").read_text()
+    command = re.search(r"^# Check it after every edit:\s+(.+)$", text, re.M).group(1).split()  # type: ignore[union-attr]
+    assert command[0] == "envoy"
+    done = subprocess.run([str(Path(sys.executable).parent / "envoy"), *command[1:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and (done.stdout + done.stderr).strip() == "configuration 'envoy/envoy.yaml' OK"
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """.dockerignore's rule: the last pattern that matches a path or one of its parents decides."""
     verdict = False
