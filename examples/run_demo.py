@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         upstream = args.upstream_url or f"http://{LOOPBACK}:{FIXED['example']}/mcp/{SERVER}"
         _prepared(files, upstream, signing_file, issue_demo_key=False)
+        print(f"The demo is ready: server {SERVER} (upstream {upstream}), user {USER}, admin key in {files.admin_key}.")
         return 0
     ports = {"gateway": args.port, **{name: _free_port() if args.free_ports else port for name, port in FIXED.items()}}
     busy = [f"{port} ({WHAT[name]})" for name, port in ports.items() if _busy(port)]
