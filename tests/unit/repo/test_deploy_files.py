@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,14 @@ def test_compose_commands_use_flags_their_programs_have() -> None:
     services = _compose()["services"]
     for name in ("authz", "authz-mtls"):
         assert build_parser().parse_args(services[name]["command"][1:]).command == "serve"
+    certs = re.search(r"mcp-authz (certs create [^)]+)\)", services["certs"]["command"][-1]).group(1)  # type: ignore[union-attr]
+    assert build_parser().parse_args(certs.split()).command == "certs"
+    header = [shlex.split(line[1:].split("   #")[0]) for line in COMPOSE.read_text().splitlines()
+              if line.startswith("#   docker compose run --rm cli ")]  # fmt: skip
+    assert len(header) == 2
+    for argv in header:  # what the file's header tells a newcomer to run, after the entrypoint mcp-authz
+        assert services["cli"]["entrypoint"] == ["mcp-authz"]
+        build_parser().parse_args(argv[5:])
     init = services["init"]["command"]
     assert init[:2] == ["python", "examples/run_demo.py"]
     helps = {script: subprocess.run([sys.executable, f"examples/{script}", "--help"], cwd=ROOT, capture_output=True,
