@@ -56,7 +56,7 @@ class Secret:
         return self._value
 
     def masked(self) -> str:
-        """`ghp_…9xQa`: enough to recognise a value, never enough to use it."""
+        """`…9xQa`: enough to recognise a value, never enough to use it (see `mask`)."""
         return mask(self._value)
 
     def __repr__(self) -> str:
@@ -71,13 +71,14 @@ class Secret:
         return hash(self._value)
 
 
+MASK_MAX_SHOWN = 4  # a mask shows at most this many characters of a value, and at most a quarter of it
+
+
 def mask(value: str) -> str:
-    """Show at most the first 4 and last 4 characters, and only of long values."""
-    if len(value) >= 16:
-        return f"{value[:4]}…{value[-4:]}"
-    if len(value) >= 8:
-        return f"…{value[-2:]}"
-    return "…"
+    """The value's last characters after '…': at most a quarter of it and at most 4 (`…9xQa` for a
+    value of 16 or more), so a mask is enough to recognise a value, never enough to guess it."""
+    shown = min(MASK_MAX_SHOWN, len(value) // 4)
+    return f"…{value[-shown:]}" if shown else "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,15 @@ def new_uid() -> str:
     return os.urandom(12).hex()
 
 
+AUDIT_FIELD_MAX = 256  # characters kept of any one audit field (and of each details key and value)
+TRUNCATED = "…(truncated)"
+
+
+def bounded(text: str) -> str:
+    """`text`, or its first AUDIT_FIELD_MAX characters and TRUNCATED when longer."""
+    return text if len(text) <= AUDIT_FIELD_MAX else text[:AUDIT_FIELD_MAX] + TRUNCATED
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: datetime
@@ -215,9 +225,10 @@ class AuditEvent:
         # Every writer builds one of these (the admin service, Check's and the admin API's
         # authentication failures, the store reading rows back), so a key-shaped string a
         # caller sent is cut to its key id here, before anything can store or show it.
+        # Each field is then bounded, so a huge refused input leaves a small event.
         for name in ("actor", "action", "target", "outcome", "request_id"):
-            object.__setattr__(self, name, redact(getattr(self, name)))
-        details = {redact(k): redact(v) for k, v in self.details.items()}
+            object.__setattr__(self, name, bounded(redact(getattr(self, name))))
+        details = {bounded(redact(k)): bounded(redact(v)) for k, v in self.details.items()}
         if details != self.details:
             object.__setattr__(self, "details", details)
 

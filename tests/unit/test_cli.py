@@ -225,7 +225,7 @@ def test_every_command_prints_one_json_document(ready: Cli) -> None:
     assert len(added["signing_secret"]) >= 40 and added["server"]["shared_status"] == "missing"
     run.secret_stdin(CRM_KEY, CRM_CLIENT)
     shared = run.json("servers", "set-shared", "crm", stdin=f"API_KEY={CRM_KEY}\nCLIENT_ID = {CRM_CLIENT}\n")
-    assert shared["server"]["shared_values"] == {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}
+    assert shared["server"]["shared_values"] == {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"}
     assert shared["server"]["shared_status"] == "configured"
     shown = run.json("servers", "show", "crm")["server"]
     assert shown["description"] == "the CRM" and shown["has_signing_secret"] is True
@@ -270,7 +270,7 @@ def test_every_command_prints_one_json_document(ready: Cli) -> None:
         "principal": "alice",
         "kind": "user",
         "server": "github",
-        "values": {"API_KEY": "ghp_…8899"},
+        "values": {"API_KEY": "…8899"},
         "updated_by": "cli",
         "updated_at": override["override"]["updated_at"],
         "expires_at": None,
@@ -322,18 +322,18 @@ def crm(ready: Cli) -> Cli:
 @pytest.mark.parametrize(
     ("server", "stdin", "masks"),
     [
-        ("github", f"{GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
-        ("github", f"  {GH_TOKEN}  \r\n\n", {"API_KEY": "ghp_…1234"}),
-        ("github", f"API_KEY={GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
-        ("github", "dGVzdC10b2tlbi12YWx1ZQ==\n", {"API_KEY": "dGVz…ZQ=="}),  # '=' in a bare value stays
-        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\n", {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}),
+        ("github", f"{GH_TOKEN}\n", {"API_KEY": "…1234"}),
+        ("github", f"  {GH_TOKEN}  \r\n\n", {"API_KEY": "…1234"}),
+        ("github", f"API_KEY={GH_TOKEN}\n", {"API_KEY": "…1234"}),
+        ("github", "dGVzdC10b2tlbi12YWx1ZQ==\n", {"API_KEY": "…ZQ=="}),  # '=' in a bare value stays
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\n", {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"}),
         (
             "crm",
             f"\nCLIENT_ID={CRM_CLIENT}\nAPI_KEY={CRM_KEY}\nTRACE=\n",
-            {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"},
+            {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"},
         ),
         ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID=a=b=c=d=e=f=g=h=i\nTRACE=trace-value-1234567\n",
-         {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "a=b=…=h=i", "TRACE": "trac…4567"}),
+         {"API_KEY": "…fXYZ", "CLIENT_ID": "…=h=i", "TRACE": "…4567"}),
     ],
 )
 def test_override_values_from_stdin(crm: Cli, server: str, stdin: str, masks: dict[str, str]) -> None:
@@ -379,7 +379,7 @@ def test_tty_prompts_per_placeholder(crm: Cli, monkeypatch: pytest.MonkeyPatch) 
     rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
     assert rec.code == 0, rec.err
     assert prompts == ["API_KEY for crm: ", "CLIENT_ID for crm: ", "TRACE for crm (optional, Enter to skip): "]
-    assert "API_KEY=crm-…fXYZ" in rec.out and "TRACE" not in rec.out
+    assert "API_KEY=…fXYZ" in rec.out and "TRACE" not in rec.out
     answers["CLIENT_ID"] = ""
     rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
     assert rec.code == 1 and "CLIENT_ID is required" in rec.err
@@ -390,7 +390,7 @@ def test_set_shared_from_stdin_and_mode_checks(ready: Cli) -> None:
     run.json("servers", "add", "linear", "--mode", "shared", "-H", "Authorization: Bearer {{API_KEY}}")
     run.secret_stdin(GH_TOKEN)
     rec = run("servers", "set-shared", "linear", stdin=GH_TOKEN)
-    assert rec.code == 0 and rec.out.strip() == "Set shared values of linear: API_KEY=ghp_…1234"
+    assert rec.code == 0 and rec.out.strip() == "Set shared values of linear: API_KEY=…1234"
     # Wrong mode or unknown server: refused before stdin is read.
     rec = run("servers", "set-shared", "github", stdin=GH_TOKEN)
     assert rec.code == 1 and "individual mode" in rec.err and "overrides set" in rec.err
