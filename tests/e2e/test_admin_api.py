@@ -452,9 +452,9 @@ async def test_user_sets_lists_and_deletes_own_override_and_check_follows(stack:
     assert stack.cli("uma", "overrides", "delete", "--server-name", "github").returncode == 0
 
     events = await _audit(stack, actor_name="uma", action="overrides.*")
-    _audited(events, "overrides.set", "override:(own)/github")
+    _audited(events, "overrides.set", "override:uma/github")
     _audited(events, "overrides.list", "override:*/github")
-    _audited(events, "overrides.delete", "override:(own)/github")
+    _audited(events, "overrides.delete", "override:uma/github")
     assert all(e.request_id for e in events)
     assert len({e.request_id for e in events}) == len(events)  # one per call
 
@@ -623,7 +623,7 @@ async def test_status_table_after_each_change(stack: Stack) -> None:
 
     tests = await _audit(stack, action="overrides.test")
     assert {(e.actor, e.target, dict(e.details).get("result")) for e in tests} >= {
-        ("uma", "override:(own)/crm", "ok"), ("mia", "override:ola/crm", "rejected")}
+        ("uma", "override:uma/crm", "ok"), ("mia", "override:ola/crm", "rejected")}
     _audited(await _audit(stack, actor_name="mia", action="overrides.status"), "overrides.status",
              "override:*/crm")
 
