@@ -44,8 +44,8 @@ from grpc_reflection.v1alpha import reflection
 
 from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin.api import AdminServicer
+from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
-from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
@@ -258,9 +258,7 @@ async def serve(
                 sidecar.audit,
                 ready=lambda: sidecar.health.serving,
             )
-            admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
-                OnLoop(admin, asyncio.get_running_loop()), admin_server
-            )
+            add_admin_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
             health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
                                                 admin_server)  # fmt: skip

@@ -250,3 +250,27 @@ async def test_usage_indexes_serve_the_filters(store: SqliteStore, db_path: Path
         )
     )
     assert "usage_records_by_principal" in plan and "TEMP B-TREE" not in plan
+
+
+async def test_the_database_and_its_wal_and_shm_files_are_0600(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)  # the usual umask, which made them 0644
+    try:
+        fresh = tmp_path / "fresh.db"
+        store = await SqliteStore.connect(fresh)
+        await store.migrate()
+        await store.append_audit([audit(T0, "cli", "init")])  # a write: SQLite has made its -wal and -shm files
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {"fresh.db": 0o600, "fresh.db-wal": 0o600, "fresh.db-shm": 0o600}
+        await store.close()
+        # Files an older version left 0644 are tightened when the store is next opened.
+        for p in tmp_path.iterdir():
+            p.chmod(0o644)
+        store = await SqliteStore.connect(fresh, create=False)
+        await store.append_audit([audit(T0, "cli", "init")])
+        assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o600}
+        await store.close()
+    finally:
+        os.umask(old_umask)
