@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
+from authz_server.admin import jsonbody
 from authz_server.admin.api import AdminServicer
 from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
@@ -259,6 +260,8 @@ async def serve(
                 ready=lambda: sidecar.health.serving,
             )
             add_admin_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
+            # Envoy sends each admin JSON body here first: its transcoder would drop unknown fields.
+            admin_server.add_generic_rpc_handlers((jsonbody.handler(),))
             health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
                                                 admin_server)  # fmt: skip
