@@ -121,9 +121,26 @@ def _pad(text: str, width: int) -> str:
     return text + " " * (width - _width(text))
 
 
+MAX_COLUMN = 80  # terminal columns of one table cell; --json shows every value whole
+
+
+def _clip(text: str, width: int = MAX_COLUMN) -> str:
+    """`text`, cut to `width` columns with '…' when wider."""
+    if _width(text) <= width:
+        return text
+    out, used = "", 1  # the '…'
+    for c in text:
+        used += _width(c)
+        if used > width:
+            break
+        out += c
+    return out + "…"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
     if not rows:
         return empty
+    rows = [[_clip(c) for c in r] for r in rows]
     widths = [max(_width(h), *(_width(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(_pad(h, w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(_pad(c, w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from authz_server.cli import main, parse_duration, parse_expiry, parse_grace, parse_when, sqlite_path
+from authz_server.cli import MAX_COLUMN, _clip, main, parse_duration, parse_expiry, parse_grace, parse_when, sqlite_path
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import Keyring, read_key_file
 from authz_server.models import UsageRecord
@@ -304,6 +304,19 @@ def test_tables_for_people(ready: Cli) -> None:
     servers = run("servers", "list").out.splitlines()
     assert servers[0].split() == ["NAME", "MODE", "PLACEHOLDERS", "SHARED", "DESCRIPTION"]
     assert servers[1].split()[:3] == ["github", "individual", "API_KEY"]
+
+
+def test_table_cells_are_capped_and_json_is_whole(ready: Cli) -> None:
+    description = "d" * 400 + "🟢" * 50  # wide characters count twice
+    run = ready
+    run.json("servers", "add", "wide", "--mode", "none", "--description", description)
+    lines = run("servers", "list").out.splitlines()
+    (row,) = [line for line in lines if line.startswith("wide")]
+    cell = row.split()[-1]
+    assert cell == "d" * (MAX_COLUMN - 1) + "…" and max(len(line) for line in lines) < 2 * MAX_COLUMN
+    listed = {s["name"]: s for s in run.json("servers", "list")["servers"]}
+    assert listed["wide"]["description"] == description
+    assert _clip("ab🟢", 3) == "ab…" and _clip("a🟢b", 3) == "a…" and _clip("abc", 3) == "abc"
 
 
 # --- secrets from stdin --------------------------------------------------------------------------
