@@ -81,6 +81,14 @@ def mask(value: str) -> str:
     return f"…{value[-shown:]}" if shown else "…"
 
 
+def remask(stored: str) -> str:
+    """A mask read back from the store, held to `mask`'s rule: one stored by an older version
+    (`ghp_…9xQa`, 8 characters of 16) keeps only its last 4 (masks are never recomputed: that
+    would mean decrypting)."""
+    _, sep, tail = stored.rpartition("…")
+    return f"…{tail[-MASK_MAX_SHOWN:]}" if sep else "…"
+
+
 @dataclass(frozen=True, slots=True)
 class Sealed:
     """An AES-256-GCM ciphertext as stored: master key version, nonce and ciphertext+tag."""

@@ -274,3 +274,13 @@ async def test_the_database_and_its_wal_and_shm_files_are_0600(tmp_path: Path) -
         await store.close()
     finally:
         os.umask(old_umask)
+
+
+async def test_masks_stored_by_an_older_version_read_back_held_to_the_rule(store: SqliteStore) -> None:
+    await seed(store)
+    await store.add_server(server("legacy", shared_masks={"API_KEY": "ghp_…9xQa", "CLIENT_ID": "…"}))
+    await store.put_override(override("p-alice", "legacy", masks={"API_KEY": "sk-l…abcd"}))
+    got = await store.get_server("legacy")
+    assert got is not None and got.shared_masks == {"API_KEY": "…9xQa", "CLIENT_ID": "…"}
+    found = await store.get_override("p-alice", "legacy")
+    assert found is not None and found.masks == {"API_KEY": "…abcd"}

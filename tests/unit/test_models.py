@@ -9,7 +9,7 @@ import pytest
 
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.keys import REDACTED
-from authz_server.models import AUDIT_FIELD_MAX, TRUNCATED, AuditEvent, Secret, bounded, mask
+from authz_server.models import AUDIT_FIELD_MAX, TRUNCATED, AuditEvent, Secret, bounded, mask, remask
 
 from .fakes import T0, assert_no_key, real_key, redacted
 
@@ -89,3 +89,13 @@ def test_a_key_is_redacted_before_the_field_is_cut() -> None:
     event = AuditEvent(T0, "p_alice", "keys.revoke", "x" * (AUDIT_FIELD_MAX - 5) + key, "ok")
     assert_no_key(repr(event), key)
     assert event.target.endswith(TRUNCATED)
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [("ghp_…9xQa", "…9xQa"), ("…9xQa", "…9xQa"), ("…xy", "…xy"), ("…", "…"), ("a=b=…=h=i", "…=h=i"),
+     ("…abcdefgh", "…efgh"), ("no ellipsis at all", "…"), ("", "…")],
+)  # fmt: skip
+def test_a_mask_stored_by_an_older_version_is_held_to_the_rule(stored: str, shown: str) -> None:
+    assert remask(stored) == shown
+    assert remask(mask("a-credential-of-32-characters-xx")) == mask("a-credential-of-32-characters-xx")
