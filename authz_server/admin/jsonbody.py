@@ -121,23 +121,31 @@ def refusal(verb: str, path: str, body: bytes) -> str | None:
             f"{route.method} takes {accepted}.")  # fmt: skip
 
 
+ADMIN_PREFIX = "/admin/"  # the admin route's prefix in envoy/envoy.yaml
+_NOT_ADMIN = ("The admin listener checks only admin API bodies (/admin/...): point the ext_authz filter of MCP "
+              "routes at the sidecar's Check listener.")  # fmt: skip
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
 _OK = CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=OkHttpResponse())
 
 
 def check(request: CheckRequest, context: object = None) -> CheckResponse:
     """The admin listener's `envoy.service.auth.v3.Authorization/Check`: OK, or 400 with the
-    transcoder's error body. It authenticates nobody: the admin API itself does, after it."""
+    transcoder's error body. It authenticates nobody: the admin API itself does, after it.
+
+    Anything outside /admin/ is refused (403): should Envoy's MCP ext_authz be pointed at the
+    admin listener by mistake, MCP traffic is denied rather than let through unchecked."""
     http = request.attributes.request.http
-    body = http.raw_body or http.body.encode()
-    why = refusal(http.method, http.path, body)
-    if why is None:
-        return _OK
-    answer = json.dumps({"code": code_pb2.INVALID_ARGUMENT, "message": why, "details": []})
+    if not http.path.startswith(ADMIN_PREFIX):
+        return _refused(code_pb2.PERMISSION_DENIED, 403, _NOT_ADMIN)
+    why = refusal(http.method, http.path, http.raw_body or http.body.encode())
+    return _OK if why is None else _refused(code_pb2.INVALID_ARGUMENT, 400, why)
+
+
+def _refused(code: int, status: int, why: str) -> CheckResponse:
+    answer = json.dumps({"code": code, "message": why, "details": []})
     return CheckResponse(
-        status=status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=why),
-        denied_response=DeniedHttpResponse(status=HttpStatus(code=400), body=answer + "\n",
-                                           headers=[_JSON]),  # fmt: skip
+        status=status_pb2.Status(code=code, message=why),
+        denied_response=DeniedHttpResponse(status=HttpStatus(code=status), body=answer + "\n", headers=[_JSON]),
     )
 
 

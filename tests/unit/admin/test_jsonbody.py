@@ -76,3 +76,16 @@ def test_check_answers_ok_or_400_with_the_transcoders_error_shape() -> None:
     assert jsonbody.check(request).status.code == code_pb2.OK
     http.raw_body, http.body = b"", '{"expires": 1}'  # a body Envoy sent as text
     assert jsonbody.check(request).status.code == code_pb2.INVALID_ARGUMENT
+
+
+def test_anything_but_the_admin_api_is_refused_so_a_misrouted_check_fails_closed() -> None:
+    request = CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "POST", "/mcp/demo"
+    http.raw_body = b'{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "add"}}'
+    answer = jsonbody.check(request)
+    assert answer.status.code == code_pb2.PERMISSION_DENIED and answer.denied_response.status.code == 403
+    assert "Check listener" in json.loads(answer.denied_response.body)["message"]
+    http.path = "/admin/v1/servers"  # a GET of the admin API: nothing to check
+    http.method, http.raw_body = "GET", b""
+    assert jsonbody.check(request).status.code == code_pb2.OK
