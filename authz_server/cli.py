@@ -163,7 +163,18 @@ def parse_duration(text: str) -> timedelta:
     m = _DURATION_RE.match(text)
     if not m:
         raise argparse.ArgumentTypeError("expected a duration such as 30d, 12h, 15m, 45s or 2w")
-    return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    except OverflowError:
+        raise argparse.ArgumentTypeError("the duration is too long") from None
+
+
+def _shifted(now: datetime | None, text: str, sign: int) -> datetime:
+    """Now plus (sign 1) or minus (sign -1) the duration `text`, within the years a date can hold."""
+    try:
+        return (now or datetime.now(timezone.utc)) + sign * parse_duration(text)
+    except OverflowError:
+        raise argparse.ArgumentTypeError("the duration reaches past the years 1 to 9999") from None
 
 
 def _parse_instant(text: str, expected: str) -> datetime:
@@ -181,7 +192,7 @@ def _parse_instant(text: str, expected: str) -> datetime:
 def parse_expiry(text: str, now: datetime | None = None) -> datetime:
     """An ISO date (midnight UTC), an ISO date-time (UTC unless it has an offset) or a duration from now."""
     if _DURATION_RE.match(text):
-        return (now or datetime.now(timezone.utc)) + parse_duration(text)
+        return _shifted(now, text, 1)
     return _parse_instant(
         text, "expected an ISO date (2026-12-31), date-time (2026-12-31T18:00Z) or a duration (30d, 12h)"
     )
@@ -191,7 +202,7 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     """A point in the past for --since/--until: an ISO date or date-time as for --expires, or a
     duration *ago* ('1h' is an hour before now, '7d' a week)."""
     if _DURATION_RE.match(text):
-        return (now or datetime.now(timezone.utc)) - parse_duration(text)
+        return _shifted(now, text, -1)
     return _parse_instant(
         text, "expected an ISO date (2026-03-01), date-time (2026-03-01T18:00Z) or a duration ago (1h, 7d)"
     )

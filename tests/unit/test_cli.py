@@ -532,6 +532,16 @@ def test_parse_expiry_rejects(text: str) -> None:
         parse_expiry(text, now=NOW)
 
 
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [(parse_expiry, "99999999d", "reaches past the years 1 to 9999"), (parse_when, "99999999d", "reaches past"),
+     (parse_expiry, "9" * 30 + "d", "the duration is too long"), (parse_grace, "9" * 20 + "w", "too long")],
+)  # fmt: skip
+def test_a_duration_past_the_calendar_is_a_usage_error(parse: Any, text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse(text)
+
+
 def test_parse_duration_and_grace() -> None:
     assert parse_duration("45s") == timedelta(seconds=45)
     assert parse_grace("300") == 300 and parse_grace("10m") == 600 and parse_grace("1h") == 3600
