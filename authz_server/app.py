@@ -42,8 +42,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin import jsonbody
+from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin.api import AdminServicer
 from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
