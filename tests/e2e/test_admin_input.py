@@ -152,6 +152,18 @@ def test_a_time_out_of_range_is_invalid_argument(stack: Stack, method: str, requ
     assert "from 1970-01-01 to 9999-12-31" in refused.value.details()
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("GET", "/admin/v1/audit?since=0001-01-01T00:00:00Z", None),
+     ("GET", "/admin/v1/usage?until=1969-12-31T23:59:59Z", None),
+     ("POST", "/admin/v1/keys", {"label": "x", "expires_at": "1900-01-01T00:00:00Z"})],
+)  # fmt: skip
+def test_a_time_out_of_range_through_envoy_is_a_400(stack: Stack, method: str, path: str, body: Any) -> None:
+    answer = stack.json_api(method, path, "root", body)
+    assert answer.status_code == 400, answer.text
+    assert "out of range: give a time from 1970-01-01 to 9999-12-31" in answer.json()["message"]
+
+
 @pytest.mark.parametrize("junk", [b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\xff" * 10 + b"\x01", b"\x1a"])
 @pytest.mark.parametrize("method", ["AddPrincipal", "QueryAudit", "ExportAudit"])
 def test_bytes_that_are_not_the_request_are_invalid_argument(stack: Stack, method: str, junk: bytes) -> None:
