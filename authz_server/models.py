@@ -208,13 +208,13 @@ def new_uid() -> str:
     return os.urandom(12).hex()
 
 
-AUDIT_FIELD_MAX = 256  # characters kept of any one audit field (and of each details key and value)
+FIELD_MAX = 256  # characters kept of an audit field (each details key and value too) or a usage record's request text
 TRUNCATED = "…(truncated)"
 
 
 def bounded(text: str) -> str:
-    """`text`, or its first AUDIT_FIELD_MAX characters and TRUNCATED when longer."""
-    return text if len(text) <= AUDIT_FIELD_MAX else text[:AUDIT_FIELD_MAX] + TRUNCATED
+    """`text`, or its first FIELD_MAX characters and TRUNCATED when longer."""
+    return text if len(text) <= FIELD_MAX else text[:FIELD_MAX] + TRUNCATED
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,11 +262,13 @@ class UsageRecord:
     uid: str = field(default_factory=new_uid, compare=False)  # made with the record: a retried write stores it once
 
     def __post_init__(self) -> None:
-        # The tool, MCP method and request id come from the request: a key-shaped one is cut to its key id.
+        # The tool, MCP method and request id come from the request: a key-shaped one is cut to its
+        # key id, and a long one is bounded as an audit field is.
         for name in ("request_id", "tool", "mcp_method"):
             value = getattr(self, name)
-            if isinstance(value, str) and "mgw_" in value:  # a bad record is the store's to refuse
-                object.__setattr__(self, name, redact(value))
+            # (A value that is not text is a bad record: the store's to refuse.)
+            if isinstance(value, str) and ("mgw_" in value or len(value) > FIELD_MAX):
+                object.__setattr__(self, name, bounded(redact(value)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from authz_server.admin.rpcs import RPCS, SERVICE_NAME, Rpc, Stream
 from authz_server.admin.service import Actor, AdminService
 from authz_server.crypto.cipher import load_keyring
 from authz_server.crypto.keys import KeyHasher
-from authz_server.models import AUDIT_FIELD_MAX, TRUNCATED, Role, Secret
+from authz_server.models import FIELD_MAX, TRUNCATED, Role, Secret
 from authz_server.store import open_store
 
 from .harness import EnvoyProcess, run_envoy, run_example_server
@@ -241,7 +241,7 @@ def test_no_bad_input_left_a_traceback(stack: Stack) -> None:
 # 3 -- a refused 1 MiB name and the audit views -----------------------------------------------------
 
 
-CUT_TARGET = f"principal:{'n' * (AUDIT_FIELD_MAX - len('principal:'))}{TRUNCATED}"  # the huge name's, bounded
+CUT_TARGET = f"principal:{'n' * (FIELD_MAX - len('principal:'))}{TRUNCATED}"  # the huge name's, bounded
 
 
 def _refused_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -287,11 +287,11 @@ async def test_masks_stored_by_an_older_version_read_back_held_to_the_rule(store
 
 
 async def test_an_oversized_event_stored_by_an_older_version_reads_back_bounded(store: SqliteStore, db_path: Path) -> None:
-    from authz_server.models import AUDIT_FIELD_MAX, TRUNCATED
+    from authz_server.models import FIELD_MAX, TRUNCATED
 
     huge = "n" * (1 << 20)
     raw(db_path, "INSERT INTO audit_events (at, actor, action, target, outcome, details) VALUES (?, ?, ?, ?, ?, ?)",
         "2026-03-01T12:00:00.000000Z", "cli", "principals.add", f"principal:{huge}", "error", f'{{"name": "{huge}"}}')  # fmt: skip
     (event,) = await store.query_audit(action="principals.add")
-    assert event.target == f"principal:{huge}"[:AUDIT_FIELD_MAX] + TRUNCATED
-    assert event.details == {"name": huge[:AUDIT_FIELD_MAX] + TRUNCATED}
+    assert event.target == f"principal:{huge}"[:FIELD_MAX] + TRUNCATED
+    assert event.details == {"name": huge[:FIELD_MAX] + TRUNCATED}

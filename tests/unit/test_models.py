@@ -9,7 +9,7 @@ import pytest
 
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.keys import REDACTED
-from authz_server.models import AUDIT_FIELD_MAX, TRUNCATED, AuditEvent, Secret, bounded, mask, remask
+from authz_server.models import FIELD_MAX, TRUNCATED, AuditEvent, Secret, bounded, mask, remask
 
 from .fakes import T0, assert_no_key, real_key, redacted
 
@@ -79,14 +79,14 @@ def test_every_audit_field_is_bounded(field: str) -> None:
     event = AuditEvent(at=T0, details=details, **base)
     values = [event.actor, event.action, event.target, event.outcome, event.request_id,
               *event.details, *event.details.values()]  # fmt: skip
-    assert max(len(v) for v in values) == AUDIT_FIELD_MAX + len(TRUNCATED)
-    assert f"{'n' * AUDIT_FIELD_MAX}{TRUNCATED}" in values
-    assert bounded("n" * AUDIT_FIELD_MAX) == "n" * AUDIT_FIELD_MAX  # at the bound: kept whole
+    assert max(len(v) for v in values) == FIELD_MAX + len(TRUNCATED)
+    assert f"{'n' * FIELD_MAX}{TRUNCATED}" in values
+    assert bounded("n" * FIELD_MAX) == "n" * FIELD_MAX  # at the bound: kept whole
 
 
 def test_a_key_is_redacted_before_the_field_is_cut() -> None:
     key_id, key = real_key()
-    event = AuditEvent(T0, "p_alice", "keys.revoke", "x" * (AUDIT_FIELD_MAX - 5) + key, "ok")
+    event = AuditEvent(T0, "p_alice", "keys.revoke", "x" * (FIELD_MAX - 5) + key, "ok")
     assert_no_key(repr(event), key)
     assert event.target.endswith(TRUNCATED)
 
@@ -99,3 +99,13 @@ def test_a_key_is_redacted_before_the_field_is_cut() -> None:
 def test_a_mask_stored_by_an_older_version_is_held_to_the_rule(stored: str, shown: str) -> None:
     assert remask(stored) == shown
     assert remask(mask("a-credential-of-32-characters-xx")) == mask("a-credential-of-32-characters-xx")
+
+
+def test_a_usage_records_request_text_is_bounded() -> None:
+    from authz_server.models import UsageRecord
+
+    huge = "t" * 70_000  # a tool name as long as Envoy's MCP filter reads
+    record = UsageRecord(T0, huge, "p_1", "abcdefg", "github", huge, huge, "allow", "", 200, 10, 20, 1.5)
+    assert record.tool == record.mcp_method == record.request_id == "t" * FIELD_MAX + TRUNCATED
+    short = UsageRecord(T0, "r1", "p_1", "abcdefg", "github", "add", "tools/call", "allow", "", 200, 10, 20, 1.5)
+    assert (short.request_id, short.tool, short.mcp_method) == ("r1", "add", "tools/call")
