@@ -64,11 +64,17 @@ def _routes() -> tuple[_Route, ...]:
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         for r in (rule, *rule.additional_bindings):
             verb = r.WhichOneof("pattern")
-            if verb and r.body == "*":
-                routes.append(_Route(method.name, verb.upper(), _pattern(getattr(r, verb)), method.input_type))
-            elif verb and r.body:
-                raise TypeError(f"{method.name}: a body mapped to one field ({r.body}) is not checked here")
+            filled = method.input_type if r.body == "*" else _message_of(method.input_type, r.body)
+            if verb and filled is not None:
+                routes.append(_Route(method.name, verb.upper(), _pattern(getattr(r, verb)), filled))
     return tuple(routes)
+
+
+def _message_of(message: Descriptor, body: str) -> Descriptor | None:
+    """The message a body mapped to one field fills (None: no body, or a field that is no message)."""
+    field = message.fields_by_name.get(body) if body else None
+    inner = None if field is None else field.message_type
+    return None if inner is None or inner.GetOptions().map_entry or inner.full_name.startswith(_WELL_KNOWN) else inner
 
 
 ROUTES = _routes()
