@@ -34,6 +34,7 @@ from authz_server.crypto.keys import looks_like_key
 _FIELD_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _VARIABLE_RE = re.compile(r"\{([a-z_][a-z0-9_.]*)(=[^}]*)?\}")
 _WELL_KNOWN = "google.protobuf."  # a Timestamp travels as a string, not as an object
+_NAMED_MAX = 10  # unknown names a refusal lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,16 @@ def _routes() -> tuple[_Route, ...]:
 def _message_of(message: Descriptor, body: str) -> Descriptor | None:
     """The message a body mapped to one field fills (None: no body, or a field that is no message)."""
     field = message.fields_by_name.get(body) if body else None
-    inner = None if field is None else field.message_type
-    return None if inner is None or inner.GetOptions().map_entry or inner.full_name.startswith(_WELL_KNOWN) else inner
+    return None if field is None else _object(field)
+
+
+def _object(field: FieldDescriptor) -> Descriptor | None:
+    """The message whose fields a field's JSON object holds; None for a scalar, a map (its keys
+    are its own) or a well-known type (a Timestamp is a string)."""
+    inner: Descriptor | None = field.message_type
+    if inner is None or inner.GetOptions().map_entry or inner.full_name.startswith(_WELL_KNOWN):
+        return None
+    return inner
 
 
 ROUTES = _routes()
@@ -101,8 +110,8 @@ def unknown_fields(message: Descriptor, body: Any, at: str = "") -> list[str]:
         if field is None:
             out.append(at + _shown(str(name)))
             continue
-        inner = field.message_type
-        if inner is None or inner.GetOptions().map_entry or inner.full_name.startswith(_WELL_KNOWN):
+        inner = _object(field)
+        if inner is None:
             continue
         for item in value if isinstance(value, list) else [value]:
             out += unknown_fields(inner, item, f"{at}{field.name}.")
@@ -123,7 +132,8 @@ def refusal(verb: str, path: str, body: bytes) -> str | None:
     if not unknown:
         return None
     accepted = ", ".join(f.name for f in route.message.fields)
-    return (f"Unknown field{'s' if len(unknown) > 1 else ''} in the request body: {', '.join(unknown)}. "
+    named = ", ".join(unknown[:_NAMED_MAX]) + (f" and {len(unknown) - _NAMED_MAX} more" if len(unknown) > _NAMED_MAX else "")
+    return (f"Unknown field{'s' if len(unknown) > 1 else ''} in the request body: {named}. "
             f"{route.method} takes {accepted}.")  # fmt: skip
 
 
@@ -153,7 +163,6 @@ def _refused(code: int, status: int, why: str) -> CheckResponse:
         status=status_pb2.Status(code=code, message=why),
         denied_response=DeniedHttpResponse(status=HttpStatus(code=status), body=answer + "\n", headers=[_JSON]),
     )
-
 
 
 def handler() -> grpc.GenericRpcHandler:

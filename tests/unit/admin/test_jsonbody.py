@@ -102,3 +102,8 @@ def test_nested_messages_and_a_body_mapped_to_one_field() -> None:
     assert jsonbody._message_of(reply, "key") is pb.GatewayKey.DESCRIPTOR
     assert jsonbody._message_of(pb.CreateKeyRequest.DESCRIPTOR, "expires_at") is None  # a Timestamp is a string
     assert jsonbody._message_of(pb.CreateKeyRequest.DESCRIPTOR, "") is None
+
+
+def test_a_refusal_names_at_most_ten_fields() -> None:
+    why = jsonbody.refusal("POST", "/admin/v1/keys", json.dumps({f"f{i}": 1 for i in range(5000)}).encode())
+    assert why is not None and "f0, f1," in why and "f9 and 4990 more." in why and len(why) < 300
