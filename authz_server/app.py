@@ -43,10 +43,11 @@ from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authz_server.admin import jsonbody
 from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin.api import AdminServicer
+from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
-from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
@@ -259,9 +260,9 @@ async def serve(
                 sidecar.audit,
                 ready=lambda: sidecar.health.serving,
             )
-            admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
-                OnLoop(admin, asyncio.get_running_loop()), admin_server
-            )
+            add_admin_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
+            # Envoy sends each admin JSON body here first: its transcoder would drop unknown fields.
+            admin_server.add_generic_rpc_handlers((jsonbody.handler(),))
             health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
                                                 admin_server)  # fmt: skip
