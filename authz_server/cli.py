@@ -747,6 +747,22 @@ async def _whoami(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered
     return Rendered({"whoami": who.to_json()}, f"{text}, roles {','.join(who.roles)}")
 
 
+async def _backup(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    """A consistent copy of the local SQLite store, taken while sidecars run (README, "Backup and restore")."""
+    from authz_server.store.sqlite import backup  # the store package is wired at run time
+
+    ctx = _context(a, local=True)
+    source = sqlite_path(ctx.settings.store_url)
+    if source is None:
+        raise ConfigError("Only a SQLite store is backed up by mcp-authz; back up PostgreSQL with pg_dump "
+                          "(README, \"Backup and restore\"), and keep the master key with it.")  # fmt: skip
+    size = await asyncio.to_thread(backup, str(source), a.out)
+    key_file = ctx.env.get(ENV_KEY_FILE, "") or "your master key file"
+    text = (f"Backed up {source} to {a.out} ({size} bytes, mode 0600). It is useless without the master key "
+            f"({key_file}), and with it anyone can read every credential: keep the two apart, both safe.")
+    return Rendered({"store": str(source), "backup": a.out, "bytes": size}, text)
+
+
 async def _audit_query(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
     limit = a.limit or DEFAULT_LIMIT
     views = await admin.query_audit(me, a.actor, a.action, a.target, a.since, a.until, limit)
@@ -1344,6 +1360,8 @@ def build_parser() -> argparse.ArgumentParser:
     server_name(p, True)
 
     leaf(sub, "whoami", "show who the gateway key in $MCP_AUTHZ_KEY is (remote mode)", _run_managed(_whoami))
+    leaf(sub, "backup", "copy the SQLite store to a new file (0600) while sidecars run",
+         _run_managed(_backup, local_only="backup")).add_argument("out", metavar="FILE")  # fmt: skip
 
     certs = group("certs", "TLS certificates for the sidecar's listeners")
     p = leaf(certs, "create", "create a private CA (or reuse the one in --out) and server and client certificates",
