@@ -186,6 +186,28 @@ class Entity(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class SealedRow:
+    """Every sealed value of one stored row, as master-key rotation reads and replaces them.
+
+    `entity` SERVER: `key` is the server's name, `values` its shared values, `signing` its
+    signing secret. OVERRIDE: `key` is `override_key(principal_id, server)`, `values` the
+    override's values, `signing` None.
+    """
+
+    entity: Entity
+    key: str
+    values: dict[str, Sealed]
+    signing: Sealed | None = None
+
+    def versions(self) -> set[int]:
+        """The master key versions this row's values are sealed under."""
+        found = {s.key_version for s in self.values.values()}
+        if self.signing is not None:
+            found.add(self.signing.key_version)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     seq: int
     entity: Entity
