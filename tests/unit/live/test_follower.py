@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import Keyring
+from authz_server.crypto.cipher import (
+    ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_with_new_version, write_key_file,
+)  # fmt: skip
 from authz_server.crypto.keys import KeyHasher, parse
 from authz_server.models import AuthMode, Role
 from authz_server.live.follower import StateFollower
@@ -90,3 +99,98 @@ async def test_grace_period_keeps_the_key_usable_until_its_time() -> None:
     revoked_at = follower.state.keys[view.key_id].revoked_at
     now = datetime.now(UTC)
     assert revoked_at is not None and now.timestamp() < revoked_at <= (now + timedelta(seconds=61)).timestamp()
+
+
+# --- the master keyring follows its file -----------------------------------------------------------------
+
+
+async def _keyed_world(tmp_path: Path) -> tuple[MemoryStore, Path, AdminService, StateFollower]:
+    """A follower whose keyring came from a key file (version 1), and github with alice's override."""
+    path = tmp_path / "master.key"
+    write_key_file(path, Keyring.generate_spec())
+    store = MemoryStore()
+    await store.migrate()
+    admin = AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST))
+    await admin.initialize(Actor.operator())
+    op = Actor.operator()
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    await admin.add_principal(op, "alice", "eng", (Role.USER,))
+    await admin.set_override(op, "alice", "gh", {"API_KEY": "tok-1"})
+    state = AuthState()
+    follower = StateFollower(store, load_keyring({ENV_KEY_FILE: str(path)}), state, VerifiedKeys(state), 0.01)
+    await follower.load()
+    return store, path, admin, follower
+
+
+async def _add_version(store: MemoryStore, path: Path) -> AdminService:
+    """What `mcp-authz master-key add` does: a new version in the file, its check value in the store."""
+    replace_key_file(path, spec_with_new_version(read_key_file(path))[0])
+    cli = AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST))
+    await store.put_key_checks(cli._keyring.check_values())
+    return cli
+
+
+async def test_a_row_under_an_unknown_version_makes_the_follower_reread_the_key_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, path, _, follower = await _keyed_world(tmp_path)
+    cli = await _add_version(store, path)  # the file changed, but the follower has not looked yet
+    await cli.set_override(Actor.operator(), "alice", "gh", {"API_KEY": "tok-2"})  # sealed under version 2
+    caplog.set_level(logging.INFO, logger="authz_server.live.follower")
+    await follower.poll_once()
+    (entry,) = follower.state.overrides.values()
+    assert not entry.corrupt and entry.values["API_KEY"].reveal() == "tok-2"
+    reloads = [r for r in caplog.records if r.getMessage() == "master keyring reloaded"]
+    assert len(reloads) == 1 and reloads[0].versions == [1, 2] and reloads[0].active_version == 2  # type: ignore[attr-defined]
+    assert read_key_file(path).split(",")[0].split(":")[1] not in caplog.text  # versions only, never keys
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {what} within 2 s")
+
+
+async def test_a_changed_key_file_or_sighup_is_picked_up_on_the_next_tick(tmp_path: Path) -> None:
+    store, path, _, follower = await _keyed_world(tmp_path)
+    running = asyncio.create_task(follower.run())
+    try:
+        await _add_version(store, path)
+        await _until(lambda: follower._keyring.active == 2, "reloaded after the file changed")
+        follower._keyring.adopt(Keyring.from_spec(Keyring.generate_spec(9)))  # drift that only a re-read repairs
+        follower.request_keyring_reload()
+        await _until(lambda: follower._keyring.versions == (1, 2), "reloaded on request (SIGHUP)")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+async def test_a_key_file_that_does_not_match_the_store_is_refused_and_the_keyring_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, path, _, follower = await _keyed_world(tmp_path)
+    before = follower._keyring.versions
+    replace_key_file(path, Keyring.generate_spec())  # a different version 1: the wrong file
+    assert not await follower.reload_keyring("test")
+    assert follower._keyring.versions == before
+    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("master key file not reloaded")]
+    assert "does not match this store" in refusal.error  # type: ignore[attr-defined]
+    (entry,) = follower.state.overrides.values()
+    assert entry.values["API_KEY"].reveal() == "tok-1"
+
+
+async def test_a_keyring_from_the_environment_cannot_be_reloaded_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    store, admin, follower, _ = await _world()
+    newer = Keyring.from_spec(spec_with_new_version(Keyring.generate_spec())[0])  # not this store's: fine for the row
+    await store.put_key_checks(newer.check_values())
+    op = Actor.operator()
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    await admin.add_principal(op, "alice", "eng", (Role.USER,))
+    await AdminService(store, newer, KeyHasher(FAST)).set_override(op, "alice", "gh", {"API_KEY": "tok"})
+    await follower.poll_once()
+    (entry,) = follower.state.overrides.values()
+    assert entry.corrupt  # as before: Check answers 503 rather than inject less
+    assert "it comes from the environment, not a file" in caplog.text
