@@ -17,6 +17,8 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class Upstream:
     def __init__(self) -> None:
         self.port = free_port()
         self.requests = 0
+        self.authorizations: Counter[bytes] = Counter()  # the Authorization header values received
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="upstream", daemon=True)
@@ -87,6 +90,8 @@ class Upstream:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
+                    elif name.strip().lower() == b"authorization":
+                        self.authorizations[value.strip()] += 1
                 if length:
                     await reader.readexactly(length)
                 self.requests += 1
@@ -231,10 +236,10 @@ class Rig:
     @classmethod
     async def start(
         cls, tmp_path: Path, stack: ExitStack, count: int, *, store_url: str | None = None,
-        sidecar_env: dict[str, str] | None = None,
+        sidecar_env: dict[str, str] | None = None, servers: Sequence[str] = (SERVER,),
     ) -> Rig:
         """`store_url`: seed there instead of SQLite; `sidecar_env`: the sidecars' own settings
-        (e.g. their MCP_AUTHZ_STORE through a fault proxy)."""
+        (e.g. their MCP_AUTHZ_STORE through a fault proxy); `servers`: the MCP servers Envoy routes."""
         world = await seed(tmp_path / "world", store_url)
         env = sidecar_env or {}
         sidecars = [await asyncio.to_thread(stack.enter_context, run_sidecar(world, name=f"sidecar{i + 1}", env=env))
@@ -243,7 +248,7 @@ class Rig:
         upstream = stack.enter_context(Upstream())
         envoy = await asyncio.to_thread(
             stack.enter_context,
-            run_envoy(tmp_path, authz_port=ports[0], upstream_port=upstream.port, servers=[SERVER],
+            run_envoy(tmp_path, authz_port=ports[0], upstream_port=upstream.port, servers=list(servers),
                       mutate=_endpoints(ports)),
         )  # fmt: skip
         await _all_healthy(envoy, count)
