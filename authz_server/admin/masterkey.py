@@ -144,6 +144,13 @@ class MasterKeyAdmin(AdminBase):
         async with self._audit(actor, "master_key.rotate", "master_key") as op:
             self._authorize(actor, "master_key.rotate", None)
             op.details["active_version"] = str(report.active)
+            newer = [v for v in await self.stored_versions() if v > report.active]
+            if newer:
+                # An old copy of the key file would seal everything back under an older key.
+                raise Conflict(
+                    f"The store knows master key version {max(newer)}, newer than this key file's active version "
+                    f"{report.active}: use the current key file."
+                )
             for attempt in range(_PASSES):
                 report.changed_meanwhile = 0
                 for entity in SEALED_ENTITIES:

@@ -78,13 +78,15 @@ class StateFollower:
         if source is None:
             log.warning("master keyring not reloaded: it comes from the environment, not a file", extra={"why": why})
             return False
-        self._key_stamp = file_stamp(source)
+        stamp = file_stamp(source)  # before reading: a change after it is seen at the next tick
         try:
             fresh = Keyring.from_spec(read_key_file(source), source)
-            fresh.verify_check(await self._store.get_key_checks())
+            fresh.verify_check(await self._store.get_key_checks())  # a store failure raises: retried next tick
         except MasterKeyError as exc:
+            self._key_stamp = stamp  # a bad file is not read again until it changes
             log.error("master key file not reloaded; keeping the keyring", extra={"why": why, "error": exc.message})
             return False
+        self._key_stamp = stamp
         self._keyring.adopt(fresh)
         log.info("master keyring reloaded", extra={"why": why, "versions": list(self._keyring.versions),
                                                     "active_version": self._keyring.active})  # fmt: skip
@@ -93,8 +95,8 @@ class StateFollower:
     async def _watch_keyring(self) -> None:
         source = self._keyring.source
         if self._reload_requested:
-            self._reload_requested = False
             await self.reload_keyring("SIGHUP")
+            self._reload_requested = False
         elif source is not None and file_stamp(source) != self._key_stamp:
             await self.reload_keyring("key file changed")
 

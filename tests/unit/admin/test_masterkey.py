@@ -196,3 +196,11 @@ async def test_rotate_refuses_a_silly_batch_and_nothing_audited_holds_key_materi
     text = repr(await w.store.query_audit()) + repr(await w.keys.status(OP))
     for secret in (*VALUES.values(), "ghp_"):
         assert secret not in text
+
+
+async def test_rotate_refuses_an_old_copy_of_the_key_file() -> None:
+    w = await _world()
+    stale = MasterKeyAdmin(w.store, w.old, KeyHasher(FAST))  # version 1 alone, while the store knows version 2
+    with pytest.raises(Conflict, match="knows master key version 2, newer than this key file's active version 1"):
+        await stale.rotate(OP)
+    assert (await w.keys.status(OP)).rows_under(1) == 6

@@ -16,7 +16,8 @@ from authz_server.crypto.cipher import (
     ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_with_new_version, write_key_file,
 )  # fmt: skip
 from authz_server.crypto.keys import KeyHasher, parse
-from authz_server.models import AuthMode, Role
+from authz_server.errors import StoreError
+from authz_server.models import AuthMode, Role, Sealed
 from authz_server.live.follower import StateFollower
 from authz_server.live.tables import AuthState
 from authz_server.live.verified import VerifiedKeys
@@ -194,3 +195,32 @@ async def test_a_keyring_from_the_environment_cannot_be_reloaded_and_says_so(cap
     (entry,) = follower.state.overrides.values()
     assert entry.corrupt  # as before: Check answers 503 rather than inject less
     assert "it comes from the environment, not a file" in caplog.text
+
+
+class FlakyChecks(MemoryStore):
+    """get_key_checks fails while `down`, as a store outage would."""
+
+    down = False
+
+    async def get_key_checks(self) -> dict[int, Sealed]:
+        if self.down:
+            raise StoreError("The store failed.")
+        return await super().get_key_checks()
+
+
+async def test_a_reload_the_store_could_not_check_is_tried_again(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    write_key_file(path, Keyring.generate_spec())
+    store = FlakyChecks()
+    await store.migrate()
+    await AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST)).initialize(Actor.operator())
+    state = AuthState()
+    follower = StateFollower(store, load_keyring({ENV_KEY_FILE: str(path)}), state, VerifiedKeys(state), 0.01)
+    await follower.load()
+    replace_key_file(path, spec_with_new_version(read_key_file(path))[0])
+    store.down = True
+    with pytest.raises(StoreError):
+        await follower._watch_keyring()
+    store.down = False
+    await follower._watch_keyring()
+    assert follower._keyring.versions == (1, 2)
