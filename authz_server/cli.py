@@ -1004,8 +1004,9 @@ def _run_master_key(
                 admin = MasterKeyAdmin(store, keyring, KeyHasher(ctx.settings.argon2))
                 return await handler(admin, Actor.operator(), args)
 
-        _emit(ctx.json, asyncio.run(go()))
-        return 0
+        result = asyncio.run(go())
+        _emit(ctx.json, result)
+        return 0 if result.doc.get("complete", True) else 1  # rotate: rows it could not move are an error
 
     return run
 
@@ -1062,7 +1063,8 @@ async def _master_key_rotate(admin: MasterKeyAdmin, me: Actor, a: argparse.Names
     if not status.old_rows and old:
         lines.append(f"Nothing uses version {_versions_text(old)} any more: "
                      + "; ".join(f"mcp-authz master-key retire --version {v}" for v in old))  # fmt: skip
-    return Rendered({**report.to_json(), "rows_under_old_versions": status.old_rows}, "\n".join(lines))
+    doc = {**report.to_json(), "rows_under_old_versions": status.old_rows, "complete": not status.old_rows}
+    return Rendered(doc, "\n".join(lines))
 
 
 async def _master_key_status(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
@@ -1425,7 +1427,8 @@ def build_parser() -> argparse.ArgumentParser:
     master_key = group("master-key", "rotate the master key while sidecars serve (local store only)")
     leaf(master_key, "add", "add a new master key version to the key file; it seals new values from now on",
          _run_master_key(_master_key_add))
-    p = leaf(master_key, "rotate", "re-encrypt every sealed value under the active version, in batches",
+    p = leaf(master_key, "rotate", "re-encrypt every sealed value under the active version, in batches (exit 1 "
+             "while rows remain under an older version)",
              _run_master_key(_master_key_rotate))
     p.add_argument("--batch", type=_parse_batch, default=DEFAULT_BATCH, metavar="N",
                    help=f"rows per transaction (default: {DEFAULT_BATCH})")

@@ -288,6 +288,12 @@ def override_key(principal_id: str, server: str) -> str:
     return f"{principal_id}/{server}"
 
 
+def split_override_key(key: str) -> tuple[str, str]:
+    """(principal id, server) of an `override_key` (principal ids hold no '/')."""
+    principal_id, _, server = key.partition("/")
+    return principal_id, server
+
+
 # --- the write-behind spool's JSON lines (observability/spool.py): each record's one shape on disk ----
 
 

@@ -24,7 +24,7 @@ from authz_server.admin.base import AdminBase
 from authz_server.admin.policy import Actor
 from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
 from authz_server.errors import AuthzError, Conflict, InvalidInput, NotFound
-from authz_server.models import Entity, SealedRow
+from authz_server.models import Entity, SealedRow, split_override_key
 
 SEALED_ENTITIES = (Entity.SERVER, Entity.OVERRIDE)
 DEFAULT_BATCH = 100
@@ -217,6 +217,6 @@ class MasterKeyAdmin(AdminBase):
             values = {f: ring.reseal(s, aad_shared(row.key, f)) for f, s in row.values.items()}
             signing = ring.reseal(row.signing, aad_signing(row.key)) if row.signing is not None else None
             return SealedRow(row.entity, row.key, values, signing)
-        principal_id, _, server = row.key.partition("/")
+        principal_id, server = split_override_key(row.key)
         values = {f: ring.reseal(s, aad_override(server, principal_id, f)) for f, s in row.values.items()}
         return SealedRow(row.entity, row.key, values)

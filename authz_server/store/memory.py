@@ -31,6 +31,7 @@ from authz_server.models import (
     Team,
     UsageRecord,
     override_key,
+    split_override_key,
 )
 from authz_server.store.codec import check_usage, now, utc
 
@@ -113,10 +114,7 @@ class MemoryStore:
 
     @staticmethod
     def _sort_key(entity: Entity, key: str) -> tuple[str, ...]:
-        if entity is Entity.OVERRIDE:
-            principal_id, _, server = key.partition("/")
-            return principal_id, server
-        return (key,)
+        return split_override_key(key) if entity is Entity.OVERRIDE else (key,)
 
     async def sealed_rows(self, entity: Entity, after: str = "", limit: int = 100) -> list[SealedRow]:
         self._open()
@@ -128,8 +126,7 @@ class MemoryStore:
         self._open()
         replaced = 0
         for old, new in rows:
-            sort_key = self._sort_key(old.entity, old.key)
-            if self._sealed(old.entity).get(sort_key) != old:
+            if self._sealed(old.entity).get(self._sort_key(old.entity, old.key)) != old:
                 continue
             if old.entity is Entity.SERVER:
                 server = self._servers[old.key]
@@ -137,7 +134,7 @@ class MemoryStore:
                     server, shared_values=dict(new.values), signing_secret=new.signing
                 )
             else:
-                pair = (sort_key[0], sort_key[1])
+                pair = split_override_key(old.key)
                 self._overrides[pair] = dataclasses.replace(self._overrides[pair], values=dict(new.values))
             self._log(old.entity, old.key)
             replaced += 1

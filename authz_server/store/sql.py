@@ -32,6 +32,7 @@ from authz_server.models import (
     Team,
     UsageRecord,
     override_key,
+    split_override_key,
 )
 from authz_server.store.codec import (
     AUDIT_COLUMNS,
@@ -215,10 +216,7 @@ class SqlStore(abc.ABC):
 
     @staticmethod
     def _sealed_key(entity: Entity, key: str) -> tuple[str, ...]:
-        if entity is Entity.OVERRIDE:
-            principal_id, _, server = key.partition("/")
-            return principal_id, server
-        return (key,)
+        return split_override_key(key) if entity is Entity.OVERRIDE else (key,)
 
     async def sealed_rows(self, entity: Entity, after: str = "", limit: int = 100) -> list[SealedRow]:
         if limit <= 0:

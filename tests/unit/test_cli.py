@@ -1157,6 +1157,26 @@ def test_master_key_refusals(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> Non
     assert read_key_file(wrong).count(",") == 0  # a wrong key file is never grown
 
 
+def test_master_key_rotate_names_an_unreadable_row_and_exits_1(ready: Cli) -> None:
+    import sqlite3
+
+    alice = ready.json("principals", "add", "alice")["principal"]["id"]
+    ready.secret_stdin(ALICE_TOKEN)
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    with sqlite3.connect(ready.tmp / "authz.db") as db:  # a tampered ciphertext, under version 1
+        db.execute("UPDATE overrides SET sealed_values = ?",
+                   ('{"API_KEY":{"v":1,"n":"AAAAAAAAAAAAAAAA","c":"AAAAAAAAAAAAAAAAAAAAAA=="}}',))  # fmt: skip
+    assert ready("master-key", "add").code == 0
+    _remember_keys(ready)
+    rec = ready("master-key", "rotate")
+    assert rec.code == 1
+    assert f"Not re-encrypted (unreadable): override:{alice}/github: A stored credential does not decrypt" in rec.out
+    assert "Re-encrypted 1 server(s) and 0 override(s)" in rec.out and "older version: 1." in rec.out
+    doc = ready.json("master-key", "rotate", code=1)
+    assert doc["complete"] is False and doc["rows_under_old_versions"] == 1
+    assert ready("master-key", "retire", "--version", "1").code == 1
+
+
 def test_no_secret_leaks_in_any_output(transcript: Transcript) -> None:
     """Runs last (file order): every output of this module, scanned."""
     if len(transcript.records) < 20:
