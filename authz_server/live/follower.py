@@ -68,6 +68,10 @@ class StateFollower:
 
     # --- the master keyring ------------------------------------------------------------------
 
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
     def request_keyring_reload(self) -> None:
         """Re-read the key file at the next tick (SIGHUP)."""
         self._reload_requested = True

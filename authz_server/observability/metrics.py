@@ -165,6 +165,12 @@ class _LiveCollector(Collector):
                                 "Change-log entries seen in the store but not yet applied.",
                                 value=max(0, follower.seen_seq - state.seq))
         yield GaugeMetricFamily("mcp_authz_changelog_applied_sequence", "Newest change-log entry applied.", value=state.seq)
+        keyring = GaugeMetricFamily("mcp_authz_master_key_version",
+                                    "Master key versions held: the one that seals (role=active), the oldest it opens (role=oldest).",
+                                    labels=["role"])  # fmt: skip
+        keyring.add_metric(["active"], follower.keyring.active)
+        keyring.add_metric(["oldest"], min(follower.keyring.versions))
+        yield keyring
 
         yield GaugeMetricFamily("mcp_authz_access_log_streams", "Envoy access-log streams open now (one per worker).",
                                 value=s.access_log.streams)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -55,6 +56,13 @@ async def _all_reloaded(rig: Rig, versions: list[int], timeout: float = 10.0) ->
     return time.monotonic() - start
 
 
+def _key_versions(sidecar: Sidecar) -> tuple[float, float]:
+    """(active, oldest) from the sidecar's mcp_authz_master_key_version gauge."""
+    text = sidecar.http("/metrics").text
+    found = dict(re.findall(r'^mcp_authz_master_key_version\{role="(\w+)"\} (\S+)$', text, re.M))
+    return float(found["active"]), float(found["oldest"])
+
+
 async def _cli(rig: Rig, *args: str, stdin: str | None = None) -> str:
     done = await asyncio.to_thread(rig.world.cli, *args, stdin=stdin)
     assert done.returncode == 0, f"mcp-authz {' '.join(args)}: {done.stdout}{done.stderr}"
@@ -92,6 +100,7 @@ async def test_online_rotation_under_load_fails_no_request(tmp_path: Path, proce
         await _cli(rig, "master-key", "add")
         remember_keys()
         steps["learned"] = await _all_reloaded(rig, [1, 2])
+        assert [await asyncio.to_thread(_key_versions, s) for s in rig.sidecars] == [(2, 1)] * 2
         await asyncio.sleep(0.5)
 
         rotated = json.loads(await _cli(rig, "--json", "master-key", "rotate", "--batch", "1"))
@@ -104,6 +113,7 @@ async def test_online_rotation_under_load_fails_no_request(tmp_path: Path, proce
 
         await _cli(rig, "master-key", "retire", "--version", "1")
         steps["dropped"] = await _all_reloaded(rig, [2])
+        assert [await asyncio.to_thread(_key_versions, s) for s in rig.sidecars] == [(2, 2)] * 2
         await asyncio.sleep(1.0)
 
         # Written after the rotation, sealed under version 2 alone: served by both sidecars.
