@@ -68,9 +68,6 @@ class Keyring:
         (the follower, the admin use cases) seals and opens with the new keys from now on."""
         self._aead, self.active = dict(other._aead), other.active
 
-    def knows(self, versions: Iterable[int]) -> bool:
-        return all(v in self._aead for v in versions)
-
     @property
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._aead))

@@ -107,12 +107,13 @@ class StateFollower:
     async def _know_versions(self, versions: set[int]) -> None:
         """Before giving up on a value under an unknown version, look at the key file once more
         (at most twice a second: a version nobody has would otherwise cost a read per row)."""
-        if self._keyring.knows(versions):
+        unknown = versions - set(self._keyring.versions)
+        if not unknown:
             return
         now, source = time.monotonic(), self._keyring.source
         if now - self._unknown_reload_at >= 0.5 or (source is not None and file_stamp(source) != self._key_stamp):
             self._unknown_reload_at = now
-            await self.reload_keyring(f"a row is sealed under master key version {max(versions)}, not in the keyring")
+            await self.reload_keyring(f"a row is sealed under master key version {max(unknown)}, not in the keyring")
 
     async def load(self) -> None:
         snap: Snapshot = await self._store.snapshot()
