@@ -6,6 +6,8 @@ credential of `linear`). While it runs, the CLI adds a key version, both sidecar
 key file, every sealed value is re-encrypted, `status` shows nothing left under version 1, and
 version 1 is retired. No request fails or is denied, the upstream only ever sees the right
 credentials, and a credential written after the rotation is served by both sidecars.
+
+And SIGHUP re-reads the key file without stopping the sidecar (the default action would kill it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,7 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz_server.crypto.cipher import read_key_file
 
 from .harness import AUTHZ_CLUSTER, LOOPBACK
-from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Sidecar
+from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Sidecar, run_sidecar, seed_world, serving
 from .test_rolling_restart import Load, Rig, _windows
 
 pytestmark = pytest.mark.e2e
@@ -154,3 +157,15 @@ async def test_online_rotation_under_load_fails_no_request(tmp_path: Path, proce
     for sidecar in rig.sidecars:
         assert "unreadable" not in sidecar.logs(), sidecar.logs()[-3000:]
     print(report)
+
+
+def test_sighup_rereads_the_key_file_and_the_sidecar_keeps_running(tmp_path: Path) -> None:
+    world = seed_world(tmp_path / "world")
+    with run_sidecar(world) as sidecar:
+        sidecar.process.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not any('"why": "SIGHUP"' in line for line in sidecar.logs().splitlines() if "master keyring reloaded" in line):
+            assert time.monotonic() < deadline and sidecar.process.alive(), sidecar.logs()[-3000:]
+            time.sleep(0.05)
+        assert sidecar.process.alive() and serving(sidecar.port)
+        assert _injected(sidecar, world.keys["alice"], "github") == f"Bearer {GITHUB_ALICE}"
