@@ -53,8 +53,8 @@ from authz_server.admin.views import (
 from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, read_pem
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import (
-    ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_with_new_version,
-    spec_without_version, write_key_file,
+    ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_activating,
+    spec_with_new_version, spec_without_version, write_key_file,
 )  # fmt: skip
 from authz_server.crypto.keys import KeyHasher
 from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput, StoreError
@@ -1037,22 +1037,38 @@ def _versions_text(versions: Sequence[int]) -> str:
 
 async def _master_key_add(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
     path = _key_file_of(admin.keyring, "add")
-    spec, version = spec_with_new_version(read_key_file(path), above=await admin.stored_versions())
+    spec, version = spec_with_new_version(read_key_file(path), above=await admin.stored_versions(), active=not a.standby)
     ring = _rewrite_key_file(admin, path, spec)
     await admin.record_versions(me, version)
+    next_step = (f"mcp-authz master-key activate --version {version}" if a.standby else "mcp-authz master-key rotate")
+    what = ("on standby: it opens values but seals none until 'activate'" if a.standby
+            else "it seals every new value from now on")  # fmt: skip
+    return _key_file_changed(path, ring, {"added_version": version},
+                             f"Added master key version {version} to {path} (mode 0600), {what}.", next_step)
+
+
+async def _master_key_activate(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    path = _key_file_of(admin.keyring, "activate")
+    ring = _rewrite_key_file(admin, path, spec_activating(read_key_file(path), a.version))
+    await admin.record_versions(me, a.version, "master_key.activate")
+    return _key_file_changed(path, ring, {"activated_version": a.version},
+                             f"Master key version {a.version} seals every new value from now on.",
+                             "mcp-authz master-key rotate")  # fmt: skip
+
+
+def _key_file_changed(path: Path, ring: Keyring, doc: dict[str, Any], done: str, next_step: str) -> Rendered:
     versions = sorted(ring.versions, reverse=True)
-    doc = {"key_file": str(path), "added_version": version, "active_version": ring.active, "versions": versions}
-    text = (f"Added master key version {version} to {path} (mode 0600): it seals every new value from now on. "
-            f"Versions in the file: {_versions_text(versions)}.\n"
-            "Running sidecars re-read the file within a second (or on SIGHUP) and log 'master keyring reloaded'.\n"
-            "Next, once every sidecar has: mcp-authz master-key rotate")  # fmt: skip
-    return Rendered(doc, text)
+    text = (f"{done} Versions in {path}: {_versions_text(versions)} (active: {ring.active}).\n"
+            "Running sidecars that read this file re-read it within a second (or on SIGHUP) and log "
+            "'master keyring reloaded'; copy it to sidecars on other hosts.\n"
+            f"Next, once every sidecar has: {next_step}")  # fmt: skip
+    return Rendered({"key_file": str(path), **doc, "active_version": ring.active, "versions": versions}, text)
 
 
 async def _master_key_rotate(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
     report = await admin.rotate(me, a.batch)
     status = await admin.status(me)
-    old = [v.version for v in status.versions if not v.active and v.in_keyring]
+    old = [v.version for v in status.versions if v.version < status.active and v.in_keyring]
     lines = [f"Re-encrypted {report.resealed[Entity.SERVER]} server(s) and {report.resealed[Entity.OVERRIDE]} "
              f"override(s) under master key version {report.active}, in {report.batches} batch(es); "
              f"{report.current} row(s) were current already."]  # fmt: skip
@@ -1425,8 +1441,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make a new CA even if --out has one (with --force to replace it)")
 
     master_key = group("master-key", "rotate the master key while sidecars serve (local store only)")
-    leaf(master_key, "add", "add a new master key version to the key file; it seals new values from now on",
-         _run_master_key(_master_key_add))
+    p = leaf(master_key, "add", "add a new master key version to the key file; it seals new values from now on",
+             _run_master_key(_master_key_add))
+    p.add_argument("--standby", action="store_true",
+                   help="add it last, opening but not sealing, until 'activate' (sidecars on several hosts)")
+    p = leaf(master_key, "activate", "make a version in the key file the one that seals new values",
+             _run_master_key(_master_key_activate))
+    p.add_argument("--version", type=_parse_version, required=True, metavar="N", help="the version to activate")
     p = leaf(master_key, "rotate", "re-encrypt every sealed value under the active version, in batches (exit 1 "
              "while rows remain under an older version)",
              _run_master_key(_master_key_rotate))

@@ -3,6 +3,8 @@
 The procedure (README, "Rotating the master key"), with the CLI's `mcp-authz master-key`:
 1. `add`: the key file gains a new version, which seals from then on (the CLI writes the
    file); `record_versions` stores a check value per version, so a wrong file is refused.
+   With sidecars on several hosts, `add --standby` first (it opens but does not seal), and
+   `activate` once every host has the file.
 2. Running sidecars re-read the file (live/follower.py) and open values under either version.
 3. `rotate`: every sealed value still under an older version is sealed again under the
    active one, a batch per transaction, through the change log, so sidecars reload those rows.
@@ -109,11 +111,12 @@ class MasterKeyAdmin(AdminBase):
         """The versions the store keeps a check value for (a new version is numbered above them)."""
         return set(await self._store.get_key_checks())
 
-    async def record_versions(self, actor: Actor, added: int) -> None:
-        """Store a check value for every version of the keyring (`added` is the new one, for the audit)."""
-        async with self._audit(actor, "master_key.add", "master_key") as op:
-            self._authorize(actor, "master_key.add", None)
-            op.details.update({"version": str(added), "active_version": str(self._keyring.active)})
+    async def record_versions(self, actor: Actor, version: int, action: str = "master_key.add") -> None:
+        """Store a check value for every version of the keyring, after `version` was added to the key
+        file (or made active: `master_key.activate`), and audit it."""
+        async with self._audit(actor, action, "master_key") as op:
+            self._authorize(actor, action, None)
+            op.details.update({"version": str(version), "active_version": str(self._keyring.active)})
             await self._store.put_key_checks(self._keyring.check_values())
 
     async def status(self, actor: Actor) -> KeyStatus:
@@ -144,7 +147,7 @@ class MasterKeyAdmin(AdminBase):
         async with self._audit(actor, "master_key.rotate", "master_key") as op:
             self._authorize(actor, "master_key.rotate", None)
             op.details["active_version"] = str(report.active)
-            newer = [v for v in await self.stored_versions() if v > report.active]
+            newer = [v for v in await self.stored_versions() if v > report.active and v not in self._keyring.versions]
             if newer:
                 # An old copy of the key file would seal everything back under an older key.
                 raise Conflict(

@@ -159,13 +159,23 @@ def _format_spec(entries: Iterable[tuple[int, str]]) -> str:
     return ",".join(f"{version}:{b64}" for version, b64 in entries)
 
 
-def spec_with_new_version(spec: str, above: Iterable[int] = ()) -> tuple[str, int]:
-    """The spec with a new random key in front (so it seals), numbered above every version in the
-    spec and in `above` (e.g. versions the store remembers); and that version."""
+def spec_with_new_version(spec: str, above: Iterable[int] = (), *, active: bool = True) -> tuple[str, int]:
+    """The spec with a new random key, numbered above every version in the spec and in `above`
+    (e.g. versions the store remembers); and that version. In front (it seals) when `active`,
+    else last (on standby: it opens, and `spec_activating` makes it seal later)."""
     entries = _spec_entries(spec)
     version = max([v for v, _ in entries] + list(above)) + 1
-    new_version, b64 = Keyring.generate_spec(version).split(":", 1)
-    return _format_spec([(int(new_version), b64), *entries]), version
+    new = (version, Keyring.generate_spec(version).split(":", 1)[1])
+    return _format_spec([new, *entries] if active else [*entries, new]), version
+
+
+def spec_activating(spec: str, version: int) -> str:
+    """The spec with `version` moved to the front, so it seals."""
+    entries = _spec_entries(spec)
+    chosen = [e for e in entries if e[0] == version]
+    if not chosen:
+        raise MasterKeyError(f"Master key version {version} is not in the key file.")
+    return _format_spec(chosen + [e for e in entries if e[0] != version])
 
 
 def spec_without_version(spec: str, version: int) -> str:

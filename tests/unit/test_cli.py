@@ -1134,6 +1134,29 @@ def test_master_key_add_rotate_status_retire(ready: Cli) -> None:
         "master_key.retire"]  # fmt: skip
 
 
+def test_master_key_standby_then_activate_for_sidecars_on_several_hosts(ready: Cli) -> None:
+    ready.secret_stdin(ALICE_TOKEN)
+    ready.json("principals", "add", "alice")
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    added = ready.json("master-key", "add", "--standby")
+    assert (added["added_version"], added["active_version"], added["versions"]) == (2, 1, [2, 1])
+    assert _remember_keys(ready) == ["1", "2"]  # last: it opens, it does not seal
+    standby = ready("master-key", "rotate")
+    assert standby.code == 0 and "Re-encrypted 0 server(s)" in standby.out and "retire" not in standby.out
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    assert ready.json("master-key", "status")["versions"][1] == {
+        "version": 1, "active": True, "in_key_file": True, "in_store": True, "servers": 1, "overrides": 1}  # fmt: skip
+
+    activated = ready("master-key", "activate", "--version", "2")
+    assert activated.code == 0 and "version 2 seals every new value" in activated.out
+    assert _remember_keys(ready) == ["2", "1"] and stat.S_IMODE(ready.key_file.stat().st_mode) == 0o600
+    assert ready.json("master-key", "rotate")["resealed_overrides"] == 1
+    missing = ready("master-key", "activate", "--version", "7")
+    assert missing.code == 2 and "not in the key file" in missing.err
+    assert [e["action"] for e in ready.json("audit", "--action", "master_key.*")["events"]] == [
+        "master_key.add", "master_key.rotate", "master_key.activate", "master_key.rotate"]  # fmt: skip
+
+
 def test_master_key_refusals(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = read_key_file(ready.key_file)
     _remember_keys(ready)

@@ -204,3 +204,14 @@ async def test_rotate_refuses_an_old_copy_of_the_key_file() -> None:
     with pytest.raises(Conflict, match="knows master key version 2, newer than this key file's active version 1"):
         await stale.rotate(OP)
     assert (await w.keys.status(OP)).rows_under(1) == 6
+
+
+async def test_a_standby_version_does_not_make_rotate_refuse_and_rows_stay_under_the_active_one() -> None:
+    ring = Keyring.from_spec(spec_with_new_version(Keyring.generate_spec(), active=False)[0])  # 2 on standby behind 1
+    store = MemoryStore()
+    await store.migrate()
+    await AdminService(store, ring, KeyHasher(FAST)).initialize(OP)  # the store knows version 2, newer than active
+    keys = MasterKeyAdmin(store, ring, KeyHasher(FAST))
+    report = await keys.rotate(OP)
+    assert report.active == 1 and report.total == 0
+    assert [(v.version, v.active, v.in_store) for v in (await keys.status(OP)).versions] == [(2, False, True), (1, True, True)]

@@ -130,6 +130,18 @@ def test_a_new_version_goes_first_numbered_above_every_known_one() -> None:
     assert Keyring.from_spec(cipher.spec_with_new_version(bare)[0]).versions == (1, 2)
 
 
+def test_a_standby_version_goes_last_until_activated() -> None:
+    spec = Keyring.generate_spec(1)
+    grown, version = cipher.spec_with_new_version(spec, active=False)
+    assert version == 2 and grown.startswith(spec + ",")
+    assert Keyring.from_spec(grown).active == 1
+    activated = cipher.spec_activating(grown, 2)
+    assert Keyring.from_spec(activated).active == 2 and Keyring.from_spec(activated).versions == (1, 2)
+    assert cipher.spec_activating(activated, 2) == activated
+    with pytest.raises(MasterKeyError, match="version 5 is not in the key file"):
+        cipher.spec_activating(grown, 5)
+
+
 def test_dropping_a_version_keeps_the_others_and_never_the_active_one_out() -> None:
     spec = ",".join(Keyring.generate_spec(v) for v in (3, 2, 1))
     assert Keyring.from_spec(cipher.spec_without_version(spec, 2)).versions == (1, 3)

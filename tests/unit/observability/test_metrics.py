@@ -56,6 +56,7 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     assert values[("mcp_authz_access_log_streams", ())] == 2
     assert values[("mcp_authz_master_key_version", (("role", "active"),))] == 3
     assert values[("mcp_authz_master_key_version", (("role", "oldest"),))] == 2
+    assert values[("mcp_authz_master_key_version", (("role", "newest"),))] == 3
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "entry"),))] == 3
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "message"),))] == 1
     assert values[("mcp_authz_check_duration_seconds_count", ())] == 2
