@@ -24,7 +24,7 @@ from typing import Any
 
 from authz_server.admin.base import AdminBase
 from authz_server.admin.policy import Actor
-from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
+from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing, active_cannot_go
 from authz_server.errors import AuthzError, Conflict, InvalidInput, NotFound
 from authz_server.models import Entity, SealedRow, split_override_key
 
@@ -173,10 +173,7 @@ class MasterKeyAdmin(AdminBase):
             self._authorize(actor, "master_key.retire", None)
             op.details["version"] = str(version)
             if version == self._keyring.active:
-                raise Conflict(
-                    f"Master key version {version} is the active one: new values are sealed with it. "
-                    "Add a newer version first ('mcp-authz master-key add')."
-                )
+                raise Conflict(active_cannot_go(version))
             status = await self.status(actor)
             if version not in {v.version for v in status.versions}:
                 raise NotFound(f"There is no master key version {version} in the key file or the store.")

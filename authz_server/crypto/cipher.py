@@ -178,14 +178,17 @@ def spec_activating(spec: str, version: int) -> str:
     return _format_spec(chosen + [e for e in entries if e[0] != version])
 
 
+def active_cannot_go(version: int) -> str:
+    """Why the active version cannot be dropped (the key file must always hold the key that seals)."""
+    return (f"Master key version {version} is the active one: new values are sealed with it. "
+            "Add a newer version first ('mcp-authz master-key add').")  # fmt: skip
+
+
 def spec_without_version(spec: str, version: int) -> str:
     """The spec without `version`. The active (first) version cannot be dropped: new values are sealed with it."""
     entries = _spec_entries(spec)
     if entries[0][0] == version:
-        raise MasterKeyError(
-            f"Master key version {version} is the active one: new values are sealed with it. "
-            "Add a newer version first ('mcp-authz master-key add')."
-        )
+        raise MasterKeyError(active_cannot_go(version))
     return _format_spec(e for e in entries if e[0] != version)
 
 
