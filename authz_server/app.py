@@ -296,7 +296,11 @@ async def serve(
             asyncio.create_task(sidecar.rejected_overrides.run(), name="override-status"),
             asyncio.create_task(sidecar.last_used.run(), name="last-used"),
             asyncio.create_task(_retention(sidecar), name="retention"),
+            asyncio.create_task(trim_change_log(sidecar.settings, sidecar.store), name="change-log-trim"),
         ]
+        if stop.is_set():  # stopped while loading: never reported SERVING, so nothing to drain either
+            log.info("stopped before ready")
+            return
         sidecar.health.set(True, "ok")
         with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the master key file
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sidecar.follower.request_keyring_reload)
@@ -481,6 +485,21 @@ async def _retention(sidecar: Sidecar, every: float = 3600.0) -> None:
                         log.info("retention", extra={"table": what, "removed": removed})
                 except Exception as exc:  # noqa: BLE001 - retried next round
                     log.warning("retention failed", extra={"table": what, "error": type(exc).__name__})
+        await asyncio.sleep(every)
+
+
+async def trim_change_log(settings: Settings, store: Store, every: float = 300.0) -> None:
+    """Trim the change log to its bounds (age, count), at start and then every `every` seconds.
+    Every sidecar does it; the deletes are idempotent, and the newest row always stays."""
+    hours, rows = settings.change_log_retention_hours, settings.change_log_max_rows
+    while hours or rows:
+        try:
+            before = datetime.now(UTC) - timedelta(hours=hours) if hours else None
+            removed = await store.trim_changes(before=before, keep=rows or None)
+            if removed:
+                log.info("change log trimmed", extra={"removed": removed})
+        except Exception as exc:  # noqa: BLE001 - retried next round
+            log.warning("change log trim failed", extra={"error": type(exc).__name__})
         await asyncio.sleep(every)
 
 

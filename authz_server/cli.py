@@ -318,9 +318,10 @@ async def _local_store(ctx: _Context) -> AsyncIterator[tuple[Store, Keyring]]:
     """An initialised local store and the master keyring, checked against it."""
     _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
     keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
-    store = await _open_store(ctx.settings.store_url)
+    store = await _open_store(ctx.settings.store_url, create=False)  # a missing store or schema is not made
     try:
         await _service(store, keyring, ctx.settings).verify_master_key()
+        await store.migrate()  # an older schema is upgraded, once the master key is known to fit
         yield store, keyring
     finally:
         await store.close()
@@ -553,8 +554,18 @@ async def _servers_show(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Re
 
 
 async def _servers_update(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
-    view = await admin.update_server(me, a.name, upstream_url=a.upstream_url, description=a.description)
-    return Rendered({"server": view.to_json()}, f"Updated server {view.name}.\n\n{_server_text(view)}")
+    def names(items: list[str] | None) -> set[str] | None:
+        return None if items is None else {n for item in items for n in _csv(item)}
+
+    view, issues = await admin.update_server(
+        me, a.name, upstream_url=a.upstream_url, description=a.description, mode=a.mode, headers=a.header,
+        optional=names(a.optional), required=names(a.required),
+    )  # fmt: skip
+    text = f"Updated server {view.name}.\n\n{_server_text(view)}"
+    if issues:
+        text += (f"\n\n{len(issues)} override(s) no longer fit and are now missing (kept, not deleted):\n"
+                 + "\n".join(f"  {i.principal}: needs {', '.join(i.missing)}" for i in issues))  # fmt: skip
+    return Rendered({"server": view.to_json(), "incompatible": [i.to_json() for i in issues]}, text)
 
 
 async def _servers_set_shared(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
@@ -595,6 +606,22 @@ async def _principals_add(admin: AdminOps, me: Actor, a: argparse.Namespace) -> 
 async def _principals_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
     views = await admin.list_principals(me, a.team)
     return Rendered({"principals": [v.to_json() for v in views]}, _principals_table(views))
+
+
+async def _principals_update(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    roles = None if a.roles is None else _csv(a.roles)
+    view = await admin.update_principal(me, a.name, roles=roles, team=a.team, kind=a.kind,
+                                        rate_limit_per_minute=a.rate_limit)  # fmt: skip
+    return Rendered({"principal": view.to_json()}, f"Updated principal {view.name}.\n\n{_principals_table([view])}")
+
+
+async def _principals_delete(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    gone = await admin.delete_principal(me, a.name)
+    return Rendered(
+        {"deleted": gone.to_json()},
+        f"Deleted principal {gone.name} ({gone.id}): {gone.keys_revoked} key(s) revoked, "
+        f"{gone.overrides_deleted} override(s) deleted. Its audit events and usage records are kept.",
+    )
 
 
 async def _teams_list(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
@@ -1343,10 +1370,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="")
     p.add_argument("--upstream-url", default="", metavar="URL",
                    help="the upstream MCP endpoint, for 'overrides test' (e.g. https://mcp.example.com/mcp)")
-    p = leaf(servers, "update", "change a server's upstream URL or description", _run_managed(_servers_update))
+    p = leaf(servers, "update", "change a server's mode, headers, placeholders, upstream URL or description",
+             _run_managed(_servers_update))  # fmt: skip
     p.add_argument("name")
     p.add_argument("--upstream-url", metavar="URL", help="the upstream MCP endpoint ('' clears it)")
     p.add_argument("--description")
+    p.add_argument("--mode", choices=[m.value for m in AuthMode], help="a new mode (none clears the headers)")
+    p.add_argument("--header", "-H", action="append", metavar="'NAME: TEMPLATE'",
+                   help="replaces every credential header (repeatable); overrides are kept, and those missing a "
+                        "newly required placeholder are reported and marked missing")
+    p.add_argument("--optional", action="append", metavar="PLACEHOLDER", help="make a placeholder optional")
+    p.add_argument("--required", action="append", metavar="PLACEHOLDER", help="make a placeholder required")
     leaf(servers, "list", "list servers", _run_managed(_servers_list))
     leaf(servers, "show", "show one server", _run_managed(_servers_show)).add_argument("name")
     leaf(
@@ -1368,6 +1402,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="user", choices=["user", "service"])
     p.add_argument("--rate-limit", type=int, metavar="N", help="requests per minute (default: unlimited)")
     leaf(principals, "list", "list principals", _run_managed(_principals_list)).add_argument("--team")
+    p = leaf(principals, "update", "change a principal's roles, team, kind or rate limit", _run_managed(_principals_update))
+    p.add_argument("name")
+    p.add_argument("--roles", help="comma-separated: admin, manager, user (replaces them)")
+    p.add_argument("--team", help="team (created when missing)")
+    p.add_argument("--kind", choices=["user", "service"])
+    p.add_argument("--rate-limit", type=int, metavar="N", help="requests per minute (0: unlimited)")
+    leaf(principals, "delete", "delete a principal, its keys and overrides (audit and usage records stay)",
+         _run_managed(_principals_delete)).add_argument("name")  # fmt: skip
     disable_text = "disable a principal (all its keys stop working)"
     leaf(principals, "disable", disable_text, _run_managed(_toggle("principal", True))).add_argument("name")
     leaf(principals, "enable", "enable a principal", _run_managed(_toggle("principal", False))).add_argument("name")

@@ -122,6 +122,10 @@ class Settings:
     spool_max_mb: float = 256.0  # per queue and sidecar; past it, records are dropped (counted)
     audit_retention_days: float = 365.0  # 0 keeps everything
     usage_retention_days: float = 90.0
+    # The change log: rows older than this many hours, and past the newest N rows, are trimmed
+    # (0: no such bound). A sidecar that falls behind the trimmed point reloads the whole state.
+    change_log_retention_hours: float = 168.0
+    change_log_max_rows: int = 100_000
     signature_header: str = SIGNATURE_HEADER
     timestamp_header: str = TIMESTAMP_HEADER
     log_level: str = "INFO"
@@ -160,6 +164,8 @@ class Settings:
             "audit_retention_days": ("MCP_AUTHZ_AUDIT_RETENTION_DAYS", float),
             "usage_retention_days": ("MCP_AUTHZ_USAGE_RETENTION_DAYS", float),
             "spool_max_mb": ("MCP_AUTHZ_SPOOL_MAX_MB", float),
+            "change_log_retention_hours": ("MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS", float),
+            "change_log_max_rows": ("MCP_AUTHZ_CHANGE_LOG_MAX_ROWS", int),
         }
         for name, (var, kind) in numbers.items():
             if env.get(var):
@@ -211,6 +217,12 @@ class Settings:
             raise ConfigError("The spool bound (MCP_AUTHZ_SPOOL_MAX_MB) must be between 1 and 1048576 MB.")
         if self.audit_retention_days < 0 or self.usage_retention_days < 0:
             raise ConfigError("Retention must be a number of days, or 0 to keep everything.")
+        if self.change_log_retention_hours != 0 and not 1 <= self.change_log_retention_hours <= 24 * 3650:
+            raise ConfigError("The change-log retention (MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS) must be 0 (no age "
+                              "bound) or 1 to 87600 hours.")  # fmt: skip
+        if self.change_log_max_rows != 0 and not 1000 <= self.change_log_max_rows <= 10**9:
+            raise ConfigError("The change-log bound (MCP_AUTHZ_CHANGE_LOG_MAX_ROWS) must be 0 (no count bound) or "
+                              "1000 to 1000000000 rows.")  # fmt: skip
         if not self.store_url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
             raise ConfigError("The store URL must start with sqlite://, postgresql:// or memory://.")
         header = self.key_header.lower()

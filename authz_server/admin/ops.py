@@ -22,8 +22,8 @@ from typing import Protocol
 
 from authz_server.admin.policy import Actor
 from authz_server.admin.views import (
-    AuditView, CredentialStatusView, GatewayKeyView, OverrideTestView, OverrideView, PrincipalView, ServerFormView,
-    ServerView, TeamView, UsageView, WhoAmIView,
+    AuditView, CredentialStatusView, GatewayKeyView, OverrideIssueView, OverrideTestView, OverrideView,
+    PrincipalDeletedView, PrincipalView, ServerFormView, ServerView, TeamView, UsageView, WhoAmIView,
 )  # fmt: skip
 from authz_server.models import AuthMode, PrincipalKind, Role, Secret
 
@@ -63,8 +63,16 @@ class AdminOps(Protocol):
         ...
 
     async def update_server(self, actor: Actor, name: str, *, upstream_url: str | None = None,
-                            description: str | None = None) -> ServerView:  # fmt: skip
-        """Change a server's upstream URL and/or description (None: unchanged, "": cleared). Admins."""
+                            description: str | None = None, mode: AuthMode | str | None = None,
+                            headers: Sequence[str] | None = None, optional: Iterable[str] | None = None,
+                            required: Iterable[str] | None = None,
+                            ) -> tuple[ServerView, list[OverrideIssueView]]:  # fmt: skip
+        """Change a server in place (None: unchanged; an upstream URL or description "": cleared).
+        Admins. `headers` replace the templates, validated as in `add_server`; a placeholder kept
+        keeps its required/optional flag unless named in `optional` or `required`, a new one is
+        required. Every override is kept: one that lacks a now-required placeholder (with the
+        shared values, in shared mode) gets status `missing` with a reason and is reported in the
+        returned list, per principal. Shared values of placeholders that are gone are dropped."""
         ...
 
     async def set_shared(self, actor: Actor, name: str, values: Mapping[str, str]) -> ServerView:
@@ -94,6 +102,19 @@ class AdminOps(Protocol):
 
     async def set_principal_disabled(self, actor: Actor, name: str, disabled: bool) -> PrincipalView:
         """Disabling blocks every key of the principal at once; enabling restores them. Admins."""
+        ...
+
+    async def update_principal(self, actor: Actor, name: str, *, roles: Iterable[Role | str] | None = None,
+                               team: str | None = None, kind: PrincipalKind | str | None = None,
+                               rate_limit_per_minute: int | None = None) -> PrincipalView:  # fmt: skip
+        """Change a principal's roles, team (created when missing), kind or rate limit (0: none);
+        None leaves a field as it is. Admins; nobody gives a role above their own, and the last
+        enabled admin keeps the admin role."""
+        ...
+
+    async def delete_principal(self, actor: Actor, name: str) -> PrincipalDeletedView:
+        """Delete a principal: its keys stop working at once and go, with its overrides; its audit
+        events and usage records stay. Admins; the last enabled admin cannot be deleted."""
         ...
 
     async def list_teams(self, actor: Actor) -> list[TeamView]:

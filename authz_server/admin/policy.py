@@ -10,7 +10,8 @@ decides. The rule, as README's Administration section states it:
   principal's keys, since a key for someone is the power to act as them;
 - manager and user: their own keys, overrides and usage records;
 - everything else (servers, principals, teams, pruning usage, the audit trail)
-  is for admins.
+  is for admins;
+- and whoever gives roles gives none above their own (`authorize_grant`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ def authorize(actor: Actor, action: str, target: Principal | None = None, *, eve
             if manages and rank(target.roles) <= rank(roles):
                 return
     raise PermissionDenied(f"You are not allowed to do {action} on this target.")
+
+
+def authorize_grant(actor: Actor, roles: Iterable[Role]) -> None:
+    """Nobody gives a role that ranks above their own (a manager never makes an admin), whatever
+    else `authorize` lets them do: raise PermissionDenied."""
+    if rank(roles) > rank(actor.roles):
+        raise PermissionDenied("You may not give a role that ranks above your own.")
 
 
 def may(actor: Actor, action: str, target: Principal | None = None, *, everyone: bool = False) -> bool:

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from dataclasses import replace
 
 from authz_server.admin import validate
 from authz_server.admin.base import AdminBase
-from authz_server.admin.policy import CLI_ACTOR_ID, Actor
-from authz_server.admin.views import PrincipalView, TeamView, WhoAmIView
+from authz_server.admin.policy import CLI_ACTOR_ID, Actor, authorize_grant
+from authz_server.admin.views import PrincipalDeletedView, PrincipalView, TeamView, WhoAmIView
 from authz_server.crypto import keys as gateway_keys
 from authz_server.errors import Conflict, InvalidInput, NotFound
 from authz_server.models import Principal, PrincipalKind, Role
 
 _PRINCIPAL_ID_LEN = 12
 MAX_RATE_LIMIT = 1_000_000  # requests per minute
+
+
+def _check_rate_limit(per_minute: int) -> int:
+    if isinstance(per_minute, bool) or not isinstance(per_minute, int) or not 1 <= per_minute <= MAX_RATE_LIMIT:
+        raise InvalidInput(f"The rate limit must be between 1 and {MAX_RATE_LIMIT} requests per minute.")
+    return per_minute
 
 
 def new_principal_id() -> str:
@@ -44,8 +51,8 @@ class PrincipalAdmin(AdminBase):
             validate.check_name(team, "team")
             role_tuple = validate.parse_roles(roles)
             principal_kind = validate.parse_kind(kind)
-            if rate_limit_per_minute is not None and not 1 <= rate_limit_per_minute <= MAX_RATE_LIMIT:
-                raise InvalidInput(f"The rate limit must be between 1 and {MAX_RATE_LIMIT} requests per minute.")
+            if rate_limit_per_minute is not None:
+                _check_rate_limit(rate_limit_per_minute)
             if await self._store.get_principal_by_name(name) is not None:
                 raise Conflict(f"A principal named {name} exists already.")
             now = self._now()
@@ -84,6 +91,60 @@ class PrincipalAdmin(AdminBase):
             self._authorize(actor, action, None)
             principal = await self._principal(name)
             return PrincipalView.of(await self._store.set_principal_disabled(principal.id, disabled))
+
+    async def update_principal(self, actor: Actor, name: str, *, roles: Iterable[Role | str] | None = None,
+                               team: str | None = None, kind: PrincipalKind | str | None = None,
+                               rate_limit_per_minute: int | None = None) -> PrincipalView:  # fmt: skip
+        async with self._audit(actor, "principals.update", f"principal:{name}") as op:
+            self._authorize(actor, "principals.update", None)
+            principal = await self._principal(name)
+            if roles is None and team is None and kind is None and rate_limit_per_minute is None:
+                raise InvalidInput("Nothing to change: give roles, a team, a kind or a rate limit.")
+            updated = principal
+            if roles is not None:
+                role_tuple = validate.parse_roles(roles)
+                authorize_grant(actor, role_tuple)
+                if Role.ADMIN in principal.roles and Role.ADMIN not in role_tuple:
+                    await self._keep_an_admin(principal, "lose the admin role")
+                updated = replace(updated, roles=role_tuple)
+                op.details["roles"] = ",".join(r.value for r in role_tuple)
+            if kind is not None:
+                updated = replace(updated, kind=validate.parse_kind(kind))
+                op.details["kind"] = updated.kind.value
+            if rate_limit_per_minute is not None:
+                # 0 lifts the limit; anything else must be a valid one.
+                limit = None if rate_limit_per_minute == 0 else _check_rate_limit(rate_limit_per_minute)
+                updated = replace(updated, rate_limit_per_minute=limit)
+                op.details["rate_limit_per_minute"] = str(limit or "none")
+            if team is not None:
+                validate.check_name(team, "team")
+                await self._store.ensure_team(team, self._now())
+                updated = replace(updated, team=team)
+                op.details["team"] = team
+            return PrincipalView.of(await self._store.update_principal(updated))
+
+    async def delete_principal(self, actor: Actor, name: str) -> PrincipalDeletedView:
+        async with self._audit(actor, "principals.delete", f"principal:{name}") as op:
+            self._authorize(actor, "principals.delete", None)
+            principal = await self._principal(name)
+            if Role.ADMIN in principal.roles:
+                await self._keep_an_admin(principal, "be deleted")
+            keys = await self._store.list_keys(principal.id)
+            overrides = await self._store.list_overrides(principal_id=principal.id)
+            await self._store.delete_principal(principal.id)
+            op.details.update({"id": principal.id, "keys_revoked": str(len(keys)),
+                               "overrides_deleted": str(len(overrides))})  # fmt: skip
+            return PrincipalDeletedView(principal.id, principal.name, len(keys), len(overrides))
+
+    async def _keep_an_admin(self, principal: Principal, change: str) -> None:
+        """Refuse to leave the store without an enabled admin principal: nobody could then manage
+        it through the admin API."""
+        others = [p for p in await self._store.list_principals()
+                  if p.id != principal.id and Role.ADMIN in p.roles and not p.disabled]  # fmt: skip
+        if not others:
+            raise InvalidInput(
+                f"{principal.name} is the last enabled admin and cannot {change}: make another principal an admin first."
+            )
 
     async def list_teams(self, actor: Actor) -> list[TeamView]:
         async with self._audit(actor, "teams.list", "teams"):

@@ -31,8 +31,8 @@ from authz_server.admin.ops import DEFAULT_LIMIT, MAX_LIMIT, PAGE_SIZE, AdminOps
 from authz_server.admin.policy import Actor
 from authz_server.admin.rpcs import LOCAL_ONLY, Rpc, Stream, rpcs_of
 from authz_server.admin.views import (
-    AuditView, CredentialStatusView, GatewayKeyView, OverrideTestView, OverrideView, PrincipalView, ServerFormView,
-    ServerView, TeamView, UsageView, WhoAmIView,
+    AuditView, CredentialStatusView, GatewayKeyView, OverrideIssueView, OverrideTestView, OverrideView,
+    PrincipalDeletedView, PrincipalView, ServerFormView, ServerView, TeamView, UsageView, WhoAmIView,
 )  # fmt: skip
 from authz_server.admin.wire import REASON_TRAILER
 from authz_server.errors import InvalidInput, RemoteError
@@ -157,7 +157,10 @@ class RemoteAdmin:
         return await self._run(AdminOps.add_server, locals())
 
     async def update_server(self, actor: Actor, name: str, *, upstream_url: str | None = None,
-                            description: str | None = None) -> ServerView:  # fmt: skip
+                            description: str | None = None, mode: AuthMode | str | None = None,
+                            headers: Sequence[str] | None = None, optional: Iterable[str] | None = None,
+                            required: Iterable[str] | None = None,
+                            ) -> tuple[ServerView, list[OverrideIssueView]]:  # fmt: skip
         return await self._run(AdminOps.update_server, locals())
 
     async def set_shared(self, actor: Actor, name: str, values: Mapping[str, str]) -> ServerView:
@@ -179,6 +182,14 @@ class RemoteAdmin:
 
     async def set_principal_disabled(self, actor: Actor, name: str, disabled: bool) -> PrincipalView:
         return await self._run(AdminOps.set_principal_disabled, locals())
+
+    async def update_principal(self, actor: Actor, name: str, *, roles: Iterable[Role | str] | None = None,
+                               team: str | None = None, kind: PrincipalKind | str | None = None,
+                               rate_limit_per_minute: int | None = None) -> PrincipalView:  # fmt: skip
+        return await self._run(AdminOps.update_principal, locals())
+
+    async def delete_principal(self, actor: Actor, name: str) -> PrincipalDeletedView:
+        return await self._run(AdminOps.delete_principal, locals())
 
     async def list_teams(self, actor: Actor) -> list[TeamView]:
         return await self._run(AdminOps.list_teams, locals())

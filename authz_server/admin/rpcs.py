@@ -140,7 +140,7 @@ class Arg:
 
     def write(self, request: Any, value: Any) -> None:
         """Put the argument in a request (the client's side), or refuse it clearly."""
-        if value is None and self.absent is None and self.kind in ("time", "present", "scalar"):
+        if value is None and self.absent is None and self.kind in ("time", "present", "scalar", "list"):
             return  # not given: the field stays unset
         try:
             plain = [_plain(v) for v in value] if self.kind == "list" else _plain(value)
@@ -249,7 +249,7 @@ RPCS: tuple[Rpc, ...] = (
     Rpc("GetServer", "show_server", Whole(wire.SERVER)),
     Rpc("GetServerForm", "server_form", Whole(wire.FORM)),
     Rpc("AddServer", "add_server", Fields((("server", wire.SERVER), ("signing_secret", wire.SECRET)))),
-    Rpc("UpdateServer", "update_server", Whole(wire.SERVER)),
+    Rpc("UpdateServer", "update_server", Fields((("server", wire.SERVER), ("incompatible", wire.ISSUES)))),
     Rpc("SetSharedValues", "set_shared", Whole(wire.SERVER)),
     Rpc("RemoveServer", "remove_server"),
     Rpc("RotateSigningSecret", "rotate_signing_secret", Fields((("signing_secret", wire.SECRET),)),
@@ -259,6 +259,8 @@ RPCS: tuple[Rpc, ...] = (
         defaults={"team": "default", "roles": ["user"], "kind": "user"}),
     Rpc("DisablePrincipal", "set_principal_disabled", Whole(wire.PRINCIPAL), fixed={"disabled": True}),
     Rpc("EnablePrincipal", "set_principal_disabled", Whole(wire.PRINCIPAL), fixed={"disabled": False}),
+    Rpc("UpdatePrincipal", "update_principal", Whole(wire.PRINCIPAL)),
+    Rpc("DeletePrincipal", "delete_principal", Whole(wire.PRINCIPAL_DELETED)),
     Rpc("ListTeams", "list_teams", Each("teams", wire.TEAM)),
     Rpc("DisableTeam", "set_team_disabled", Whole(wire.TEAM), fixed={"disabled": True}),
     Rpc("EnableTeam", "set_team_disabled", Whole(wire.TEAM), fixed={"disabled": False}),

@@ -149,6 +149,27 @@ class ServerFormView(_View):
 
 
 @dataclass(frozen=True, slots=True)
+class OverrideIssueView(_View):
+    """An override that no longer fits its server after `servers update`: the required
+    placeholders it lacks. Its status is now `missing` with `reason`; it is kept, not dropped."""
+
+    principal: str  # name (its id when gone)
+    server: str
+    missing: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalDeletedView(_View):
+    """What `principals delete` removed with the principal; its audit events and usage records stay."""
+
+    id: str
+    name: str
+    keys_revoked: int
+    overrides_deleted: int
+
+
+@dataclass(frozen=True, slots=True)
 class WhoAmIView(_View):
     """The caller: a principal, or the local operator (`id` "cli")."""
 

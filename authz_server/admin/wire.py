@@ -154,4 +154,9 @@ OVERRIDE_TEST = _codec(views.OverrideTestView, pb.OverrideTestResult)
 AUDIT = _codec(views.AuditView, pb.AuditEvent)
 USAGE = _codec(views.UsageView, pb.UsageRecord)
 WHOAMI = _codec(views.WhoAmIView, pb.WhoAmIResponse)
+PRINCIPAL_DELETED = _codec(views.PrincipalDeletedView, pb.DeletePrincipalResponse)
+_ISSUE = _codec(views.OverrideIssueView, pb.OverrideIssue)
+ISSUES: ViewCodec[list[views.OverrideIssueView], list[pb.OverrideIssue]] = ViewCodec(
+    lambda items: [_ISSUE.message(v) for v in items], lambda messages: [_ISSUE.view(m) for m in messages]
+)  # a repeated field of a reply in `Fields`
 SECRET: ViewCodec[Secret, str] = ViewCodec(Secret.reveal, Secret)  # shown once: a key or a signing secret

@@ -42,7 +42,8 @@ from authz_server.observability.logs import Sampler
 
 log = logging.getLogger(__name__)
 
-Respond = Callable[[bytes], None]
+# A handler's answer: the serialized reply, or None for gRPC UNAVAILABLE (ask another server).
+Respond = Callable[[bytes | None], None]
 _POLL_SECONDS = 1.0
 
 
@@ -74,7 +75,8 @@ class CoreLoop:
         self._thread = threading.Thread(target=self._run, name="core-loop", daemon=True)
 
     def unary(self, method: str, parse: Callable[[bytes], Any], handle: Callable[[Any, Respond], None]) -> None:
-        """`handle(request, respond)` must call `respond(serialized reply)` exactly once, now or from any thread."""
+        """`handle(request, respond)` must call `respond(serialized reply)`, or `respond(None)` for UNAVAILABLE,
+        exactly once, now or from any thread."""
         self._register(_Accept(self, method, lambda call: _Unary(self, call, parse, handle)))
 
     def client_stream(self, method: str, parse: Callable[[bytes], Any], open_stream: Callable[[], Stream],
@@ -205,8 +207,11 @@ class _Unary(_Call):
             return
         self.handle(request, self.reply)
 
-    def reply(self, body: bytes) -> None:
-        self.loop.finish(self.call, body, cygrpc.StatusCode.ok)
+    def reply(self, body: bytes | None) -> None:
+        if body is None:
+            self.loop.finish(self.call, None, cygrpc.StatusCode.unavailable, b"not ready")
+        else:
+            self.loop.finish(self.call, body, cygrpc.StatusCode.ok)
 
 
 class _ClientStream(_Call):

@@ -71,7 +71,11 @@ class AuthorizationServicer:
         try:
             inp = request_translator.to_input(request)
             if not self._health.serving:
-                raise Denied(Reason.NOT_READY)
+                # Loading, or the store lost for too long: gRPC UNAVAILABLE, which Envoy's retry policy
+                # (envoy.yaml) asks another sidecar about; with none left, Envoy answers its own 503.
+                self._metrics.observe_check("deny", Reason.NOT_READY.value, _server(inp), time.perf_counter() - started)
+                respond(None)
+                return
             decision = self._pipeline.decide(inp)
             response = response_translator.allow(decision)
         except Pending as pending:

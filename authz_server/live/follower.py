@@ -116,6 +116,8 @@ class StateFollower:
             await self.reload_keyring(f"a row is sealed under master key version {max(unknown)}, not in the keyring")
 
     async def load(self) -> None:
+        """Read the whole state from a snapshot. Each table is built aside and then swapped in
+        whole, so Check, should this run while it serves (a reload), never sees a half-built one."""
         snap: Snapshot = await self._store.snapshot()
         seq, teams, principals, servers = snap.seq, snap.teams, snap.principals, snap.servers
         keys, overrides = list(snap.keys), list(snap.overrides)
@@ -131,15 +133,17 @@ class StateFollower:
         st.servers = {s.name: self._server_entry(s) for s in servers}
         # Each row is dropped as soon as it is converted, so its memory is reused for the next
         # entries instead of the process holding every row and every entry at its peak.
-        st.keys = {}
+        key_table: dict[str, KeyEntry] = {}
         while keys:
             key = _key_entry(keys.pop())
-            st.keys[key.key_id] = key
+            key_table[key.key_id] = key
+        st.keys = key_table
         self._verified.clear()  # after the new table is in place: see VerifiedKeys.record
-        st.overrides = {}
+        override_table: dict[tuple[str, str], OverrideEntry] = {}
         while overrides:
             override = overrides.pop()
-            st.overrides[(override.principal_id, sys.intern(override.server))] = self._override_entry(override)
+            override_table[(override.principal_id, sys.intern(override.server))] = self._override_entry(override)
+        st.overrides = override_table
         st.seq = self.seen_seq = seq
         st.version += 1
         st.loaded = True
@@ -174,6 +178,10 @@ class StateFollower:
             changes = await self._store.changes_since(self.state.seq)
             if not changes:
                 return total
+            if changes[0].seq > self.state.seq + 1 and await self._behind_trim():
+                await self.load()
+                total += 1
+                continue
             self.seen_seq = max(self.seen_seq, changes[-1].seq)
             # The log names entities; re-read each changed one once, at its newest state.
             latest: dict[tuple[Entity, str], Change] = {(c.entity, c.entity_key): c for c in changes}
@@ -181,6 +189,18 @@ class StateFollower:
                 await self._apply(change)
             self.state.seq = changes[-1].seq
             total += len(changes)
+
+    async def _behind_trim(self) -> bool:
+        """Whether changes this follower never applied were trimmed from the log (a gap alone may be
+        a rolled-back seq on PostgreSQL); if so, say so once: the caller reloads the whole state."""
+        oldest = await self._store.oldest_change_seq()
+        if self.state.seq >= oldest - 1:
+            return False
+        log.warning(
+            "the change log was trimmed past this sidecar's point; reloading the whole state",
+            extra={"seq": self.state.seq, "oldest_kept": oldest},
+        )
+        return True
 
     async def _apply(self, change: Change) -> None:
         st, store, key = self.state, self._store, change.entity_key

@@ -90,7 +90,7 @@ class BatchWriter(Generic[T]):
         self._retry_first = retry_first
         self._retry_cap = retry_cap
         self._settle = settle
-        self._write_timeout = write_timeout
+        self._bounded = Bounded(write_timeout)
         self._spool = spool
         self._spill_failed = False
         self._next_attempt = 0.0
@@ -295,17 +295,8 @@ class BatchWriter(Generic[T]):
         return []
 
     async def _attempt(self, records: list[T]) -> None:
-        """One write, bounded by `write_timeout`. A store that does not answer (a partition: no
-        error ever arrives) fails the attempt, which is cancelled and left to end on its own. Should
-        it have committed after all, the retry adds nothing: each record carries its uid and the
-        store keeps one row per uid."""
-        attempt = asyncio.ensure_future(self._write_batch(records))
-        done, _ = await asyncio.wait({attempt}, timeout=self._write_timeout)
-        if not done:
-            attempt.cancel()
-            attempt.add_done_callback(_consume)
-            raise WriteTimeout(f"The store did not answer a write within {self._write_timeout:g} s.")
-        attempt.result()
+        """One write, bounded in time (`Bounded`): a store that does not answer fails the attempt."""
+        await self._bounded(lambda: self._write_batch(records))
 
     def _refused(self, lost: int, exc: Exception) -> None:
         if lost:
@@ -356,6 +347,33 @@ class BatchWriter(Generic[T]):
         if failed is not None:
             log.warning("items dropped: cannot convert", extra={"queue": self.name, "error": type(failed).__name__})
         return records
+
+
+class Bounded:
+    """Store writes awaited for at most `timeout` seconds each, and at most one in flight.
+
+    A write not answered in time (a partition sends no error) fails with WriteTimeout, but is left
+    running: cancelling it could leave the connection inside a transaction (SQLite's), and awaiting
+    its end could hang as long as the store is silent. Until it ends, every further write fails at
+    once without starting, so a long outage piles up no attempts. Should the abandoned write commit
+    after all, a retry adds nothing twice: records carry uids (models.new_uid)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._abandoned: asyncio.Future[None] | None = None
+
+    async def __call__(self, write: Callable[[], Awaitable[None]]) -> None:
+        if self._abandoned is not None:
+            if not self._abandoned.done():
+                raise WriteTimeout("The store has not yet answered an earlier write.")
+            self._abandoned = None
+        attempt = asyncio.ensure_future(write())
+        done, _ = await asyncio.wait({attempt}, timeout=self.timeout)
+        if not done:
+            self._abandoned = attempt
+            attempt.add_done_callback(_consume)
+            raise WriteTimeout(f"The store did not answer a write within {self.timeout:g} s.")
+        attempt.result()
 
 
 def _consume(task: asyncio.Future[None]) -> None:

@@ -94,6 +94,14 @@ class Store(Protocol):
 
     async def set_principal_disabled(self, principal_id: str, disabled: bool) -> Principal: ...
 
+    async def update_principal(self, principal: Principal) -> Principal:
+        """Replace kind, team, roles and rate limit (not id, name, disabled or created_at).
+        NotFound when the principal or the team is missing."""
+
+    async def delete_principal(self, principal_id: str) -> None:
+        """Delete the principal with its keys and overrides, each logged as a change. Audit events
+        and usage records naming it stay. NotFound when missing."""
+
     # --- MCP servers -----------------------------------------------------------
     async def add_server(self, server: McpServer) -> McpServer: ...
 
@@ -138,6 +146,14 @@ class Store(Protocol):
     # --- change log ---------------------------------------------------------------
     async def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
         """Changes with seq > `seq`, oldest first, at most `limit`."""
+
+    async def trim_changes(self, *, before: datetime | None = None, keep: int | None = None) -> int:
+        """Delete change-log rows older than `before` and those beyond the newest `keep`; never the
+        newest row (it carries the seq a snapshot reports). Return how many were deleted."""
+
+    async def oldest_change_seq(self) -> int:
+        """The oldest seq still in the change log (0 when empty): a follower whose seq is below
+        it minus one has missed trimmed changes and must reload the snapshot."""
 
     async def wait_for_changes(self, timeout: float) -> None:
         """Return when new changes may exist (PostgreSQL: NOTIFY), or after `timeout` seconds."""

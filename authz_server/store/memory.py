@@ -65,6 +65,7 @@ class MemoryStore:
         self._keys: dict[str, GatewayKey] = {}
         self._overrides: dict[tuple[str, str], Override] = {}
         self._changes: list[Change] = []
+        self._seq = 0  # the newest seq ever logged: trimming never makes one come back
         self._audit: list[AuditEvent] = []
         self._audit_ids = 0
         self._usage: list[UsageRecord] = []
@@ -200,6 +201,33 @@ class MemoryStore:
         self._log(Entity.PRINCIPAL, principal_id)
         return self._principals[principal_id]
 
+    async def update_principal(self, principal: Principal) -> Principal:
+        self._open()
+        existing = self._principals.get(principal.id)
+        if existing is None:
+            raise NotFound(f"There is no principal with id {principal.id!r}.")
+        if principal.team not in self._teams:
+            raise NotFound(f"There is no team named {principal.team!r}.")
+        self._principals[principal.id] = dataclasses.replace(
+            existing, kind=principal.kind, team=principal.team, roles=principal.roles,
+            rate_limit_per_minute=principal.rate_limit_per_minute,
+        )  # fmt: skip
+        self._log(Entity.PRINCIPAL, principal.id)
+        return self._principals[principal.id]
+
+    async def delete_principal(self, principal_id: str) -> None:
+        self._open()
+        if principal_id not in self._principals:
+            raise NotFound(f"There is no principal with id {principal_id!r}.")
+        for key_id in sorted(k for k, key in self._keys.items() if key.principal_id == principal_id):
+            del self._keys[key_id]
+            self._log(Entity.KEY, key_id)
+        for row in sorted(r for r in self._overrides if r[0] == principal_id):
+            del self._overrides[row]
+            self._log(Entity.OVERRIDE, override_key(*row))
+        del self._principals[principal_id]
+        self._log(Entity.PRINCIPAL, principal_id)
+
     # --- MCP servers -------------------------------------------------------------------
 
     async def add_server(self, server: McpServer) -> McpServer:
@@ -330,8 +358,8 @@ class MemoryStore:
     # --- change log ---------------------------------------------------------------------------------
 
     def _log(self, entity: Entity, key: str) -> None:
-        seq = self._changes[-1].seq + 1 if self._changes else 1
-        self._changes.append(Change(seq=seq, entity=entity, entity_key=key, at=now()))
+        self._seq += 1
+        self._changes.append(Change(seq=self._seq, entity=entity, entity_key=key, at=now()))
         # Wake every current waiter; later waiters wait on a fresh event.
         self._changed.set()
         self._changed = asyncio.Event()
@@ -341,6 +369,23 @@ class MemoryStore:
         if limit <= 0:
             return []
         return [c for c in self._changes if c.seq > seq][:limit]
+
+    async def trim_changes(self, *, before: datetime | None = None, keep: int | None = None) -> int:
+        self._open()
+        if before is None and keep is None:
+            return 0
+        cut = None if before is None else utc(before)
+        # The newest row stays; past it, a row goes when it is older than `before` or beyond `keep`.
+        newest_first = list(reversed(self._changes))
+        kept = [c for i, c in enumerate(newest_first)
+                if i == 0 or not ((cut is not None and c.at < cut) or (keep is not None and i >= max(1, keep)))]  # fmt: skip
+        trimmed = len(self._changes) - len(kept)
+        self._changes = kept[::-1]
+        return trimmed
+
+    async def oldest_change_seq(self) -> int:
+        self._open()
+        return self._changes[0].seq if self._changes else 0
 
     async def wait_for_changes(self, timeout: float) -> None:
         self._open()

@@ -318,6 +318,37 @@ class SqlStore(abc.ABC):
             await self._log(tx, Entity.PRINCIPAL, principal_id)
             return await self._must(self._principal(tx, principal_id))
 
+    async def update_principal(self, principal: Principal) -> Principal:
+        async with self._write() as tx:
+            if not await tx.fetchrow("SELECT 1 FROM teams WHERE name = ?", principal.team):
+                raise NotFound(f"There is no team named {principal.team!r}.")
+            values = dict(zip(PRINCIPAL_COLUMNS, self._codec.encode_principal(principal), strict=True))
+            columns = ("kind", "team", "roles", "rate_limit_per_minute")
+            changed = await tx.execute(
+                f"UPDATE principals SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                *(values[c] for c in columns),
+                principal.id,
+            )
+            if not changed:
+                raise NotFound(f"There is no principal with id {principal.id!r}.")
+            await self._log(tx, Entity.PRINCIPAL, principal.id)
+            return await self._must(self._principal(tx, principal.id))
+
+    async def delete_principal(self, principal_id: str) -> None:
+        async with self._write() as tx:
+            if not await tx.fetchrow("SELECT 1 FROM principals WHERE id = ?", principal_id):
+                raise NotFound(f"There is no principal with id {principal_id!r}.")
+            keys = await tx.fetch("SELECT key_id FROM gateway_keys WHERE principal_id = ? ORDER BY key_id", principal_id)
+            servers = await tx.fetch("SELECT server FROM overrides WHERE principal_id = ? ORDER BY server", principal_id)
+            await tx.execute("DELETE FROM gateway_keys WHERE principal_id = ?", principal_id)
+            await tx.execute("DELETE FROM overrides WHERE principal_id = ?", principal_id)
+            await tx.execute("DELETE FROM principals WHERE id = ?", principal_id)
+            for row in keys:
+                await self._log(tx, Entity.KEY, row["key_id"])
+            for row in servers:
+                await self._log(tx, Entity.OVERRIDE, override_key(principal_id, row["server"]))
+            await self._log(tx, Entity.PRINCIPAL, principal_id)
+
     async def _principal(self, tx: Tx, principal_id: str) -> Principal | None:
         row = await tx.fetchrow("SELECT * FROM principals WHERE id = ?", principal_id)
         return None if row is None else self._codec.decode_principal(row)
@@ -506,6 +537,29 @@ class SqlStore(abc.ABC):
         async with self._read() as tx:
             rows = await tx.fetch("SELECT * FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?", seq, limit)
         return [self._codec.decode_change(r) for r in rows]
+
+    async def trim_changes(self, *, before: datetime | None = None, keep: int | None = None) -> int:
+        reasons: list[str] = []
+        args: list[Any] = []
+        if before is not None:
+            reasons.append("at < ?")
+            args.append(self._codec.time(before))
+        if keep is not None:
+            # At or below the seq of the first row past the newest `keep` (none: nothing to cut).
+            reasons.append("seq <= (SELECT seq FROM change_log ORDER BY seq DESC LIMIT 1 OFFSET ?)")
+            args.append(max(1, keep))
+        if not reasons:
+            return 0
+        async with self._write(serial=False) as tx:
+            return await tx.execute(
+                f"DELETE FROM change_log WHERE seq < (SELECT MAX(seq) FROM change_log) AND ({' OR '.join(reasons)})",
+                *args,
+            )
+
+    async def oldest_change_seq(self) -> int:
+        async with self._read() as tx:
+            row = await tx.fetchrow("SELECT COALESCE(MIN(seq), 0) AS seq FROM change_log")
+        return int(row["seq"]) if row else 0
 
     async def snapshot(self) -> Snapshot:
         codec = self._codec

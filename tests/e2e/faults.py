@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 
-from .harness import LOOPBACK, free_port
+from .harness import LOOPBACK, LoopServer
 
 CHUNK = 64 * 1024
 
@@ -42,28 +41,21 @@ def _abort(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(LoopServer):
+    name = "fault-proxy"
+
     def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__()
         self.target = (target_host, target_port)
-        self.port = free_port()
         self.mode = "forward"  # "forward", "reset" or "hold"
         self.connections = 0  # accepted since start
         self.resets = 0  # connections aborted with a RST
         self._pipes: set[_Pipe] = set()
-        self._loop = asyncio.new_event_loop()
         self._flowing: asyncio.Event | None = None  # set while forwarding; created on the proxy's loop
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        assert self._started.wait(10), "the fault proxy did not start"
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._call(self._close_all)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        super().__exit__(*exc)
 
     def url(self, dsn: str) -> str:
         """`dsn` with its host and port replaced by the proxy's."""
@@ -87,7 +79,7 @@ class FaultProxy:
         async def run() -> None:
             fn()  # type: ignore[operator]
 
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def _reset(self) -> None:
         self.mode = "reset"
@@ -118,20 +110,11 @@ class FaultProxy:
 
     # --- the proxy's loop ---------------------------------------------------------------------
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def started(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        server = self._loop.run_until_complete(asyncio.start_server(self._accept, LOOPBACK, self.port))
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-            self._loop.run_until_complete(asyncio.sleep(0))
-            self._loop.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         pipe = _Pipe(writer)
         self._pipes.add(pipe)

@@ -17,6 +17,7 @@ files under the test's ``tmp_path``, and stopped (terminate, then kill) on exit,
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,6 +77,47 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+class LoopServer:
+    """A TCP server on 127.0.0.1 (a free port), on a thread and event loop of its own, so a test's
+    own loop and load do not share it. Subclasses define `serve(reader, writer)`; a context manager
+    that stops the server on exit, failure included."""
+
+    name = "loop-server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        assert self._started.wait(10), f"{self.name} did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def started(self) -> None:
+        """Called on the server's loop once it listens, before anything is accepted."""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.started()
+        server = self.loop.run_until_complete(asyncio.start_server(self.serve, LOOPBACK, self.port))
+        self._started.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            server.close()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
 
 
 def envoy_binary() -> str:

@@ -228,6 +228,12 @@ async def _remove_server(c: RemoteAdmin, admin: RemoteAdmin) -> None:
     await c.remove_server(ANY, name)
 
 
+async def _delete_principal(c: RemoteAdmin, admin: RemoteAdmin) -> None:
+    name = _unique("mx")
+    await admin.add_principal(ANY, name, "mx", ["user"])
+    await c.delete_principal(ANY, name)
+
+
 async def _toggle_principal(c: RemoteAdmin) -> None:
     await c.set_principal_disabled(ANY, "mx-victim", True)
     await c.set_principal_disabled(ANY, "mx-victim", False)
@@ -253,6 +259,8 @@ OPS: dict[str, Op] = {
     "principals.list": lambda c, a, t: c.list_principals(ANY),
     "principals.add": lambda c, a, t: c.add_principal(ANY, _unique("mx"), "mx", ["user"]),
     "principals.disable+enable": lambda c, a, t: _toggle_principal(c),
+    "principals.update": lambda c, a, t: c.update_principal(ANY, "mx-victim", rate_limit_per_minute=600),
+    "principals.delete": lambda c, a, t: _delete_principal(c, a),
     "teams.list": lambda c, a, t: c.list_teams(ANY),
     "teams.disable+enable": lambda c, a, t: _toggle_team(c),
     "keys.create": lambda c, a, t: c.create_key(ANY, t, "matrix"),
@@ -294,6 +302,8 @@ MATRIX: dict[str, tuple[Row, Row, Row]] = {
     "principals.list":               ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
     "principals.add":                ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
     "principals.disable+enable":     ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "principals.update":             ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
+    "principals.delete":             ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
     "teams.list":                    ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
     "teams.disable+enable":          ((Y, Y, Y, Y),   (N, N, N, N),   (N, N, N, N)),
     "keys.create":                   ((Y, Y, Y, Y),   (Y, N, N, N),   (Y, N, N, N)),
@@ -394,6 +404,11 @@ JSON_CASES = [
     ("manager", "GET", "/admin/v1/servers/mx-ind/status", None, 200),
     ("user", "POST", "/admin/v1/principals", {"name": "mx-json", "team": "mx"}, 403),
     ("manager", "POST", "/admin/v1/principals", {"name": "mx-json", "team": "mx"}, 403),
+    ("manager", "PATCH", "/admin/v1/principals/mx-user", {"roles": ["admin"]}, 403),
+    ("user", "DELETE", "/admin/v1/principals/mx-other", None, 403),
+    ("admin", "PATCH", "/admin/v1/principals/mx-victim", {"rateLimitPerMinute": 900}, 200),
+    ("admin", "DELETE", "/admin/v1/principals/mx-ghost", None, 404),
+    ("admin", "PATCH", "/admin/v1/servers/mx-shared", {"headers": ["Bad Header: {{X}}"]}, 400),
     ("user", "GET", "/admin/v1/audit", None, 403),
     ("manager", "GET", "/admin/v1/audit", None, 403),
     ("admin", "GET", "/admin/v1/audit?action=whoami&limit=3", None, 200),

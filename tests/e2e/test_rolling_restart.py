@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .harness import AUTHZ_CLUSTER, LOOPBACK, EnvoyProcess, _cluster, free_port, run_envoy
+from .harness import AUTHZ_CLUSTER, LOOPBACK, EnvoyProcess, LoopServer, _cluster, run_envoy
 from .sidecar import Sidecar, World, run_sidecar, seed, seed_world
 
 pytestmark = pytest.mark.e2e
@@ -44,44 +43,23 @@ BODY = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": 
 # --------------------------------------------------------------------------- a cheap upstream
 
 
-class Upstream:
+class Upstream(LoopServer):
     """An HTTP/1.1 keep-alive server on its own thread and loop: 200 with a small JSON body to anything.
 
     The example MCP server costs milliseconds per request on a shared 2-core machine; this costs
     microseconds, so the load measures the gateway, not the upstream.
     """
 
+    name = "upstream"
     ANSWER = b'{"jsonrpc": "2.0", "id": 1, "result": {}}'
     REPLY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.requests = 0
         self.authorizations: Counter[bytes] = Counter()  # the Authorization header values received
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="upstream", daemon=True)
 
-    def __enter__(self) -> Upstream:
-        self._thread.start()
-        assert self._started.wait(10), "upstream did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._serve, LOOPBACK, self.port))
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-            self._loop.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

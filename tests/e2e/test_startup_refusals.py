@@ -304,3 +304,29 @@ async def test_wrong_master_key_on_postgres(pg_base: str, schema: str, other_key
     refusal = start([], base_env(seeded.store_url, other_key), tmp_path)
     assert_refused(refusal, "master key", "does not match this store")
     assert await _pg_state(pg_base, schema) == before
+
+
+def manage(args: Sequence[str], env: dict[str, str], cwd: Path) -> Refusal:
+    """Run a management command (`mcp-authz ARGS`) on the local store and wait for it to exit."""
+    began = time.monotonic()
+    done = subprocess.run([CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=HANG_SECONDS,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    return Refusal(done.returncode, done.stdout, done.stderr, time.monotonic() - began)
+
+
+MANAGEMENT = (("principals", "list"), ("keys", "list", "--principal", "alice"), ("audit",), ("servers", "list"))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("args", MANAGEMENT, ids=lambda a: " ".join(a))
+async def test_a_management_command_creates_no_postgres_schema(
+    args: tuple[str, ...], pg_base: str, schema: str, world: World, tmp_path: Path
+) -> None:
+    """Only `init` creates a store: any other command on a missing schema refuses and changes nothing."""
+    refusal = manage(args, base_env(f"{pg_base}?schema={schema}", world.key_file), tmp_path)
+    assert_refused(refusal, f"schema {schema!r}", "does not exist", "mcp-authz init")
+    assert schema not in (await _pg_state(pg_base, schema))[0]
+    await _pg_execute(pg_base, f'CREATE SCHEMA "{schema}"')  # there, but empty: still not initialised here
+    refusal = manage(args, base_env(f"{pg_base}?schema={schema}", world.key_file), tmp_path)
+    assert_refused(refusal, "not initialised", "mcp-authz init")
+    assert (await _pg_state(pg_base, schema))[1] == []

@@ -4,11 +4,13 @@ port, retention, and TLS files that cannot be used."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 import httpx
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +32,15 @@ async def _health(port: int) -> int:
         return reply.status
 
 
+async def _check(port: int) -> external_auth_pb2.CheckResponse:
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.method, request.attributes.request.http.path = "POST", "/mcp/x"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply: external_auth_pb2.CheckResponse = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+            request, timeout=2)  # fmt: skip
+        return reply
+
+
 async def test_not_serving_until_loaded_then_serving() -> None:
     keyring = Keyring.from_spec(Keyring.generate_spec())
     store = HeldStore()
@@ -49,6 +60,10 @@ async def test_not_serving_until_loaded_then_serving() -> None:
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.05)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Check while loading: UNAVAILABLE, which Envoy's retry policy takes to another sidecar.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _check(grpc_port)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
             assert ready.status_code == 503 and "loading" in ready.json()["reason"]
             assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
@@ -59,6 +74,7 @@ async def test_not_serving_until_loaded_then_serving() -> None:
                     break
                 await asyncio.sleep(0.05)
             assert await _health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+            assert (await _check(grpc_port)).status.code == 16  # loaded: Check decides (no key: UNAUTHENTICATED)
             assert await _health(admin_port) == health_pb2.HealthCheckResponse.SERVING  # the admin listener's
             assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
             text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
@@ -67,6 +83,40 @@ async def test_not_serving_until_loaded_then_serving() -> None:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_stopped_while_loading_it_never_says_serving_and_does_not_drain() -> None:
+    keyring = Keyring.from_spec(Keyring.generate_spec())
+    store = HeldStore()
+    await store.migrate()
+    await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
+    grpc_port = free_port()
+    settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", admin_listen=f"127.0.0.1:{free_port()}",
+                                 store_url="memory://", drain_seconds=30)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
+    seen = []
+    for _ in range(100):  # the port opens before the state loads
+        try:
+            seen.append(await _health(grpc_port))
+            break
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
+    stop.set()  # SIGTERM while the state is still loading
+    store.release.set()
+    watcher = asyncio.create_task(_watch_health(grpc_port, seen))
+    await asyncio.wait_for(task, 5)  # no 30 s drain: Envoy never saw it ready
+    watcher.cancel()
+    assert seen and health_pb2.HealthCheckResponse.SERVING not in seen, seen
+
+
+async def _watch_health(port: int, seen: list[int]) -> None:
+    while True:
+        try:
+            seen.append(await _health(port))
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.005)
 
 
 async def test_retention_prunes_old_audit_and_usage_only() -> None:
@@ -166,3 +216,24 @@ async def test_build_refuses_before_upgrading_anything_and_closes_the_store() ->
     finally:
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+async def test_the_change_log_is_trimmed_to_its_bounds_periodically() -> None:
+    store = MemoryStore()
+    await store.migrate()
+    for i in range(1500):
+        await store.ensure_team(f"t{i}", datetime.now(UTC))
+    settings = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "1000"})
+    task = asyncio.create_task(app.trim_change_log(settings, store, every=0.01))
+    try:
+        for _ in range(200):
+            if len(await store.changes_since(0, limit=10_000)) == 1000:
+                break
+            await asyncio.sleep(0.01)
+        assert len(await store.changes_since(0, limit=10_000)) == 1000
+        assert await store.oldest_change_seq() == 501
+    finally:
+        task.cancel()
+    off = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "0", "MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "0"})
+    await asyncio.wait_for(app.trim_change_log(off, store), 1)  # no bounds: returns at once, trims nothing
+    assert await store.oldest_change_seq() == 501

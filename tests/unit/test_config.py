@@ -26,3 +26,19 @@ def test_the_drain_is_configurable_and_validated() -> None:
     for bad in ("-1", "301", "nan", "soon"):
         with pytest.raises(ConfigError):
             Settings.from_env({"MCP_AUTHZ_DRAIN_SECONDS": bad})
+
+
+def test_change_log_bounds_from_the_environment() -> None:
+    from authz_server.config import Settings
+    from authz_server.errors import ConfigError
+
+    s = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "24", "MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "5000"})
+    assert (s.change_log_retention_hours, s.change_log_max_rows) == (24.0, 5000)
+    assert (Settings.from_env({}).change_log_retention_hours, Settings.from_env({}).change_log_max_rows) == (168.0, 100_000)
+    off = Settings.from_env({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "0", "MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "0"})
+    assert (off.change_log_retention_hours, off.change_log_max_rows) == (0.0, 0)
+    for env, message in (({"MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "10"}, "MCP_AUTHZ_CHANGE_LOG_MAX_ROWS"),
+                         ({"MCP_AUTHZ_CHANGE_LOG_MAX_ROWS": "many"}, "must be a number"),
+                         ({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "0.01"}, "CHANGE_LOG_RETENTION_HOURS")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            Settings.from_env(env)

@@ -319,14 +319,42 @@ class AddServerResponse(_message.Message):
     def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., signing_secret: _Optional[str] = ...) -> None: ...
 
 class UpdateServerRequest(_message.Message):
-    __slots__ = ("name", "upstream_url", "description")
+    __slots__ = ("name", "upstream_url", "description", "mode", "headers", "optional", "required")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_URL_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
     name: str
     upstream_url: str
     description: str
-    def __init__(self, name: _Optional[str] = ..., upstream_url: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+    mode: str
+    headers: _containers.RepeatedScalarFieldContainer[str]
+    optional: _containers.RepeatedScalarFieldContainer[str]
+    required: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., upstream_url: _Optional[str] = ..., description: _Optional[str] = ..., mode: _Optional[str] = ..., headers: _Optional[_Iterable[str]] = ..., optional: _Optional[_Iterable[str]] = ..., required: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OverrideIssue(_message.Message):
+    __slots__ = ("principal", "server", "missing", "reason")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    server: str
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, principal: _Optional[str] = ..., server: _Optional[str] = ..., missing: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UpdateServerResponse(_message.Message):
+    __slots__ = ("server", "incompatible")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    INCOMPATIBLE_FIELD_NUMBER: _ClassVar[int]
+    server: Server
+    incompatible: _containers.RepeatedCompositeFieldContainer[OverrideIssue]
+    def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., incompatible: _Optional[_Iterable[_Union[OverrideIssue, _Mapping]]] = ...) -> None: ...
 
 class SetSharedValuesRequest(_message.Message):
     __slots__ = ("name", "values")
@@ -398,6 +426,32 @@ class PrincipalRef(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UpdatePrincipalRequest(_message.Message):
+    __slots__ = ("name", "roles", "team", "kind", "rate_limit_per_minute")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    team: str
+    kind: str
+    rate_limit_per_minute: int
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., team: _Optional[str] = ..., kind: _Optional[str] = ..., rate_limit_per_minute: _Optional[int] = ...) -> None: ...
+
+class DeletePrincipalResponse(_message.Message):
+    __slots__ = ("id", "name", "keys_revoked", "overrides_deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEYS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    keys_revoked: int
+    overrides_deleted: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., keys_revoked: _Optional[int] = ..., overrides_deleted: _Optional[int] = ...) -> None: ...
 
 class TeamRef(_message.Message):
     __slots__ = ("name",)

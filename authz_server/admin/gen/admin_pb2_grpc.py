@@ -62,7 +62,7 @@ class AdminStub:
         self.UpdateServer = channel.unary_unary(
                 '/mcp_authz.admin.v1.Admin/UpdateServer',
                 request_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerRequest.SerializeToString,
-                response_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Server.FromString,
+                response_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerResponse.FromString,
                 _registered_method=True)
         self.SetSharedValues = channel.unary_unary(
                 '/mcp_authz.admin.v1.Admin/SetSharedValues',
@@ -98,6 +98,16 @@ class AdminStub:
                 '/mcp_authz.admin.v1.Admin/EnablePrincipal',
                 request_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.SerializeToString,
                 response_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.FromString,
+                _registered_method=True)
+        self.UpdatePrincipal = channel.unary_unary(
+                '/mcp_authz.admin.v1.Admin/UpdatePrincipal',
+                request_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdatePrincipalRequest.SerializeToString,
+                response_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.FromString,
+                _registered_method=True)
+        self.DeletePrincipal = channel.unary_unary(
+                '/mcp_authz.admin.v1.Admin/DeletePrincipal',
+                request_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.SerializeToString,
+                response_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.DeletePrincipalResponse.FromString,
                 _registered_method=True)
         self.ListTeams = channel.unary_unary(
                 '/mcp_authz.admin.v1.Admin/ListTeams',
@@ -218,7 +228,9 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateServer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Overrides that no longer fit (a newly required placeholder) are kept, marked missing, and
+        listed in `incompatible`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -262,6 +274,20 @@ class AdminServicer:
 
     def EnablePrincipal(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePrincipal(self, request, context):
+        """Fields left out stay as they are; rate_limit_per_minute 0 lifts the limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePrincipal(self, request, context):
+        """Deletes its keys (they stop working at once) and overrides; audit and usage records stay.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -403,7 +429,7 @@ def add_AdminServicer_to_server(servicer, server):
             'UpdateServer': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateServer,
                     request_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerRequest.FromString,
-                    response_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Server.SerializeToString,
+                    response_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerResponse.SerializeToString,
             ),
             'SetSharedValues': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSharedValues,
@@ -439,6 +465,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.EnablePrincipal,
                     request_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.FromString,
                     response_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.SerializeToString,
+            ),
+            'UpdatePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePrincipal,
+                    request_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdatePrincipalRequest.FromString,
+                    response_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.SerializeToString,
+            ),
+            'DeletePrincipal': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePrincipal,
+                    request_deserializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.FromString,
+                    response_serializer=mcp__authz_dot_admin_dot_v1_dot_admin__pb2.DeletePrincipalResponse.SerializeToString,
             ),
             'ListTeams': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTeams,
@@ -682,7 +718,7 @@ class Admin:
             target,
             '/mcp_authz.admin.v1.Admin/UpdateServer',
             mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerRequest.SerializeToString,
-            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Server.FromString,
+            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdateServerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -872,6 +908,60 @@ class Admin:
             '/mcp_authz.admin.v1.Admin/EnablePrincipal',
             mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.SerializeToString,
             mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mcp_authz.admin.v1.Admin/UpdatePrincipal',
+            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.UpdatePrincipalRequest.SerializeToString,
+            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.Principal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePrincipal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mcp_authz.admin.v1.Admin/DeletePrincipal',
+            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.PrincipalRef.SerializeToString,
+            mcp__authz_dot_admin_dot_v1_dot_admin__pb2.DeletePrincipalResponse.FromString,
             options,
             channel_credentials,
             insecure,

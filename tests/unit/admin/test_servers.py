@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from authz_server.admin.policy import Actor
 from authz_server.crypto.cipher import aad_override, aad_shared, aad_signing
 from authz_server.errors import Conflict, CorruptRow, InvalidInput, NotFound, PermissionDenied
 from authz_server.models import AuthMode
@@ -159,7 +160,7 @@ async def test_rotate_signing_secret_and_remove_server(world: AdminWorld) -> Non
 )
 async def test_upstream_urls_are_validated(w: SelfServiceWorld, url: str, error: str | None) -> None:
     if error is None:
-        view = await w.svc.update_server(OP, "github", upstream_url=url)
+        view, _ = await w.svc.update_server(OP, "github", upstream_url=url)
         assert view.upstream_url == url and view.to_json()["upstream_url"] == url
     else:
         with pytest.raises(InvalidInput, match=error) as exc:
@@ -172,5 +173,91 @@ async def test_update_server_is_for_admins_and_needs_a_change(w: SelfServiceWorl
         await w.svc.update_server(w.mia, "github", description="x")
     with pytest.raises(InvalidInput, match="Nothing to change"):
         await w.svc.update_server(OP, "github")
-    view = await w.svc.update_server(OP, "github", description="GitHub's MCP")
+    view, issues = await w.svc.update_server(OP, "github", description="GitHub's MCP")
+    assert issues == []
     assert (view.description, view.upstream_url) == ("GitHub's MCP", "http://127.0.0.1:9/mcp/github")
+
+
+# --- servers update: headers, placeholders and mode, keeping every override ----------------------
+
+
+async def _override(w: SelfServiceWorld, who: Actor, server: str, values: dict[str, str]) -> None:
+    await w.svc.set_override(who, None, server, values)
+
+
+async def test_update_server_keeps_fitting_overrides_and_reports_the_others(w: SelfServiceWorld) -> None:
+    await _override(w, w.alice, "github", {"API_KEY": "alice-token-0123456789"})
+    await w.svc.add_server(OP, "crm", "individual", ["X-Key: {{API_KEY}}", "X-Org: {{ORG}}"], optional={"ORG"})
+    await _override(w, w.alice, "crm", {"API_KEY": "alice-crm-0123456789", "ORG": "acme"})
+    await _override(w, w.bob, "crm", {"API_KEY": "bob-crm-0123456789"})
+
+    # ORG becomes required: alice's fits, bob's does not; a header change keeps API_KEY's flag.
+    view, issues = await w.svc.update_server(OP, "crm", headers=["X-Key: {{API_KEY}}", "X-Org: o={{ORG}}"],
+                                             required={"ORG"})  # fmt: skip
+    assert view.headers == ("X-Key: {{API_KEY}}", "X-Org: o={{ORG}}")
+    assert view.placeholders == (("API_KEY", True), ("ORG", True))
+    assert [(i.principal, i.server, i.missing) for i in issues] == [("bob", "crm", ("ORG",))]
+    assert "overrides set --server crm" in issues[0].reason
+    stored = {o.principal_id: o for o in await w.store.list_overrides("crm")}
+    assert len(stored) == 2  # nothing dropped
+    assert stored[w.bob.principal_id].status.value == "missing"
+    assert stored[w.bob.principal_id].status_reason == issues[0].reason
+    assert stored[w.alice.principal_id].status.value == "configured"
+    status = {r.principal: r for r in await w.svc.credential_status(OP, "crm")}
+    assert (status["bob"].status, status["bob"].reason) == ("missing", issues[0].reason)
+
+    # Optional again: bob's fits again and is configured once more.
+    _, issues = await w.svc.update_server(OP, "crm", optional={"ORG"})
+    assert issues == []
+    assert (await w.store.get_override(w.bob.principal_id, "crm")).status.value == "configured"  # type: ignore[union-attr]
+    events = await w.store.query_audit(action="servers.update")
+    assert events[-2].details["incompatible"] == "1" and events[-2].details["placeholders"] == "API_KEY,ORG"
+    assert events[-1].details["placeholders"] == "API_KEY,ORG?"
+
+
+async def test_update_server_mode_and_shared_values(w: SelfServiceWorld) -> None:
+    await w.svc.set_shared(OP, "linear", {"API_KEY": "shared-linear-0123456789"})
+    await _override(w, w.alice, "linear", {"API_KEY": "alice-linear-0123456789"})
+    # A new required placeholder with no shared value: alice's override lacks it too.
+    view, issues = await w.svc.update_server(OP, "linear", headers=["Authorization: Bearer {{API_KEY}}",
+                                                                    "X-Team: {{TEAM}}"])  # fmt: skip
+    assert view.shared_status == "missing" and [i.missing for i in issues] == [("TEAM",)]
+    # To individual mode: the shared values go (recorded), the override stays.
+    view, issues = await w.svc.update_server(OP, "linear", mode="individual", headers=["Authorization: Bearer {{API_KEY}}"])
+    assert (view.mode, view.shared_masks, view.shared_status) == ("individual", (), None)
+    assert issues == []
+    last = (await w.store.query_audit(action="servers.update"))[-1]
+    assert last.details["shared_dropped"] == "API_KEY"
+    # To none: headers are cleared; the override is kept, unused.
+    view, issues = await w.svc.update_server(OP, "linear", mode="none")
+    assert (view.mode, view.headers, view.placeholders, issues) == ("none", (), (), [])
+    assert await w.store.get_override(w.alice.principal_id, "linear") is not None
+    # Back to individual needs headers again.
+    with pytest.raises(InvalidInput, match="needs at least one header"):
+        await w.svc.update_server(OP, "linear", mode="individual")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"headers": ["Bad Header: {{X}}"]}, "not an HTTP header name"),
+        ({"headers": ["Authorization: Bearer {{API_KEY"]}, "not a placeholder"),
+        ({"headers": ["X-Api-Key: {{API_KEY}}", "x-api-key: {{API_KEY}}"]}, "given twice"),
+        ({"mode": "sometimes"}, "mode must be none, shared or individual"),
+        ({"required": {"NOPE"}}, "Required NOPE is not a placeholder"),
+        ({"optional": {"NOPE"}}, "Optional NOPE is not a placeholder"),
+        ({"optional": {"API_KEY"}, "required": {"API_KEY"}}, "both optional and required"),
+        ({"mode": "none", "headers": ["X: {{A}}"]}, "none mode injects no credentials"),
+    ],
+)
+async def test_update_server_validates_as_add_does(w: SelfServiceWorld, kwargs: dict, message: str) -> None:
+    before = await w.store.get_server("github")
+    with pytest.raises(InvalidInput, match=message):
+        await w.svc.update_server(OP, "github", **kwargs)
+    assert await w.store.get_server("github") == before
+    assert (await w.store.query_audit(action="servers.update"))[-1].outcome == "error"
+
+
+async def test_update_server_unknown_server_is_not_found(w: SelfServiceWorld) -> None:
+    with pytest.raises(NotFound, match="No server named ghost"):
+        await w.svc.update_server(OP, "ghost", mode="none")

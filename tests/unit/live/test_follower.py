@@ -102,6 +102,58 @@ async def test_grace_period_keeps_the_key_usable_until_its_time() -> None:
     assert revoked_at is not None and now.timestamp() < revoked_at <= (now + timedelta(seconds=61)).timestamp()
 
 
+def _tables(follower: StateFollower) -> tuple[object, ...]:
+    st = follower.state
+    return st.seq, st.teams, st.principals, st.servers, st.keys, st.overrides
+
+
+async def test_a_follower_behind_the_trimmed_log_reloads_once_and_matches_a_fresh_load(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, admin, follower, _ = await _world()
+    op = Actor.operator()
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    await admin.add_principal(op, "alice", "eng", (Role.USER,))
+    await admin.add_principal(op, "bob", "eng", (Role.USER,))
+    view, _ = await admin.create_key(op, "bob")
+    await admin.set_override(op, "bob", "gh", {"API_KEY": "tok-bob"})
+    await follower.poll_once()
+    assert view.key_id in follower.state.keys
+    # The follower stops reading while changes happen, deletions among them, and the log is trimmed
+    # past its point: the rows that said bob and his key are gone would never reach it.
+    await admin.delete_principal(op, "bob")
+    await admin.update_principal(op, "alice", roles=["manager"], rate_limit_per_minute=5)
+    await admin.update_server(op, "gh", headers=["Authorization: Bearer {{API_KEY}}", "X-Org: {{ORG}}"])
+    for i in range(5):
+        await admin.add_principal(op, f"u{i}", "eng", (Role.USER,))
+    assert await store.trim_changes(keep=2) > 0
+    assert follower.state.seq < await store.oldest_change_seq() - 1
+
+    with caplog.at_level(logging.INFO, logger="authz_server.live.follower"):
+        await follower.poll_once()
+        await follower.poll_once()
+    reloads = [r for r in caplog.records if "trimmed past" in r.getMessage()]
+    assert len(reloads) == 1 and reloads[0].levelno == logging.WARNING
+
+    fresh_state = AuthState()
+    fresh = StateFollower(store, follower._keyring, fresh_state, VerifiedKeys(fresh_state), 0.05)
+    await fresh.load()
+    assert _tables(follower) == _tables(fresh)
+    assert view.key_id not in follower.state.keys
+    alice = next(p for p in follower.state.principals.values() if p.name == "alice")
+    assert (alice.roles, alice.rate_limit_per_minute) == ((Role.MANAGER,), 5)
+
+
+async def test_a_gap_in_the_log_alone_is_no_reason_to_reload(caplog: pytest.LogCaptureFixture) -> None:
+    store, admin, follower, _ = await _world()
+    store._seq += 5  # a seq drawn and rolled back (PostgreSQL sequences do that): a gap, nothing trimmed
+    await admin.add_principal(Actor.operator(), "dave", "eng", (Role.USER,))
+    with caplog.at_level(logging.INFO, logger="authz_server.live.follower"):
+        assert await follower.poll_once() == 2  # the team and dave
+    assert not [r for r in caplog.records if "trimmed past" in r.getMessage()]
+    assert any(p.name == "dave" for p in follower.state.principals.values())
+
+
 # --- the master keyring follows its file -----------------------------------------------------------------
 
 

@@ -198,7 +198,8 @@ async def test_last_used_cancelled_mid_flush_finishes_that_flush() -> None:
 
 
 class Silent:
-    """A store whose first write never answers (a partition: no error comes), then answers at once."""
+    """A store whose first write answers only once released (a partition: no error comes meanwhile);
+    it keeps one row per record, as the SQL stores keep one per uid."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -208,23 +209,53 @@ class Silent:
     async def write(self, records: Sequence[int]) -> None:
         self.calls += 1
         if self.calls == 1:
-            await self.released.wait()  # cancelled by the writer's timeout
-        self.written.extend(records)
+            await self.released.wait()
+        self.written.extend(r for r in records if r not in self.written)
 
 
-async def test_a_write_the_store_never_answers_times_out_and_is_retried() -> None:
+async def test_a_write_the_store_never_answers_times_out_and_no_other_starts_until_it_ends() -> None:
     store = Silent()
     writer: BatchWriter[int] = BatchWriter("usage", store.write, maxsize=100, interval=0.001,
                                            retry_first=0.01, retry_cap=0.02, write_timeout=0.05)
     for i in range(5):
         writer.put(i)
     task = asyncio.create_task(writer.run())
+    while writer.retries < 3:  # timed out, then retried: each retry fails at once, the first still in flight
+        await asyncio.sleep(0.01)
+    assert store.calls == 1 and writer.failing and writer.depth == 5
+    store.released.set()  # the store answers the first write at last (it commits)
     for _ in range(200):
-        if store.written:
+        if not writer.failing:
             break
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert store.written == list(range(5))  # the retry wrote them; the silent attempt was cancelled
-    assert (store.calls, writer.written, writer.dropped, writer.retries) == (2, 5, 0, 1)
+    assert store.calls == 2  # the retry ran once the abandoned write had ended, and added nothing twice
+    assert store.written == list(range(5))
+    assert (writer.written, writer.dropped, writer.depth) == (5, 0, 0)
+
+
+async def test_last_used_gives_up_on_a_silent_store_and_does_not_wait_on_it_again_when_stopping(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from authz_server.observability import last_used as module
+
+    monkeypatch.setattr(module, "WRITE_TIMEOUT", 0.05)
+    calls = 0
+
+    class SilentStore:
+        async def touch_keys(self, keys: dict[str, object]) -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.Event().wait()  # never answers
+
+    last_used = module.LastUsed(SilentStore(), interval=0.01)  # type: ignore[arg-type]
+    last_used.mark("k1", 1.0)
+    task = asyncio.create_task(last_used.run())
+    await asyncio.sleep(0.3)  # timed out, kept; later flushes fail at once while the first is unanswered
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == 1  # one write in flight at most, and no final flush against a failing store
+    assert "last_used_at not written" in caplog.text

@@ -42,7 +42,7 @@ def test_descriptor_set_holds_the_service_and_its_http_rules() -> None:
         rule = options.Extensions[annotations_pb2.http]
         path = getattr(rule, rule.WhichOneof("pattern"))
         assert path.startswith("/admin/v1/"), method.name
-    assert len(service.method) == 29
+    assert len(service.method) == 31
 
 
 def test_only_the_edges_import_the_generated_stubs() -> None:
