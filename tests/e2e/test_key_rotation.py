@@ -17,6 +17,8 @@ import json
 import re
 import signal
 import time
+import uuid
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz_server.crypto.cipher import ENV_KEY_FILE, read_key_file, replace_key_file, write_key_file
 
+from ..postgres import reachable_url
+from ..store.conftest import drop_schema
 from .harness import AUTHZ_CLUSTER, LOOPBACK
 from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Sidecar, run_sidecar, seed_world, serving
 from .test_rolling_restart import Load, Rig, _windows
@@ -166,9 +170,25 @@ class Rotation:
         print(report)
 
 
-async def test_online_rotation_under_load_fails_no_request(tmp_path: Path, process_stack: ExitStack) -> None:
-    """Both sidecars read the key file the CLI changes (one host, or a shared volume)."""
-    rig = await Rig.start(tmp_path, process_stack, 2, servers=("github", "linear"))
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """None: Rig's SQLite store; else a fresh PostgreSQL schema, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    base, schema = reachable_url("the rotation test on PostgreSQL"), f"rotation_{uuid.uuid4().hex[:10]}"
+    try:
+        yield f"{base}?schema={schema}"
+    finally:
+        await drop_schema(base, schema)
+
+
+async def test_online_rotation_under_load_fails_no_request(
+    tmp_path: Path, process_stack: ExitStack, store_url: str | None
+) -> None:
+    """Both sidecars read the key file the CLI changes (one host, or a shared volume); on SQLite, and on
+    PostgreSQL, where the sidecars hear of each re-encrypted batch by NOTIFY."""
+    rig = await Rig.start(tmp_path, process_stack, 2, servers=("github", "linear"), store_url=store_url)
     run = Rotation(rig)
     run.start()
     try:
@@ -188,7 +208,7 @@ async def test_online_rotation_under_load_fails_no_request(tmp_path: Path, proce
         await asyncio.sleep(1.0)
     finally:
         await run.stop()
-    run.check("one key file")
+    run.check(f"one key file, {'PostgreSQL' if store_url else 'SQLite'}")
 
 
 async def test_online_rotation_with_a_key_file_per_host_fails_no_request(tmp_path: Path, process_stack: ExitStack) -> None:
