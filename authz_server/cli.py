@@ -125,9 +125,26 @@ def _pad(text: str, width: int) -> str:
     return text + " " * (width - _width(text))
 
 
+MAX_COLUMN = 80  # terminal columns of one table cell; --json shows every value whole
+
+
+def _clip(text: str, width: int = MAX_COLUMN) -> str:
+    """`text`, cut to `width` columns with '…' when wider."""
+    if _width(text) <= width:
+        return text
+    out, used = "", 1  # the '…'
+    for c in text:
+        used += _width(c)
+        if used > width:
+            break
+        out += c
+    return out + "…"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> str:
     if not rows:
         return empty
+    rows = [[_clip(c) for c in r] for r in rows]
     widths = [max(_width(h), *(_width(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(_pad(h, w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(_pad(c, w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -150,7 +167,18 @@ def parse_duration(text: str) -> timedelta:
     m = _DURATION_RE.match(text)
     if not m:
         raise argparse.ArgumentTypeError("expected a duration such as 30d, 12h, 15m, 45s or 2w")
-    return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    except OverflowError:
+        raise argparse.ArgumentTypeError("the duration is too long") from None
+
+
+def _shifted(now: datetime | None, text: str, sign: int) -> datetime:
+    """Now plus (sign 1) or minus (sign -1) the duration `text`, within the years a date can hold."""
+    try:
+        return (now or datetime.now(timezone.utc)) + sign * parse_duration(text)
+    except OverflowError:
+        raise argparse.ArgumentTypeError("the duration reaches past the years 1 to 9999") from None
 
 
 def _parse_instant(text: str, expected: str) -> datetime:
@@ -168,7 +196,7 @@ def _parse_instant(text: str, expected: str) -> datetime:
 def parse_expiry(text: str, now: datetime | None = None) -> datetime:
     """An ISO date (midnight UTC), an ISO date-time (UTC unless it has an offset) or a duration from now."""
     if _DURATION_RE.match(text):
-        return (now or datetime.now(timezone.utc)) + parse_duration(text)
+        return _shifted(now, text, 1)
     return _parse_instant(
         text, "expected an ISO date (2026-12-31), date-time (2026-12-31T18:00Z) or a duration (30d, 12h)"
     )
@@ -178,7 +206,7 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     """A point in the past for --since/--until: an ISO date or date-time as for --expires, or a
     duration *ago* ('1h' is an hour before now, '7d' a week)."""
     if _DURATION_RE.match(text):
-        return (now or datetime.now(timezone.utc)) - parse_duration(text)
+        return _shifted(now, text, -1)
     return _parse_instant(
         text, "expected an ISO date (2026-03-01), date-time (2026-03-01T18:00Z) or a duration ago (1h, 7d)"
     )

@@ -56,7 +56,7 @@ class Secret:
         return self._value
 
     def masked(self) -> str:
-        """`ghp_…9xQa`: enough to recognise a value, never enough to use it."""
+        """`…9xQa`: enough to recognise a value, never enough to use it (see `mask`)."""
         return mask(self._value)
 
     def __repr__(self) -> str:
@@ -71,13 +71,22 @@ class Secret:
         return hash(self._value)
 
 
+MASK_MAX_SHOWN = 4  # a mask shows at most this many characters of a value, and at most a quarter of it
+
+
 def mask(value: str) -> str:
-    """Show at most the first 4 and last 4 characters, and only of long values."""
-    if len(value) >= 16:
-        return f"{value[:4]}…{value[-4:]}"
-    if len(value) >= 8:
-        return f"…{value[-2:]}"
-    return "…"
+    """The value's last characters after '…': at most a quarter of it and at most 4 (`…9xQa` for a
+    value of 16 or more), so a mask is enough to recognise a value, never enough to guess it."""
+    shown = min(MASK_MAX_SHOWN, len(value) // 4)
+    return f"…{value[-shown:]}" if shown else "…"
+
+
+def remask(stored: str) -> str:
+    """A mask read back from the store, held to `mask`'s rule: one stored by an older version
+    (`ghp_…9xQa`, 8 characters of 16) keeps only its last 4 (masks are never recomputed: that
+    would mean decrypting)."""
+    _, sep, tail = stored.rpartition("…")
+    return f"…{tail[-MASK_MAX_SHOWN:]}" if sep else "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +230,15 @@ def new_uid() -> str:
     return os.urandom(12).hex()
 
 
+FIELD_MAX = 256  # characters kept of an audit field (each details key and value too) or a usage record's request text
+TRUNCATED = "…(truncated)"
+
+
+def bounded(text: str) -> str:
+    """`text`, or its first FIELD_MAX characters and TRUNCATED when longer."""
+    return text if len(text) <= FIELD_MAX else text[:FIELD_MAX] + TRUNCATED
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     at: datetime
@@ -237,9 +255,10 @@ class AuditEvent:
         # Every writer builds one of these (the admin service, Check's and the admin API's
         # authentication failures, the store reading rows back), so a key-shaped string a
         # caller sent is cut to its key id here, before anything can store or show it.
+        # Each field is then bounded, so a huge refused input leaves a small event.
         for name in ("actor", "action", "target", "outcome", "request_id"):
-            object.__setattr__(self, name, redact(getattr(self, name)))
-        details = {redact(k): redact(v) for k, v in self.details.items()}
+            object.__setattr__(self, name, bounded(redact(getattr(self, name))))
+        details = {bounded(redact(k)): bounded(redact(v)) for k, v in self.details.items()}
         if details != self.details:
             object.__setattr__(self, "details", details)
 
@@ -265,11 +284,13 @@ class UsageRecord:
     uid: str = field(default_factory=new_uid, compare=False)  # made with the record: a retried write stores it once
 
     def __post_init__(self) -> None:
-        # The tool, MCP method and request id come from the request: a key-shaped one is cut to its key id.
+        # The tool, MCP method and request id come from the request: a key-shaped one is cut to its
+        # key id, and a long one is bounded as an audit field is.
         for name in ("request_id", "tool", "mcp_method"):
             value = getattr(self, name)
-            if isinstance(value, str) and "mgw_" in value:  # a bad record is the store's to refuse
-                object.__setattr__(self, name, redact(value))
+            # (A value that is not text is a bad record: the store's to refuse.)
+            if isinstance(value, str) and ("mgw_" in value or len(value) > FIELD_MAX):
+                object.__setattr__(self, name, bounded(redact(value)))
 
 
 @dataclass(frozen=True, slots=True)

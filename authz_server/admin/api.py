@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from authz_server.admin.gen import admin_pb2_grpc
 from authz_server.admin.ops import AdminOps
@@ -53,7 +54,7 @@ from authz_server.pipeline.authn import Authenticate, KeyExtractor
 from authz_server.pipeline.types import CheckInput
 from authz_server.rules import REQUEST_ID_HEADER
 
-__all__ = ["SERVICE_NAME", "AdminServicer", "error_message", "grpc_status"]
+__all__ = ["SERVICE_NAME", "AdminServicer", "add_to_server", "error_message", "grpc_status"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,42 @@ class _Answering:
             await self._context.abort(grpc.StatusCode.INTERNAL, _INTERNAL)
 
 
+class Unreadable:
+    """A request whose bytes are not its message: the method answers INVALID_ARGUMENT (gRPC's own
+    deserializer would fail the call as INTERNAL, with a traceback at error level)."""
+
+    __slots__ = ()
+
+
+def reader(message: type[Message]) -> Callable[[bytes], Message | Unreadable]:
+    """The request deserializer of an RPC: never raises."""
+
+    def read(data: bytes) -> Message | Unreadable:
+        try:
+            return message.FromString(data)
+        except DecodeError:  # wrong bytes, or a string that is not UTF-8
+            return Unreadable()
+
+    return read
+
+
+def add_to_server(servicer: object, server: grpc.Server) -> None:
+    """Serve `servicer` (an AdminServicer, or its OnLoop stand-in) as `mcp_authz.admin.v1.Admin`:
+    the generated registration, with requests read by `reader`."""
+    handlers = {}
+    for rpc in RPCS:
+        make = grpc.unary_stream_rpc_method_handler if isinstance(rpc.reply, Stream) else grpc.unary_unary_rpc_method_handler
+        handlers[rpc.name] = make(getattr(servicer, rpc.name), request_deserializer=reader(rpc.request),
+                                  response_serializer=rpc.response.SerializeToString)  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _readable(request: Any) -> Any:
+    if isinstance(request, Unreadable):
+        raise InvalidInput("The request could not be read as its protobuf message (wrong bytes or text that is not UTF-8).")
+    return request
+
+
 def _method(rpc: Rpc) -> Callable[..., Any]:
     """The servicer method of one row: authenticate, run the operation, answer; a coroutine for
     a unary RPC, an async generator (one message per row) for a stream."""
@@ -185,13 +222,14 @@ def _method(rpc: Rpc) -> Callable[..., Any]:
     async def unary(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Answering(context, rpc.name):
             actor = await self._authenticate(context, rpc.name)
+            request = _readable(request)
             return rpc.answer(await getattr(self._svc, rpc.op)(actor, **rpc.arguments(request)), request)
 
     async def streamed(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         assert stream is not None
         async with _Answering(context, rpc.name):
             actor = await self._authenticate(context, rpc.name)
-            async for page in await getattr(self._svc, rpc.op)(actor, **rpc.arguments(request)):
+            async for page in await getattr(self._svc, rpc.op)(actor, **rpc.arguments(_readable(request))):
                 for row in page:
                     yield stream.codec.message(row)
 

@@ -35,7 +35,7 @@ def _request_target(url: str) -> str:
 
 
 def _target(principal_name: str | None, server_name: str) -> str:
-    """The audit target of one principal's override (None: the caller's own)."""
+    """The audit target of one principal's override (None: the caller's own, until it is looked up)."""
     return f"override:{principal_name or '(own)'}/{server_name}"
 
 
@@ -44,6 +44,7 @@ class OverrideAdmin(AdminBase):
                            values: Mapping[str, str], expires_at: datetime | None = None) -> OverrideView:  # fmt: skip
         async with self._audit(actor, "overrides.set", _target(principal_name, server_name)) as op:
             principal = await self._owned_principal(actor, "overrides.set", principal_name)
+            op.target = _target(principal.name, server_name)  # the real name: found by --target override:NAME/…
             server = await self._credentialed(server_name)
             clean = validate.check_values(server, values)
             now = self._now()
@@ -94,8 +95,9 @@ class OverrideAdmin(AdminBase):
             ]
 
     async def delete_override(self, actor: Actor, principal_name: str | None, server_name: str) -> None:
-        async with self._audit(actor, "overrides.delete", _target(principal_name, server_name)):
+        async with self._audit(actor, "overrides.delete", _target(principal_name, server_name)) as op:
             principal = await self._owned_principal(actor, "overrides.delete", principal_name)
+            op.target = _target(principal.name, server_name)
             validate.check_name(server_name, "server")
             if await self._store.get_override(principal.id, server_name) is None:
                 raise NotFound(f"{principal.name} has no override for server {server_name}.")
@@ -137,6 +139,7 @@ class OverrideAdmin(AdminBase):
     async def test_override(self, actor: Actor, server_name: str, principal_name: str | None = None) -> OverrideTestView:
         async with self._audit(actor, "overrides.test", _target(principal_name, server_name)) as op:
             principal = await self._owned_principal(actor, "overrides.test", principal_name)
+            op.target = _target(principal.name, server_name)
             server = await self._credentialed(server_name)
             if not server.upstream_url:
                 raise InvalidInput(

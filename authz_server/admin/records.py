@@ -169,9 +169,10 @@ class _UsageKind(_Kind[UsageRecord, UsageView, _UsageAt]):
             if visible is not None:
                 visible |= {""}  # unauthenticated requests: nobody's
         else:
-            svc._authorize(actor, doing, await svc._store.get_principal(actor.principal_id))
+            me = await svc._store.get_principal(actor.principal_id)
+            svc._authorize(actor, doing, me)
             principal_id = actor.principal_id
-            op.details["principal"] = "(own)"
+            op.details["principal"] = me.name if me else actor.principal_id
         return _Found({"principal_id": principal_id, "server": server_name, "tool": tool}, start, end, visible)
 
     def start(self, found: _Found) -> _UsageAt:

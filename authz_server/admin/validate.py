@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 from authz_server.crypto import keys as gateway_keys
@@ -28,6 +28,21 @@ MAX_URL_LEN = 2048
 MAX_TARGET_LEN = 300
 _HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")
 _KEY_ID_RE = re.compile(rf"^[0-9A-Za-z]{{{gateway_keys.KEY_ID_LEN}}}$")
+
+
+# A time in an admin request: 1970-01-01 to 9999-12-31 (what a store and a datetime both hold).
+MAX_TIME_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_NANOS = 999_999_999
+
+
+def time_of(seconds: int, nanos: int, what: str) -> datetime:
+    """A protobuf Timestamp's seconds and nanos as an aware UTC datetime, or InvalidInput out of range."""
+    if not (0 <= seconds <= MAX_TIME_SECONDS and 0 <= nanos <= MAX_NANOS):
+        raise InvalidInput(
+            f"The time in {what} is out of range: give a time from 1970-01-01 to 9999-12-31 "
+            f"(seconds 0 to {MAX_TIME_SECONDS}, nanos 0 to {MAX_NANOS})."
+        )
+    return datetime.fromtimestamp(seconds, timezone.utc) + timedelta(microseconds=nanos // 1000)
 
 
 def as_utc(dt: datetime) -> datetime:

@@ -1,7 +1,7 @@
 """The results of the admin use cases: small frozen views, the same whichever way they came.
 
 A view never carries a hash, a ciphertext or a plaintext secret: values are
-masks (`ghp_…9xQa`), and one-time secrets (gateway keys, signing secrets) are
+masks (`…9xQa`), and one-time secrets (gateway keys, signing secrets) are
 returned beside a view as `Secret`, never in it. `to_json()` gives plain JSON
 types, for the CLI's `--json`; `admin/wire.py` turns views into the admin API's
 messages and back, so the remote CLI renders exactly what the local one does.

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authz_server.admin import views
+from authz_server.admin import validate, views
 from authz_server.admin.gen import admin_pb2 as pb
 from authz_server.models import Secret
 
@@ -45,8 +45,11 @@ def stamp(target: Timestamp, value: datetime | None) -> None:
 
 
 def when(msg: Any, name: str) -> datetime | None:
-    """A Timestamp field as an aware UTC datetime, or None when unset."""
-    return msg.__getattribute__(name).ToDatetime(tzinfo=UTC) if msg.HasField(name) else None
+    """A Timestamp field as an aware UTC datetime, or None when unset; InvalidInput out of range."""
+    if not msg.HasField(name):
+        return None
+    value = msg.__getattribute__(name)
+    return validate.time_of(value.seconds, value.nanos, name)
 
 
 def kind_of(fd: Any) -> str:  # a FieldDescriptor (upb's or the pure one)

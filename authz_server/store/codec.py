@@ -41,6 +41,7 @@ from authz_server.models import (
     SealedRow,
     Team,
     UsageRecord,
+    remask,
 )
 
 TEAM_COLUMNS = ("name", "disabled", "created_at")
@@ -290,6 +291,11 @@ def decode_str_map(text: str) -> dict[str, str]:
     return _str_map(json.loads(text))
 
 
+def decode_masks(text: str) -> dict[str, str]:
+    """Stored masks, each held to today's rule (`models.remask`)."""
+    return {name: remask(shown) for name, shown in decode_str_map(text).items()}
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -427,7 +433,7 @@ class RowCodec:
                 headers=decode_headers(row["headers"]),
                 placeholders=decode_placeholders(row["placeholders"]),
                 shared_values=decode_sealed_map(row["shared_values"]),
-                shared_masks=decode_str_map(row["shared_masks"]),
+                shared_masks=decode_masks(row["shared_masks"]),
                 signing_secret=decode_sealed(row["signing_secret"]),
                 description=_text(row["description"]),
                 created_at=self.times.decode(row["created_at"]),
@@ -482,7 +488,7 @@ class RowCodec:
                 principal_id=_text(row["principal_id"]),
                 server=_text(row["server"]),
                 values=decode_sealed_map(row["sealed_values"]),
-                masks=decode_str_map(row["masks"]),
+                masks=decode_masks(row["masks"]),
                 updated_by=_text(row["updated_by"]),
                 updated_at=self._required_time(row["updated_at"]),
                 status=OverrideStatus(row["status"]),

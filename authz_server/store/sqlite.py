@@ -11,9 +11,11 @@ coroutines from interleaving their transactions on it.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,22 @@ async def _has_migrations(conn: aiosqlite.Connection) -> bool:
         return await cur.fetchone() is not None
 
 
+FILE_MODE = 0o600  # the database holds sealed credentials and key hashes
+
+
+def _keep_private(where: str, create: bool) -> None:
+    """Create the database file 0600 before SQLite opens it: SQLite gives its -wal and -shm files
+    the database's mode, so they are 0600 too. Files an older version left open to others are
+    tightened (when this user owns them)."""
+    if create:
+        with suppress(FileExistsError):
+            os.close(os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    for name in (where, f"{where}-wal", f"{where}-shm"):
+        with suppress(FileNotFoundError, PermissionError):
+            if stat.S_IMODE(os.stat(name).st_mode) & ~FILE_MODE:
+                os.chmod(name, FILE_MODE)
+
+
 class SqliteStore(SqlStore):
     """The Store over one SQLite file. Open it with `await SqliteStore.connect(path)`."""
 
@@ -121,6 +139,7 @@ class SqliteStore(SqlStore):
         if not create and not Path(where).is_file():
             raise ConfigError(f"No store at {where}: run 'mcp-authz init' first.")
         try:
+            _keep_private(where, create)
             if create:
                 conn = await aiosqlite.connect(where, isolation_level=None)
             else:  # mode=rw: should the file go away meanwhile, SQLite refuses instead of creating it
@@ -128,6 +147,8 @@ class SqliteStore(SqlStore):
                                                uri=True)  # fmt: skip
         except sqlite3.Error as exc:
             raise StoreError(f"Cannot open the SQLite store at {where}: {exc}.") from exc
+        except OSError as exc:
+            raise StoreError(f"Cannot open the SQLite store at {where}: {exc.strerror}.") from exc
         try:
             conn.row_factory = sqlite3.Row
             # busy_timeout first: switching to WAL itself may wait on another process.

@@ -37,6 +37,8 @@ from typing import Any
 import httpx
 import yaml
 
+from authz_server.envoy import bootstrap
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_YAML = REPO_ROOT / "envoy" / "envoy.yaml"
 EXAMPLE_SERVER = REPO_ROOT / "examples" / "mcp_server.py"
@@ -165,11 +167,7 @@ def _mcp_server_of(route: dict[str, Any]) -> str | None:
 def absolutize_descriptors(config: dict[str, Any], base: Path = REPO_ROOT) -> None:
     """Make the transcoder's `proto_descriptor` absolute (it is relative to Envoy's working
     directory, the repository, in the shipped file), so a rendered config works from anywhere."""
-    for flt in _hcm(config)["http_filters"]:
-        typed = flt.get("typed_config", {})
-        descriptor = typed.get("proto_descriptor")
-        if flt["name"] == TRANSCODER_FILTER and descriptor and not Path(descriptor).is_absolute():
-            typed["proto_descriptor"] = str(base / descriptor)
+    bootstrap.absolutize_descriptors(config, [base])
 
 
 def mcp_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,7 +278,8 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> ManagedProcess:
+def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
+           cwd: Path = REPO_ROOT) -> ManagedProcess:  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
@@ -289,7 +288,7 @@ def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | N
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=dict(env) if env is not None else None,
             start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops us in order
         )

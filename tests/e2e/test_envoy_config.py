@@ -30,6 +30,7 @@ from .harness import (
 )
 
 SNIPPET_YAML = REPO_ROOT / "envoy" / "snippet.yaml"
+ADMIN_JSON_FILTER = "mcp_authz.admin_json_fields"
 GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
 
 
@@ -103,9 +104,16 @@ def test_shipped_config_contract() -> None:
     hcm = _hcm(config)
     assert hcm["generate_request_id"] is True
 
-    # The MCP filter, then ext_authz (fed the MCP metadata), the admin API's transcoder, the router.
+    # The MCP filter, then ext_authz (fed the MCP metadata), the admin API's JSON field check and
+    # its transcoder, the router.
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == [MCP_FILTER, EXT_AUTHZ_FILTER, TRANSCODER_FILTER, "envoy.filters.http.router"]
+    assert names == [MCP_FILTER, EXT_AUTHZ_FILTER, ADMIN_JSON_FILTER, TRANSCODER_FILTER, "envoy.filters.http.router"]
+    # The field check: off by default, whole bodies to the sidecar's admin listener, fails closed.
+    (fields,) = [f for f in hcm["http_filters"] if f["name"] == ADMIN_JSON_FILTER]
+    assert fields["disabled"] is True
+    fc = fields["typed_config"]
+    assert fc["grpc_service"]["envoy_grpc"] == {"cluster_name": AUTHZ_ADMIN_CLUSTER}
+    assert fc["with_request_body"]["allow_partial_message"] is False and fc["failure_mode_allow"] is False
 
     # The transcoder is off by default and on for the admin route only, which skips ext_authz
     # (the admin API authenticates keys itself) and the MCP filter, and goes to the sidecar.
@@ -129,6 +137,8 @@ def test_shipped_config_contract() -> None:
     assert hcm["common_http_protocol_options"] == {"headers_with_underscores_action": "DROP_HEADER"}
     per_filter = admin["typed_per_filter_config"]
     assert per_filter[TRANSCODER_FILTER] == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
+    assert per_filter[ADMIN_JSON_FILTER] == per_filter[TRANSCODER_FILTER]  # enabled on this route only
+    assert all(ADMIN_JSON_FILTER not in r.get("typed_per_filter_config", {}) for r in mcp_routes(config))
     assert per_filter[EXT_AUTHZ_FILTER]["disabled"] is True
     assert per_filter[MCP_FILTER]["disabled"] is True
     assert all(TRANSCODER_FILTER not in r.get("typed_per_filter_config", {}) for r in mcp_routes(config))
@@ -222,7 +232,8 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     assert route["match"] == {"path_separated_prefix": "/mcp/github"}
     assert snippet["unchecked_route_example"]["typed_per_filter_config"][EXT_AUTHZ_FILTER]["disabled"] is True
     # The optional admin API piece: the transcoder filter, its route and cluster, exactly as shipped.
-    assert snippet["admin_api_filter"] == [transcoder_filter(_hcm(shipped))]
+    (fields,) = [f for f in _hcm(shipped)["http_filters"] if f["name"] == ADMIN_JSON_FILTER]
+    assert snippet["admin_api_filter"] == [fields, transcoder_filter(_hcm(shipped))]
     assert snippet["admin_api_route"] == [admin_route(_hcm(shipped))]
     assert snippet["admin_api_cluster"] == [cluster(shipped, AUTHZ_ADMIN_CLUSTER)]
     # The HCM setting for header names with underscores, as shipped.

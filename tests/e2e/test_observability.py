@@ -304,7 +304,8 @@ async def test_without_the_mcp_filter_everything_works_but_tool_scopes_fail_clos
         rendered = yaml.safe_load(envoy.config_path.read_text())
         filters = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
         assert [f["name"] for f in filters] == [
-            "envoy.filters.http.ext_authz", "envoy.filters.http.grpc_json_transcoder", "envoy.filters.http.router"]
+            "envoy.filters.http.ext_authz", "mcp_authz.admin_json_fields", "envoy.filters.http.grpc_json_transcoder",
+            "envoy.filters.http.router"]
         assert await call_tool(envoy.url("linear"), "add", {"a": 1, "b": 1}, headers=stack.bearer("bob")) == 2
         done = stack.world.cli("keys", "create", "bob", "--label", "add-only-2", "--servers", "linear:add", "--json")
         scoped = {"authorization": f"Bearer {json.loads(done.stdout)['api_key']}"}

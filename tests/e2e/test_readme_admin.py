@@ -109,7 +109,7 @@ def test_the_readme_administration_examples_run(stack: Stack, tmp_path: Path) ->
 
     # What the examples say happens, happens.
     assert "alice (p_" in output and "roles user" in output  # whoami
-    assert "Set the override of alice for github: API_KEY=ghp_…0001" in output
+    assert "Set the override of alice for github: API_KEY=…0001" in output
     assert "the upstream accepted it" in output  # alice's test
     assert "refused: a user manages only her own keys and credentials" in output
     assert re.search(r"github\s+bob\s+user\s+eng\s+🔴 invalid", output)  # bob's stale token, per the table

@@ -51,7 +51,7 @@ from .harness import (
     run_example_server,
     wait_until,
 )
-from .sidecar import CLI, Gateway, Sidecar, World, run_sidecar, seed
+from .sidecar import CLI, LINEAR_SHARED, Gateway, Sidecar, World, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
@@ -134,11 +134,13 @@ def test_a_manager_cannot_mint_or_take_over_anothers_key(gw: Stack, victim: str)
 
 async def test_check_and_access_log_are_not_served_on_the_admin_listener(gw: Stack) -> None:
     """The admin listener is for people with keys: asking it for Check (which would hand out
-    the shared credential) or feeding it access-log entries gets UNIMPLEMENTED."""
+    the shared credential) is refused, and feeding it access-log entries gets UNIMPLEMENTED.
+    Its only Check is Envoy's check of admin JSON bodies, which denies any other path (403) and
+    never adds a header."""
     async with grpc.aio.insecure_channel(gw.sidecar.admin_target) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as check:
-            await external_auth_pb2_grpc.AuthorizationStub(channel).Check(_check_request(gw.key("bob")), timeout=5)
-        assert check.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        answer = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(_check_request(gw.key("bob")), timeout=5)
+        assert answer.denied_response.status.code == 403 and not answer.HasField("ok_response")
+        assert LINEAR_SHARED not in answer.SerializeToString().decode(errors="replace")
 
         async def entries() -> Any:
             message = als_pb2.StreamAccessLogsMessage()

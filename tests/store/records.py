@@ -55,7 +55,7 @@ def server(name: str, **kw: object) -> McpServer:
         ),
         "placeholders": (Placeholder("API_KEY", True), Placeholder("CLIENT_ID", False)),
         "shared_values": {"API_KEY": sealed(f"{name}-api"), "CLIENT_ID": sealed(f"{name}-client", version=2)},
-        "shared_masks": {"API_KEY": "ghp_…9xQa", "CLIENT_ID": "…"},
+        "shared_masks": {"API_KEY": "…9xQa", "CLIENT_ID": "…"},
         "signing_secret": sealed(f"{name}-signing"),
         "description": f"The {name} MCP server",
         "created_at": T0,
@@ -79,7 +79,7 @@ def key(key_id: str, principal_id: str, **kw: object) -> GatewayKey:
 def override(principal_id: str, server_name: str, **kw: object) -> Override:
     fields: dict[str, object] = {
         "values": {"API_KEY": sealed(f"{principal_id}-{server_name}")},
-        "masks": {"API_KEY": "sk-l…abcd"},
+        "masks": {"API_KEY": "…abcd"},
         "updated_by": principal_id,
         "updated_at": minutes(2),
         "status": OverrideStatus.CONFIGURED,

@@ -360,7 +360,7 @@ async def test_override_round_trip_and_replace(store: Store) -> None:
         "p-alice",
         "github",
         values={"API_KEY": sealed("rotated"), "CLIENT_ID": sealed("client", version=7)},
-        masks={"API_KEY": "sk-n…wxyz", "CLIENT_ID": "…"},
+        masks={"API_KEY": "…wxyz", "CLIENT_ID": "…"},
         updated_by="p-bob",
         updated_at=minutes(10),
     )

@@ -250,3 +250,48 @@ async def test_usage_indexes_serve_the_filters(store: SqliteStore, db_path: Path
         )
     )
     assert "usage_records_by_principal" in plan and "TEMP B-TREE" not in plan
+
+
+async def test_the_database_and_its_wal_and_shm_files_are_0600(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)  # the usual umask, which made them 0644
+    try:
+        fresh = tmp_path / "fresh.db"
+        store = await SqliteStore.connect(fresh)
+        await store.migrate()
+        await store.append_audit([audit(T0, "cli", "init")])  # a write: SQLite has made its -wal and -shm files
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {"fresh.db": 0o600, "fresh.db-wal": 0o600, "fresh.db-shm": 0o600}
+        await store.close()
+        # Files an older version left 0644 are tightened when the store is next opened.
+        for p in tmp_path.iterdir():
+            p.chmod(0o644)
+        store = await SqliteStore.connect(fresh, create=False)
+        await store.append_audit([audit(T0, "cli", "init")])
+        assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o600}
+        await store.close()
+    finally:
+        os.umask(old_umask)
+
+
+async def test_masks_stored_by_an_older_version_read_back_held_to_the_rule(store: SqliteStore) -> None:
+    await seed(store)
+    await store.add_server(server("legacy", shared_masks={"API_KEY": "ghp_…9xQa", "CLIENT_ID": "…"}))
+    await store.put_override(override("p-alice", "legacy", masks={"API_KEY": "sk-l…abcd"}))
+    got = await store.get_server("legacy")
+    assert got is not None and got.shared_masks == {"API_KEY": "…9xQa", "CLIENT_ID": "…"}
+    found = await store.get_override("p-alice", "legacy")
+    assert found is not None and found.masks == {"API_KEY": "…abcd"}
+
+
+async def test_an_oversized_event_stored_by_an_older_version_reads_back_bounded(store: SqliteStore, db_path: Path) -> None:
+    from authz_server.models import FIELD_MAX, TRUNCATED
+
+    huge = "n" * (1 << 20)
+    raw(db_path, "INSERT INTO audit_events (at, actor, action, target, outcome, details) VALUES (?, ?, ?, ?, ?, ?)",
+        "2026-03-01T12:00:00.000000Z", "cli", "principals.add", f"principal:{huge}", "error", f'{{"name": "{huge}"}}')  # fmt: skip
+    (event,) = await store.query_audit(action="principals.add")
+    assert event.target == f"principal:{huge}"[:FIELD_MAX] + TRUNCATED
+    assert event.details == {"name": huge[:FIELD_MAX] + TRUNCATED}

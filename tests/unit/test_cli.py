@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from authz_server.cli import main, parse_duration, parse_expiry, parse_grace, parse_when, sqlite_path
+from authz_server.cli import MAX_COLUMN, _clip, main, parse_duration, parse_expiry, parse_grace, parse_when, sqlite_path
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import Keyring, read_key_file
 from authz_server.models import UsageRecord
@@ -225,7 +225,7 @@ def test_every_command_prints_one_json_document(ready: Cli) -> None:
     assert len(added["signing_secret"]) >= 40 and added["server"]["shared_status"] == "missing"
     run.secret_stdin(CRM_KEY, CRM_CLIENT)
     shared = run.json("servers", "set-shared", "crm", stdin=f"API_KEY={CRM_KEY}\nCLIENT_ID = {CRM_CLIENT}\n")
-    assert shared["server"]["shared_values"] == {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}
+    assert shared["server"]["shared_values"] == {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"}
     assert shared["server"]["shared_status"] == "configured"
     shown = run.json("servers", "show", "crm")["server"]
     assert shown["description"] == "the CRM" and shown["has_signing_secret"] is True
@@ -270,7 +270,7 @@ def test_every_command_prints_one_json_document(ready: Cli) -> None:
         "principal": "alice",
         "kind": "user",
         "server": "github",
-        "values": {"API_KEY": "ghp_…8899"},
+        "values": {"API_KEY": "…8899"},
         "updated_by": "cli",
         "updated_at": override["override"]["updated_at"],
         "expires_at": None,
@@ -306,6 +306,19 @@ def test_tables_for_people(ready: Cli) -> None:
     assert servers[1].split()[:3] == ["github", "individual", "API_KEY"]
 
 
+def test_table_cells_are_capped_and_json_is_whole(ready: Cli) -> None:
+    description = "d" * 400 + "🟢" * 50  # wide characters count twice
+    run = ready
+    run.json("servers", "add", "wide", "--mode", "none", "--description", description)
+    lines = run("servers", "list").out.splitlines()
+    (row,) = [line for line in lines if line.startswith("wide")]
+    cell = row.split()[-1]
+    assert cell == "d" * (MAX_COLUMN - 1) + "…" and max(len(line) for line in lines) < 2 * MAX_COLUMN
+    listed = {s["name"]: s for s in run.json("servers", "list")["servers"]}
+    assert listed["wide"]["description"] == description
+    assert _clip("ab🟢", 3) == "ab…" and _clip("a🟢b", 3) == "a…" and _clip("abc", 3) == "abc"
+
+
 # --- secrets from stdin --------------------------------------------------------------------------
 
 
@@ -322,18 +335,18 @@ def crm(ready: Cli) -> Cli:
 @pytest.mark.parametrize(
     ("server", "stdin", "masks"),
     [
-        ("github", f"{GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
-        ("github", f"  {GH_TOKEN}  \r\n\n", {"API_KEY": "ghp_…1234"}),
-        ("github", f"API_KEY={GH_TOKEN}\n", {"API_KEY": "ghp_…1234"}),
-        ("github", "dGVzdC10b2tlbi12YWx1ZQ==\n", {"API_KEY": "dGVz…ZQ=="}),  # '=' in a bare value stays
-        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\n", {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"}),
+        ("github", f"{GH_TOKEN}\n", {"API_KEY": "…1234"}),
+        ("github", f"  {GH_TOKEN}  \r\n\n", {"API_KEY": "…1234"}),
+        ("github", f"API_KEY={GH_TOKEN}\n", {"API_KEY": "…1234"}),
+        ("github", "dGVzdC10b2tlbi12YWx1ZQ==\n", {"API_KEY": "…ZQ=="}),  # '=' in a bare value stays
+        ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID={CRM_CLIENT}\n", {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"}),
         (
             "crm",
             f"\nCLIENT_ID={CRM_CLIENT}\nAPI_KEY={CRM_KEY}\nTRACE=\n",
-            {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "crm-…zyxw"},
+            {"API_KEY": "…fXYZ", "CLIENT_ID": "…zyxw"},
         ),
         ("crm", f"API_KEY={CRM_KEY}\nCLIENT_ID=a=b=c=d=e=f=g=h=i\nTRACE=trace-value-1234567\n",
-         {"API_KEY": "crm-…fXYZ", "CLIENT_ID": "a=b=…=h=i", "TRACE": "trac…4567"}),
+         {"API_KEY": "…fXYZ", "CLIENT_ID": "…=h=i", "TRACE": "…4567"}),
     ],
 )
 def test_override_values_from_stdin(crm: Cli, server: str, stdin: str, masks: dict[str, str]) -> None:
@@ -379,7 +392,7 @@ def test_tty_prompts_per_placeholder(crm: Cli, monkeypatch: pytest.MonkeyPatch) 
     rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
     assert rec.code == 0, rec.err
     assert prompts == ["API_KEY for crm: ", "CLIENT_ID for crm: ", "TRACE for crm (optional, Enter to skip): "]
-    assert "API_KEY=crm-…fXYZ" in rec.out and "TRACE" not in rec.out
+    assert "API_KEY=…fXYZ" in rec.out and "TRACE" not in rec.out
     answers["CLIENT_ID"] = ""
     rec = crm("overrides", "set", "--principal", "alice", "--server", "crm", tty=True)
     assert rec.code == 1 and "CLIENT_ID is required" in rec.err
@@ -390,7 +403,7 @@ def test_set_shared_from_stdin_and_mode_checks(ready: Cli) -> None:
     run.json("servers", "add", "linear", "--mode", "shared", "-H", "Authorization: Bearer {{API_KEY}}")
     run.secret_stdin(GH_TOKEN)
     rec = run("servers", "set-shared", "linear", stdin=GH_TOKEN)
-    assert rec.code == 0 and rec.out.strip() == "Set shared values of linear: API_KEY=ghp_…1234"
+    assert rec.code == 0 and rec.out.strip() == "Set shared values of linear: API_KEY=…1234"
     # Wrong mode or unknown server: refused before stdin is read.
     rec = run("servers", "set-shared", "github", stdin=GH_TOKEN)
     assert rec.code == 1 and "individual mode" in rec.err and "overrides set" in rec.err
@@ -517,6 +530,16 @@ def test_parse_expiry(text: str, expected: datetime) -> None:
 def test_parse_expiry_rejects(text: str) -> None:
     with pytest.raises(Exception, match="expected"):
         parse_expiry(text, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [(parse_expiry, "99999999d", "reaches past the years 1 to 9999"), (parse_when, "99999999d", "reaches past"),
+     (parse_expiry, "9" * 30 + "d", "the duration is too long"), (parse_grace, "9" * 20 + "w", "too long")],
+)  # fmt: skip
+def test_a_duration_past_the_calendar_is_a_usage_error(parse: Any, text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse(text)
 
 
 def test_parse_duration_and_grace() -> None:

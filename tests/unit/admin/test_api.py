@@ -6,7 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from authz_server.admin.api import DENIED_STATUS, ERROR_STATUS, error_message, grpc_status
+from authz_server.admin.api import DENIED_STATUS, ERROR_STATUS, Unreadable, error_message, grpc_status, reader
+from authz_server.admin.rpcs import RPCS, Rpc
 from authz_server.errors import (
     AuthzError,
     ConfigError,
@@ -54,3 +55,15 @@ def test_the_table_lists_subclasses_before_their_bases() -> None:
 def test_messages_are_the_errors_own_with_a_denials_hint() -> None:
     assert error_message(Denied(Reason.KEY_EXPIRED)) == "The gateway key has expired. Ask for a new key."
     assert error_message(NotFound("No server named x.")) == "No server named x."
+
+
+@pytest.mark.parametrize("rpc", RPCS, ids=lambda r: r.name)
+def test_every_request_reader_never_raises(rpc: Rpc) -> None:
+    """Bytes that are not the request (a truncated field, a string that is not UTF-8) reach the
+    method as Unreadable, answered INVALID_ARGUMENT, instead of failing inside gRPC as INTERNAL."""
+    read = reader(rpc.request)
+    assert isinstance(read(b""), rpc.request)
+    for junk in (b"\x0a\x05ab", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a"):
+        assert isinstance(read(junk), Unreadable)
+    if rpc.request.DESCRIPTOR.fields and rpc.request.DESCRIPTOR.fields[0].type == 9:  # a string
+        assert isinstance(read(b"\x0a\x02\xff\xfe"), Unreadable)

@@ -69,9 +69,9 @@ async def test_override_8kib_boundary_and_optional(world: AdminWorld) -> None:
     await add_multi(w)
     await w.svc.add_principal(OP, "bob", "default", ["user"])
     view = await w.svc.set_override(OP, "bob", "crm", {"API_KEY": "k" * 8192, "CLIENT_ID": CLIENT_ID})
-    assert dict(view.masks) == {"API_KEY": "kkkk…kkkk", "CLIENT_ID": "clie…tish"}
+    assert dict(view.masks) == {"API_KEY": "…kkkk", "CLIENT_ID": "…tish"}
     view = await w.svc.set_override(OP, "bob", "crm", {"API_KEY": "short123", "CLIENT_ID": "c", "TRACE": "t" * 20})
-    assert dict(view.masks) == {"API_KEY": "…23", "CLIENT_ID": "…", "TRACE": "tttt…tttt"}
+    assert dict(view.masks) == {"API_KEY": "…23", "CLIENT_ID": "…", "TRACE": "…tttt"}
 
 
 async def test_set_override_seals_to_row_and_records_who(world: AdminWorld) -> None:
@@ -85,7 +85,7 @@ async def test_set_override_seals_to_row_and_records_who(world: AdminWorld) -> N
     assert (view.principal, view.kind, view.server, view.updated_by, view.status) == (
         "bob", "user", "github", "cli", "configured"
     )
-    assert dict(view.masks) == {"API_KEY": "ghp_…6789"} and view.updated_at == T0 + timedelta(minutes=3)
+    assert dict(view.masks) == {"API_KEY": "…6789"} and view.updated_at == T0 + timedelta(minutes=3)
     stored = await w.store.get_override(bob.id, "github")
     assert stored is not None and stored.updated_by == "cli" and stored.status is OverrideStatus.CONFIGURED
     assert w.keyring.open(stored.values["API_KEY"], aad_override("github", bob.id, "API_KEY")).reveal() == GH_TOKEN
@@ -107,7 +107,7 @@ async def test_set_override_seals_to_row_and_records_who(world: AdminWorld) -> N
         "principal": "bob",
         "kind": "user",
         "server": "github",
-        "values": {"API_KEY": "lin_…9876"},
+        "values": {"API_KEY": "…9876"},
         "updated_by": "carol",
         "updated_at": "2026-03-01T12:03:00Z",
         "expires_at": None,
@@ -161,7 +161,7 @@ async def test_status_table_configured_missing_invalid_expired(w: SelfServiceWor
         ("github", "mia"): "missing",
     }
     alice = next(r for r in rows if r.principal == "alice")
-    assert (alice.source, alice.masks, alice.updated_by, alice.indicator) == ("override", (("API_KEY", "ghp_…6789"),), "alice", "🟢")
+    assert (alice.source, alice.masks, alice.updated_by, alice.indicator) == ("override", (("API_KEY", "…6789"),), "alice", "🟢")
     assert next(r for r in rows if r.principal == "mia").indicator == STATUS_INDICATORS["missing"] == "🟡"
 
     # The upstream rejects bob's value: invalid. Time passes: expired wins.

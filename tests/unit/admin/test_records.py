@@ -27,11 +27,13 @@ async def test_audit_query_filters_resolve_names_and_are_for_admins(w: SelfServi
     await w.svc.set_override(w.mia, "bob", "github", {"API_KEY": BAD})
     events = await w.svc.query_audit(OP, action="overrides.set")
     assert [(e.actor, e.target, e.request_id) for e in events] == [
-        ("alice", "override:(own)/github", "req-alice"),
+        ("alice", "override:alice/github", "req-alice"),
         ("mia", "override:bob/github", "req-mia"),
     ]
     assert [e.actor for e in await w.svc.query_audit(OP, actor_name="mia")] == ["mia"]
     assert [e.target for e in await w.svc.query_audit(OP, target="override:bob/github")] == ["override:bob/github"]
+    # A user's own change is audited under their name, so the target filter finds it.
+    assert [e.actor for e in await w.svc.query_audit(OP, target="override:alice/github")] == ["alice"]
     assert len(await w.svc.query_audit(OP, action="overrides.*", since=T0 + timedelta(minutes=30))) == 1
     assert {e.actor for e in await w.svc.query_audit(OP, actor_name="cli", action="servers.*")} == {"cli"}
     first = (await w.svc.query_audit(OP, limit=1))[0]
@@ -307,7 +309,7 @@ async def test_the_audit_event_records_the_filters(world: AdminWorld, people: Pe
         "limit": "7",
         "count": "1",
     }
-    assert user_event.details == {"principal": "(own)", "limit": "1000", "count": "1"}
+    assert user_event.details == {"principal": "ulf", "limit": "1000", "count": "1"}
 
 
 # --- export ------------------------------------------------------------------------------------------------

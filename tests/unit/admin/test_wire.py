@@ -10,6 +10,7 @@ import pytest
 
 from authz_server.admin import views, wire
 from authz_server.admin.gen import admin_pb2 as pb
+from authz_server.errors import InvalidInput
 from authz_server.models import Placeholder
 
 _T = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
@@ -44,3 +45,27 @@ def test_an_empty_message_reads_as_nothing_given() -> None:
     server = wire.SERVER.view(pb.Server())
     assert (server.shared_status, server.created_at, server.placeholders) == (None, None, ())
     assert wire.PRINCIPAL.view(pb.Principal()).rate_limit_per_minute is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(-1, 0), (-10**12, 0), (2**62, 0), (253_402_300_800, 0), (0, -1), (0, 10**9), (1_700_000_000, -5)],
+)
+def test_a_time_out_of_range_is_invalid_input(seconds: int, nanos: int) -> None:
+    request = pb.QueryAuditRequest()
+    request.since.seconds, request.since.nanos = seconds, nanos
+    with pytest.raises(InvalidInput, match=r"The time in since is out of range: give a time from 1970-01-01 to 9999-12-31"):
+        wire.when(request, "since")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "expected"),
+    [(0, 0, datetime(1970, 1, 1, tzinfo=timezone.utc)),
+     (253_402_300_799, 999_999_999, datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+     (1_767_323_045, 678_000_999, _T)],
+)  # fmt: skip
+def test_a_time_in_range_is_read_to_the_microsecond(seconds: int, nanos: int, expected: datetime) -> None:
+    request = pb.CreateKeyRequest()
+    request.expires_at.seconds, request.expires_at.nanos = seconds, nanos
+    assert wire.when(request, "expires_at") == expected
+    assert wire.when(pb.CreateKeyRequest(), "expires_at") is None

@@ -46,14 +46,16 @@ def test_descriptor_set_holds_the_service_and_its_http_rules() -> None:
 
 
 def test_only_the_edges_import_the_generated_stubs() -> None:
-    """Protobuf stays at the edge: the servicer (api.py), the client (remote.py), the table and translators
-    they share (rpcs.py, wire.py), the composition root."""
+    """Protobuf stays at the edge: the servicer (api.py), Envoy's JSON field check (jsonbody.py), the
+    client (remote.py), the table and translators
+    they share (rpcs.py, wire.py); the composition root registers the servicer through api.py."""
     importers = sorted(
         str(path.relative_to(REPO))
         for path in (REPO / "authz_server").rglob("*.py")
         if "admin.gen" in path.read_text(encoding="utf-8") and "/gen/" not in str(path)
     )
     assert importers == [
-        "authz_server/admin/api.py", "authz_server/admin/remote.py", "authz_server/admin/rpcs.py",
-        "authz_server/admin/wire.py", "authz_server/app.py",
+        "authz_server/admin/api.py", "authz_server/admin/jsonbody.py", "authz_server/admin/remote.py",
+        "authz_server/admin/rpcs.py",
+        "authz_server/admin/wire.py",
     ]
