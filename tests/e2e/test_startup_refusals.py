@@ -251,10 +251,11 @@ def pg_base() -> str:
 
 
 async def _pg_state(base: str, schema: str) -> tuple[list[str], list[str]]:
-    """Every schema's name, and the tables in `schema`."""
+    """The names of this module's schemas (other tests may create theirs meanwhile), and the tables in `schema`."""
     conn = await asyncpg.connect(base, timeout=5)
     try:
-        schemas = [r["nspname"] for r in await conn.fetch("SELECT nspname FROM pg_namespace ORDER BY nspname")]
+        schemas = [r["nspname"] for r in await conn.fetch(
+            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, 't_refuse_') ORDER BY nspname")]
         tables = [r["table_name"] for r in await conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY table_name", schema)]
     finally:
