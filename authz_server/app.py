@@ -304,6 +304,8 @@ async def serve(
             log.info("stopped before ready")
             return
         sidecar.health.set(True, "ok")
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the master key file
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sidecar.follower.request_keyring_reload)
         log.info(
             "ready",
             extra={
@@ -321,6 +323,8 @@ async def serve(
         await _drain(sidecar.health, settings.drain_seconds, hurry)
     finally:
         sidecar.health.drain()  # NOT_SERVING, also when the start failed after the port opened
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         log.info("stopping")
         # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
         servers = [s for s in (server, admin_server) if s is not None]

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from authz_server import __version__
+from authz_server.admin.masterkey import DEFAULT_BATCH, MasterKeyAdmin
 from authz_server.admin.ops import DEFAULT_LIMIT, AdminOps
 from authz_server.admin.policy import Actor
 from authz_server.admin.service import AdminService
@@ -51,10 +52,13 @@ from authz_server.admin.views import (
 )  # fmt: skip
 from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, read_pem
 from authz_server.crypto import keys as gateway_keys
-from authz_server.crypto.cipher import ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, write_key_file
+from authz_server.crypto.cipher import (
+    ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_activating,
+    spec_with_new_version, spec_without_version, write_key_file,
+)  # fmt: skip
 from authz_server.crypto.keys import KeyHasher
 from authz_server.errors import AuthzError, ConfigError, Conflict, InvalidInput, StoreError
-from authz_server.models import AuthMode, Placeholder, Secret
+from authz_server.models import AuthMode, Entity, Placeholder, Secret
 from authz_server.rules import NAME_RE, PLACEHOLDER_NAME_RE
 from authz_server.store.base import Store
 
@@ -338,21 +342,27 @@ def _service(store: Store, keyring: Keyring, settings: Settings) -> AdminService
 
 
 @contextlib.asynccontextmanager
+async def _local_store(ctx: _Context) -> AsyncIterator[tuple[Store, Keyring]]:
+    """An initialised local store and the master keyring, checked against it."""
+    _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
+    keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
+    store = await _open_store(ctx.settings.store_url, create=False)  # a missing store or schema is not made
+    try:
+        await _service(store, keyring, ctx.settings).verify_master_key()
+        await store.migrate()  # an older schema is upgraded, once the master key is known to fit
+        yield store, keyring
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
 async def _admin_session(ctx: _Context) -> AsyncIterator[tuple[AdminOps, Actor]]:
     """The use cases and who runs them: in remote mode the sidecar's admin API, as the holder of
     the gateway key in $MCP_AUTHZ_KEY; else an initialised local store whose master key matches
     ours, as the operator (an admin)."""
     if ctx.remote is None:
-        _require_store(ctx.settings.store_url)  # "run init first" says more than a missing key file
-        keyring = _load_keyring(ctx)  # before opening the store: a missing key fails fast
-        store = await _open_store(ctx.settings.store_url, create=False)  # a missing store or schema is not made
-        try:
-            service = _service(store, keyring, ctx.settings)
-            await service.verify_master_key()
-            await store.migrate()  # an older schema is upgraded, once the master key is known to fit
-            yield service, Actor.operator()
-        finally:
-            await store.close()
+        async with _local_store(ctx) as (store, keyring):
+            yield _service(store, keyring, ctx.settings), Actor.operator()
         return
     key = ctx.env.get(ENV_GATEWAY_KEY, "").strip()
     if not key:
@@ -1048,6 +1058,143 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- master-key ------------------------------------------------------------------------------
+
+
+def _run_master_key(
+    handler: Callable[[MasterKeyAdmin, Actor, argparse.Namespace], Awaitable[Rendered]],
+) -> Callable[[argparse.Namespace], int]:
+    """A `master-key` verb: local only, on the store whose check values the key file opens."""
+
+    def run(args: argparse.Namespace) -> int:
+        _local_only(args, f"master-key {args.action}")
+        ctx = _context(args, local=True)
+
+        async def go() -> Rendered:
+            async with _local_store(ctx) as (store, keyring):
+                admin = MasterKeyAdmin(store, keyring, KeyHasher(ctx.settings.argon2))
+                return await handler(admin, Actor.operator(), args)
+
+        result = asyncio.run(go())
+        _emit(ctx.json, result)
+        return 0 if result.doc.get("complete", True) else 1  # rotate: rows it could not move are an error
+
+    return run
+
+
+def _key_file_of(keyring: Keyring, verb: str) -> Path:
+    if keyring.source is None:
+        raise ConfigError(
+            f"master-key {verb} changes the key file: give it with --master-key-file (or ${ENV_KEY_FILE}); "
+            f"a key in ${ENV_KEY} cannot be changed in place."
+        )
+    return keyring.source
+
+
+def _rewrite_key_file(admin: MasterKeyAdmin, path: Path, spec: str) -> Keyring:
+    """Replace the key file (atomically, 0600) and use the new keyring from now on."""
+    fresh = Keyring.from_spec(spec, path)
+    try:
+        replace_key_file(path, spec)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the master key file {path}: {exc.strerror}.") from None
+    admin.keyring.adopt(fresh)
+    return fresh
+
+
+def _versions_text(versions: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in versions)
+
+
+async def _master_key_add(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    path = _key_file_of(admin.keyring, "add")
+    spec, version = spec_with_new_version(read_key_file(path), above=await admin.stored_versions(), active=not a.standby)
+    ring = _rewrite_key_file(admin, path, spec)
+    await admin.record_versions(me, version)
+    next_step = (f"mcp-authz master-key activate --version {version}" if a.standby else "mcp-authz master-key rotate")
+    what = ("on standby: it opens values but seals none until 'activate'" if a.standby
+            else "it seals every new value from now on")  # fmt: skip
+    return _key_file_changed(path, ring, {"added_version": version},
+                             f"Added master key version {version} to {path} (mode 0600), {what}.", next_step)
+
+
+async def _master_key_activate(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    path = _key_file_of(admin.keyring, "activate")
+    ring = _rewrite_key_file(admin, path, spec_activating(read_key_file(path), a.version))
+    await admin.record_versions(me, a.version, "master_key.activate")
+    return _key_file_changed(path, ring, {"activated_version": a.version},
+                             f"Master key version {a.version} seals every new value from now on.",
+                             "mcp-authz master-key rotate")  # fmt: skip
+
+
+def _key_file_changed(path: Path, ring: Keyring, doc: dict[str, Any], done: str, next_step: str) -> Rendered:
+    versions = sorted(ring.versions, reverse=True)
+    text = (f"{done} Versions in {path}: {_versions_text(versions)} (active: {ring.active}).\n"
+            "Running sidecars that read this file re-read it within a second (or on SIGHUP) and log "
+            "'master keyring reloaded'; copy it to sidecars on other hosts.\n"
+            f"Next, once every sidecar has: {next_step}")  # fmt: skip
+    return Rendered({"key_file": str(path), **doc, "active_version": ring.active, "versions": versions}, text)
+
+
+async def _master_key_rotate(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    report = await admin.rotate(me, a.batch)
+    status = await admin.status(me)
+    old = [v.version for v in status.versions if v.version < status.active and v.in_keyring]
+    lines = [f"Re-encrypted {report.resealed[Entity.SERVER]} server(s) and {report.resealed[Entity.OVERRIDE]} "
+             f"override(s) under master key version {report.active}, in {report.batches} batch(es); "
+             f"{report.current} row(s) were current already."]  # fmt: skip
+    lines += [f"Not re-encrypted (unreadable): {u}" for u in report.unreadable]
+    if report.changed_meanwhile:
+        lines.append(f"{report.changed_meanwhile} row(s) kept changing meanwhile: run 'mcp-authz master-key rotate' again.")
+    lines.append(f"Rows still under an older version: {status.old_rows}.")
+    if not status.old_rows and old:
+        lines.append(f"Nothing uses version {_versions_text(old)} any more: "
+                     + "; ".join(f"mcp-authz master-key retire --version {v}" for v in old))  # fmt: skip
+    doc = {**report.to_json(), "rows_under_old_versions": status.old_rows, "complete": not status.old_rows}
+    return Rendered(doc, "\n".join(lines))
+
+
+async def _master_key_status(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    status = await admin.status(me)
+    where = str(admin.keyring.source) if admin.keyring.source else f"${ENV_KEY}"
+    rows = [[str(v.version), "yes" if v.active else "", "yes" if v.in_keyring else "no", "yes" if v.in_store else "no",
+             str(v.servers), str(v.overrides)] for v in status.versions]  # fmt: skip
+    table = _table(["VERSION", "ACTIVE", "IN KEY FILE", "IN STORE", "SERVERS", "OVERRIDES"], rows, "(no versions)")
+    tail = ("Every sealed value is under the active version." if not status.old_rows else
+            f"{status.old_rows} row(s) under an older version: run 'mcp-authz master-key rotate'.")  # fmt: skip
+    return Rendered({"key_file": where, **status.to_json()}, f"Master key: {where}\n{table}\n{tail}")
+
+
+async def _master_key_retire(admin: MasterKeyAdmin, me: Actor, a: argparse.Namespace) -> Rendered:
+    path = _key_file_of(admin.keyring, "retire")
+    await admin.retire(me, a.version)  # refuses while any row uses it, or while it seals
+    spec = read_key_file(path)
+    in_file = a.version in Keyring.from_spec(spec).versions
+    if in_file:
+        spec = spec_without_version(spec, a.version)
+        _rewrite_key_file(admin, path, spec)
+    versions = sorted(admin.keyring.versions, reverse=True)
+    doc = {"key_file": str(path), "retired_version": a.version, "versions": versions}
+    text = (f"Retired master key version {a.version}: "
+            f"{'removed from ' + str(path) + ' and' if in_file else 'it was not in ' + str(path) + '; removed from'} "
+            f"the store's check values. Versions in the file: {_versions_text(versions)}.\n"
+            "Running sidecars drop it when they re-read the file. A backup of the store taken before the "
+            "rotation still needs the old key file.")  # fmt: skip
+    return Rendered(doc, text)
+
+
+def _parse_version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a master key version is a positive whole number")
+    return int(text)
+
+
+def _parse_batch(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError("a batch is 1 to 10000 rows")
+    return int(text)
+
+
 # --- certs ---------------------------------------------------------------------------------
 
 
@@ -1380,6 +1527,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing certificate files (a CA already in --out is kept unless --new-ca)")
     p.add_argument("--new-ca", action="store_true",
                    help="make a new CA even if --out has one (with --force to replace it)")
+
+    master_key = group("master-key", "rotate the master key while sidecars serve (local store only)")
+    p = leaf(master_key, "add", "add a new master key version to the key file; it seals new values from now on",
+             _run_master_key(_master_key_add))
+    p.add_argument("--standby", action="store_true",
+                   help="add it last, opening but not sealing, until 'activate' (sidecars on several hosts)")
+    p = leaf(master_key, "activate", "make a version in the key file the one that seals new values",
+             _run_master_key(_master_key_activate))
+    p.add_argument("--version", type=_parse_version, required=True, metavar="N", help="the version to activate")
+    p = leaf(master_key, "rotate", "re-encrypt every sealed value under the active version, in batches (exit 1 "
+             "while rows remain under an older version)",
+             _run_master_key(_master_key_rotate))
+    p.add_argument("--batch", type=_parse_batch, default=DEFAULT_BATCH, metavar="N",
+                   help=f"rows per transaction (default: {DEFAULT_BATCH})")
+    leaf(master_key, "status", "rows per master key version", _run_master_key(_master_key_status))
+    p = leaf(master_key, "retire", "drop a version no row uses any more from the key file and the store",
+             _run_master_key(_master_key_retire))
+    p.add_argument("--version", type=_parse_version, required=True, metavar="N", help="the version to drop")
 
     p = leaf(sub, "usage", "query per-request usage records, or export them as JSON lines", _cmd_usage)
     p.add_argument("--principal", metavar="NAME", help="only this principal's requests")

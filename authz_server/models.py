@@ -195,6 +195,28 @@ class Entity(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class SealedRow:
+    """Every sealed value of one stored row, as master-key rotation reads and replaces them.
+
+    `entity` SERVER: `key` is the server's name, `values` its shared values, `signing` its
+    signing secret. OVERRIDE: `key` is `override_key(principal_id, server)`, `values` the
+    override's values, `signing` None.
+    """
+
+    entity: Entity
+    key: str
+    values: dict[str, Sealed]
+    signing: Sealed | None = None
+
+    def versions(self) -> set[int]:
+        """The master key versions this row's values are sealed under."""
+        found = {s.key_version for s in self.values.values()}
+        if self.signing is not None:
+            found.add(self.signing.key_version)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     seq: int
     entity: Entity
@@ -285,6 +307,12 @@ class Snapshot:
 
 def override_key(principal_id: str, server: str) -> str:
     return f"{principal_id}/{server}"
+
+
+def split_override_key(key: str) -> tuple[str, str]:
+    """(principal id, server) of an `override_key` (principal ids hold no '/')."""
+    principal_id, _, server = key.partition("/")
+    return principal_id, server
 
 
 # --- the write-behind spool's JSON lines (observability/spool.py): each record's one shape on disk ----

@@ -6,6 +6,11 @@ replaces the entry whole, then bumps `version`. It runs on the event loop;
 Check reads the tables from the core loop's thread and the hashing threads.
 Every key change also goes through `VerifiedKeys.replaced`, which decides whether
 the key stays verified.
+
+The master keyring follows its file (`Keyring.source`) the same way: re-read when
+the file changes (checked every tick), on SIGHUP (`request_keyring_reload`), and,
+before a row sealed under a version it does not know is given up as unreadable.
+A file that does not match the store's check values is refused and the keyring kept.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import sys
 import time
 from datetime import datetime
 
-from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing
-from authz_server.errors import AuthzError
+from authz_server.crypto.cipher import Keyring, aad_override, aad_shared, aad_signing, file_stamp, read_key_file
+from authz_server.errors import AuthzError, MasterKeyError
 from authz_server.live.tables import AuthState, KeyEntry, OverrideEntry, ServerEntry
 from authz_server.live.verified import VerifiedKeys
 from authz_server.models import (
@@ -57,6 +62,58 @@ class StateFollower:
         self.last_success: float = 0.0  # time.monotonic() of the last successful load or poll
         self.seen_seq = 0  # newest change-log seq read from the store
         self._roles: dict[tuple[Role, ...], tuple[Role, ...]] = {}  # one tuple per distinct set of roles
+        self._key_stamp = file_stamp(keyring.source) if keyring.source else None
+        self._reload_requested = False
+        self._unknown_reload_at = -1.0  # time.monotonic() of the last reload for an unknown version
+
+    # --- the master keyring ------------------------------------------------------------------
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+    def request_keyring_reload(self) -> None:
+        """Re-read the key file at the next tick (SIGHUP)."""
+        self._reload_requested = True
+
+    async def reload_keyring(self, why: str) -> bool:
+        """Re-read the key file; adopt it if it opens the store's check values. Logs versions, never keys."""
+        source = self._keyring.source
+        if source is None:
+            log.warning("master keyring not reloaded: it comes from the environment, not a file", extra={"why": why})
+            return False
+        stamp = file_stamp(source)  # before reading: a change after it is seen at the next tick
+        try:
+            fresh = Keyring.from_spec(read_key_file(source), source)
+            fresh.verify_check(await self._store.get_key_checks())  # a store failure raises: retried next tick
+        except MasterKeyError as exc:
+            self._key_stamp = stamp  # a bad file is not read again until it changes
+            log.error("master key file not reloaded; keeping the keyring", extra={"why": why, "error": exc.message})
+            return False
+        self._key_stamp = stamp
+        self._keyring.adopt(fresh)
+        log.info("master keyring reloaded", extra={"why": why, "versions": list(self._keyring.versions),
+                                                    "active_version": self._keyring.active})  # fmt: skip
+        return True
+
+    async def _watch_keyring(self) -> None:
+        source = self._keyring.source
+        if self._reload_requested:
+            await self.reload_keyring("SIGHUP")
+            self._reload_requested = False
+        elif source is not None and file_stamp(source) != self._key_stamp:
+            await self.reload_keyring("key file changed")
+
+    async def _know_versions(self, versions: set[int]) -> None:
+        """Before giving up on a value under an unknown version, look at the key file once more
+        (at most twice a second: a version nobody has would otherwise cost a read per row)."""
+        unknown = versions - set(self._keyring.versions)
+        if not unknown:
+            return
+        now, source = time.monotonic(), self._keyring.source
+        if now - self._unknown_reload_at >= 0.5 or (source is not None and file_stamp(source) != self._key_stamp):
+            self._unknown_reload_at = now
+            await self.reload_keyring(f"a row is sealed under master key version {max(unknown)}, not in the keyring")
 
     async def load(self) -> None:
         """Read the whole state from a snapshot. Each table is built aside and then swapped in
@@ -65,6 +122,10 @@ class StateFollower:
         seq, teams, principals, servers = snap.seq, snap.teams, snap.principals, snap.servers
         keys, overrides = list(snap.keys), list(snap.overrides)
         del snap
+        await self._know_versions(
+            {s.key_version for o in overrides for s in o.values.values()}
+            | {v for server in servers for v in _server_versions(server)}
+        )
         st = self.state
         st.teams = {t.name: t for t in teams}
         st.principals = {p.id: self._lean(p) for p in principals}
@@ -94,6 +155,7 @@ class StateFollower:
         Check keeps answering from memory meanwhile."""
         while True:
             try:
+                await self._watch_keyring()
                 await self.poll_once()
                 self.last_success = time.monotonic()
                 if self.last_error:
@@ -150,6 +212,8 @@ class StateFollower:
             _put(st.principals, key, self._lean(principal) if principal else None)
         elif change.entity is Entity.SERVER:
             server = await store.get_server(key)
+            if server is not None:
+                await self._know_versions(_server_versions(server))
             _put(st.servers, key, self._server_entry(server) if server else None)
         elif change.entity is Entity.KEY:
             record = await store.get_key(key)
@@ -160,6 +224,8 @@ class StateFollower:
         elif change.entity is Entity.OVERRIDE:
             principal_id, _, server_name = key.partition("/")
             override = await store.get_override(principal_id, server_name)
+            if override is not None:
+                await self._know_versions({s.key_version for s in override.values.values()})
             _put(st.overrides, (principal_id, server_name), self._override_entry(override) if override else None)
         st.version += 1
 
@@ -201,6 +267,13 @@ class StateFollower:
         if override.status is OverrideStatus.EXPIRED and expires is None:
             expires = 0.0
         return OverrideEntry(values, expires)
+
+
+def _server_versions(server: McpServer) -> set[int]:
+    found = {s.key_version for s in server.shared_values.values()}
+    if server.signing_secret is not None:
+        found.add(server.signing_secret.key_version)
+    return found
 
 
 def _key_entry(k: GatewayKey) -> KeyEntry:

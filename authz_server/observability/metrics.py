@@ -165,6 +165,14 @@ class _LiveCollector(Collector):
                                 "Change-log entries seen in the store but not yet applied.",
                                 value=max(0, follower.seen_seq - state.seq))
         yield GaugeMetricFamily("mcp_authz_changelog_applied_sequence", "Newest change-log entry applied.", value=state.seq)
+        keyring = GaugeMetricFamily("mcp_authz_master_key_version",
+                                    "Master key versions held: the one that seals (role=active), the oldest and the "
+                                    "newest it opens (role=oldest, newest).", labels=["role"])  # fmt: skip
+        versions = follower.keyring.versions
+        keyring.add_metric(["active"], follower.keyring.active)
+        keyring.add_metric(["oldest"], versions[0])
+        keyring.add_metric(["newest"], versions[-1])
+        yield keyring
 
         yield GaugeMetricFamily("mcp_authz_access_log_streams", "Envoy access-log streams open now (one per worker).",
                                 value=s.access_log.streams)

@@ -29,12 +29,14 @@ from typing import Protocol
 from authz_server.models import (
     AuditEvent,
     Change,
+    Entity,
     GatewayKey,
     McpServer,
     Override,
     OverrideStatus,
     Principal,
     Sealed,
+    SealedRow,
     Snapshot,
     Team,
     UsageRecord,
@@ -55,6 +57,20 @@ class Store(Protocol):
 
     async def put_key_checks(self, checks: dict[int, Sealed]) -> None:
         """Add or replace the check value of each version given; others stay."""
+
+    async def remove_key_check(self, version: int) -> None:
+        """Forget a retired version's check value (none: nothing happens)."""
+
+    # --- re-encryption (mcp-authz master-key rotate) ------------------------------
+    async def sealed_rows(self, entity: Entity, after: str = "", limit: int = 100) -> list[SealedRow]:
+        """The sealed values of the servers (Entity.SERVER) or overrides (Entity.OVERRIDE) whose
+        key comes after `after`, in key order (overrides: by principal id, then server), at most
+        `limit`. Page through a table by passing the last row's key back as `after`."""
+
+    async def reseal(self, rows: Sequence[tuple[SealedRow, SealedRow]]) -> int:
+        """In one transaction, give each row (old, new) `new`'s sealed values, only where the row
+        still holds exactly `old`'s: a row changed or deleted since it was read is left alone.
+        Every other column stays. Each row replaced logs one change; returns how many were."""
 
     # --- teams ---------------------------------------------------------------
     async def ensure_team(self, name: str, at: datetime) -> Team:

@@ -38,6 +38,7 @@ from authz_server.models import (
     PrincipalKind,
     Role,
     Sealed,
+    SealedRow,
     Team,
     UsageRecord,
     remask,
@@ -99,6 +100,11 @@ USAGE_COLUMNS = (
     "uid",
 )
 USAGE_DECISIONS = frozenset({"allow", "deny"})
+# The sealed columns of each table that holds any, with the row's key: what rotation re-encrypts.
+SEALED_SELECT = {
+    Entity.SERVER: "SELECT name, shared_values, signing_secret FROM servers",
+    Entity.OVERRIDE: "SELECT principal_id, server, sealed_values FROM overrides",
+}
 
 
 class Row(Protocol):
@@ -490,6 +496,16 @@ class RowCodec:
                 status_at=self.times.decode(row["status_at"]),
                 expires_at=self.times.decode(row["expires_at"]),
             )
+
+    def decode_sealed_row(self, entity: Entity, row: Row) -> SealedRow:
+        """A row of `SEALED_SELECT[entity]`."""
+        if entity is Entity.SERVER:
+            with decoding("servers", row["name"]):
+                return SealedRow(entity, _text(row["name"]), decode_sealed_map(row["shared_values"]),
+                                 decode_sealed(row["signing_secret"]))  # fmt: skip
+        key = f"{row['principal_id']}/{row['server']}"
+        with decoding("overrides", key):
+            return SealedRow(entity, key, decode_sealed_map(row["sealed_values"]))
 
     def decode_key_check(self, row: Row) -> tuple[int, Sealed]:
         with decoding("key_checks", row["version"]):

@@ -26,10 +26,12 @@ from authz_server.models import (
     OverrideStatus,
     Principal,
     Sealed,
+    SealedRow,
     Snapshot,
     Team,
     UsageRecord,
     override_key,
+    split_override_key,
 )
 from authz_server.store.codec import check_usage, now, utc
 
@@ -96,6 +98,48 @@ class MemoryStore:
     async def put_key_checks(self, checks: dict[int, Sealed]) -> None:
         self._open()
         self._key_checks.update(checks)
+
+    async def remove_key_check(self, version: int) -> None:
+        self._open()
+        self._key_checks.pop(version, None)
+
+    # --- re-encryption -------------------------------------------------------------------
+
+    def _sealed(self, entity: Entity) -> dict[tuple[str, ...], SealedRow]:
+        """Every row of `entity` holding sealed values, by its sort key."""
+        if entity is Entity.SERVER:
+            return {(s.name,): SealedRow(entity, s.name, dict(s.shared_values), s.signing_secret)
+                    for s in self._servers.values()}  # fmt: skip
+        return {(o.principal_id, o.server): SealedRow(entity, override_key(o.principal_id, o.server), dict(o.values))
+                for o in self._overrides.values()}  # fmt: skip
+
+    @staticmethod
+    def _sort_key(entity: Entity, key: str) -> tuple[str, ...]:
+        return split_override_key(key) if entity is Entity.OVERRIDE else (key,)
+
+    async def sealed_rows(self, entity: Entity, after: str = "", limit: int = 100) -> list[SealedRow]:
+        self._open()
+        start = self._sort_key(entity, after)
+        rows = self._sealed(entity)
+        return [rows[k] for k in sorted(rows) if k > start][: max(0, limit)]
+
+    async def reseal(self, rows: Sequence[tuple[SealedRow, SealedRow]]) -> int:
+        self._open()
+        replaced = 0
+        for old, new in rows:
+            if self._sealed(old.entity).get(self._sort_key(old.entity, old.key)) != old:
+                continue
+            if old.entity is Entity.SERVER:
+                server = self._servers[old.key]
+                self._servers[old.key] = dataclasses.replace(
+                    server, shared_values=dict(new.values), signing_secret=new.signing
+                )
+            else:
+                pair = split_override_key(old.key)
+                self._overrides[pair] = dataclasses.replace(self._overrides[pair], values=dict(new.values))
+            self._log(old.entity, old.key)
+            replaced += 1
+        return replaced
 
     # --- teams -----------------------------------------------------------------
 

@@ -27,16 +27,19 @@ from authz_server.models import (
     OverrideStatus,
     Principal,
     Sealed,
+    SealedRow,
     Snapshot,
     Team,
     UsageRecord,
     override_key,
+    split_override_key,
 )
 from authz_server.store.codec import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
     OVERRIDE_COLUMNS,
     PRINCIPAL_COLUMNS,
+    SEALED_SELECT,
     SERVER_COLUMNS,
     TEAM_COLUMNS,
     USAGE_COLUMNS,
@@ -45,6 +48,7 @@ from authz_server.store.codec import (
     TimeCodec,
     check_usage,
     encode_sealed,
+    encode_sealed_map,
     now,
     utc,
 )
@@ -194,6 +198,56 @@ class SqlStore(abc.ABC):
                 "ON CONFLICT (version) DO UPDATE SET sealed = excluded.sealed",
                 [(version, encode_sealed(sealed)) for version, sealed in checks.items()],
             )
+
+    async def remove_key_check(self, version: int) -> None:
+        async with self._write(serial=False) as tx:
+            await tx.execute("DELETE FROM key_checks WHERE version = ?", version)
+
+    # --- re-encryption -------------------------------------------------------------------------
+
+    _SEALED_WHERE: ClassVar[dict[Entity, tuple[str, str]]] = {
+        # (after a key, at a key); an override's key is "principal_id/server" (ids hold no '/').
+        Entity.SERVER: ("name > ? ORDER BY name", "name = ?"),
+        Entity.OVERRIDE: (
+            "(principal_id > ? OR (principal_id = ? AND server > ?)) ORDER BY principal_id, server",
+            "principal_id = ? AND server = ?",
+        ),
+    }
+
+    @staticmethod
+    def _sealed_key(entity: Entity, key: str) -> tuple[str, ...]:
+        return split_override_key(key) if entity is Entity.OVERRIDE else (key,)
+
+    async def sealed_rows(self, entity: Entity, after: str = "", limit: int = 100) -> list[SealedRow]:
+        if limit <= 0:
+            return []
+        after_args = self._sealed_key(entity, after)
+        if entity is Entity.OVERRIDE:
+            after_args = (after_args[0], *after_args)
+        async with self._read() as tx:
+            rows = await tx.fetch(
+                f"{SEALED_SELECT[entity]} WHERE {self._SEALED_WHERE[entity][0]} LIMIT ?", *after_args, limit
+            )
+        return [self._codec.decode_sealed_row(entity, r) for r in rows]
+
+    async def reseal(self, rows: Sequence[tuple[SealedRow, SealedRow]]) -> int:
+        replaced = 0
+        async with self._write() as tx:  # serial: no other writer changes a row between the read and the write
+            for old, new in rows:
+                where = self._SEALED_WHERE[old.entity][1]
+                args = self._sealed_key(old.entity, old.key)
+                row = await tx.fetchrow(f"{SEALED_SELECT[old.entity]} WHERE {where}", *args)
+                if row is None or self._codec.decode_sealed_row(old.entity, row) != old:
+                    continue
+                if old.entity is Entity.SERVER:
+                    await tx.execute(f"UPDATE servers SET shared_values = ?, signing_secret = ? WHERE {where}",
+                                     encode_sealed_map(new.values), encode_sealed(new.signing), *args)  # fmt: skip
+                else:
+                    await tx.execute(f"UPDATE overrides SET sealed_values = ? WHERE {where}",
+                                     encode_sealed_map(new.values), *args)  # fmt: skip
+                await self._log(tx, old.entity, old.key)
+                replaced += 1
+        return replaced
 
     # --- teams -----------------------------------------------------------------------------
 

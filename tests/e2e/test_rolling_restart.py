@@ -16,6 +16,8 @@ import asyncio
 import signal
 import sqlite3
 import time
+from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class Upstream(LoopServer):
     def __init__(self) -> None:
         super().__init__()
         self.requests = 0
+        self.authorizations: Counter[bytes] = Counter()  # the Authorization header values received
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -65,6 +68,8 @@ class Upstream(LoopServer):
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
+                    elif name.strip().lower() == b"authorization":
+                        self.authorizations[value.strip()] += 1
                 if length:
                     await reader.readexactly(length)
                 self.requests += 1
@@ -209,10 +214,10 @@ class Rig:
     @classmethod
     async def start(
         cls, tmp_path: Path, stack: ExitStack, count: int, *, store_url: str | None = None,
-        sidecar_env: dict[str, str] | None = None,
+        sidecar_env: dict[str, str] | None = None, servers: Sequence[str] = (SERVER,),
     ) -> Rig:
         """`store_url`: seed there instead of SQLite; `sidecar_env`: the sidecars' own settings
-        (e.g. their MCP_AUTHZ_STORE through a fault proxy)."""
+        (e.g. their MCP_AUTHZ_STORE through a fault proxy); `servers`: the MCP servers Envoy routes."""
         world = await seed(tmp_path / "world", store_url)
         env = sidecar_env or {}
         sidecars = [await asyncio.to_thread(stack.enter_context, run_sidecar(world, name=f"sidecar{i + 1}", env=env))
@@ -221,7 +226,7 @@ class Rig:
         upstream = stack.enter_context(Upstream())
         envoy = await asyncio.to_thread(
             stack.enter_context,
-            run_envoy(tmp_path, authz_port=ports[0], upstream_port=upstream.port, servers=[SERVER],
+            run_envoy(tmp_path, authz_port=ports[0], upstream_port=upstream.port, servers=list(servers),
                       mutate=_endpoints(ports)),
         )  # fmt: skip
         await _all_healthy(envoy, count)

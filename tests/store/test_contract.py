@@ -21,6 +21,7 @@ from authz_server.models import (
     PrincipalKind,
     Role,
     Sealed,
+    SealedRow,
     Snapshot,
     Team,
     new_uid,
@@ -651,6 +652,97 @@ async def test_returned_records_are_copies(store: Store) -> None:
     assert found is not None
     found.values.clear()
     assert await store.get_override("p-alice", "github") == override("p-alice", "github")
+
+
+# --- re-encryption (master-key rotate) -------------------------------------------------------------------
+
+
+async def _sealed_world(store: Store) -> None:
+    """seed's github and slack, a server with no signing secret, and overrides across two principals."""
+    await seed(store)
+    await store.add_server(server("zed", shared_values={}, signing_secret=None))
+    for pid, name in (("p-bob", "github"), ("p-alice", "slack"), ("p-alice", "github")):
+        await store.put_override(override(pid, name))
+
+
+async def _all_rows(store: Store, entity: Entity, batch: int) -> list[SealedRow]:
+    rows: list[SealedRow] = []
+    while page := await store.sealed_rows(entity, rows[-1].key if rows else "", batch):
+        assert len(page) <= batch
+        rows += page
+    return rows
+
+
+@pytest.mark.parametrize("batch", [1, 2, 100])
+async def test_sealed_rows_page_through_every_sealed_value_in_key_order(store: Store, batch: int) -> None:
+    await _sealed_world(store)
+    servers = await _all_rows(store, Entity.SERVER, batch)
+    assert servers == [
+        SealedRow(Entity.SERVER, "github", server("github").shared_values, sealed("github-signing")),
+        SealedRow(Entity.SERVER, "slack", server("slack").shared_values, sealed("slack-signing")),
+        SealedRow(Entity.SERVER, "zed", {}, None),
+    ]
+    assert servers[0].versions() == {1, 2}
+    overrides = await _all_rows(store, Entity.OVERRIDE, batch)
+    assert [r.key for r in overrides] == ["p-alice/github", "p-alice/slack", "p-bob/github"]
+    assert overrides[2] == SealedRow(Entity.OVERRIDE, "p-bob/github", {"API_KEY": sealed("p-bob-github")})
+    assert await store.sealed_rows(Entity.OVERRIDE, "p-bob/github") == []
+    assert await store.sealed_rows(Entity.SERVER, limit=0) == []
+
+
+async def test_reseal_replaces_only_the_sealed_values_and_logs_each_row(store: Store) -> None:
+    await _sealed_world(store)
+    await store.set_override_status("p-alice", "github", OverrideStatus.INVALID, "upstream said 401", minutes(5))
+    before_server = await store.get_server("github")
+    before_override = await store.get_override("p-alice", "github")
+    assert before_server is not None and before_override is not None
+    old_server, old_override = (await store.sealed_rows(Entity.SERVER, limit=1))[0], (
+        await store.sealed_rows(Entity.OVERRIDE, limit=1))[0]  # fmt: skip
+    new_server = SealedRow(Entity.SERVER, "github", {"API_KEY": sealed("new-api", 3)}, sealed("new-signing", 3))
+    new_override = SealedRow(Entity.OVERRIDE, "p-alice/github", {"API_KEY": sealed("new-alice", 3)})
+    seq = await last_seq(store)
+
+    assert await store.reseal([(old_server, new_server), (old_override, new_override)]) == 2
+
+    assert entries(await store.changes_since(seq)) == [(Entity.SERVER, "github"), (Entity.OVERRIDE, "p-alice/github")]
+    assert await store.get_server("github") == dataclasses.replace(
+        before_server, shared_values=new_server.values, signing_secret=new_server.signing
+    )
+    assert await store.get_override("p-alice", "github") == dataclasses.replace(before_override, values=new_override.values)
+    assert (await store.sealed_rows(Entity.SERVER, limit=1))[0] == new_server
+
+
+async def test_reseal_leaves_a_row_changed_or_deleted_since_it_was_read(store: Store) -> None:
+    await _sealed_world(store)
+    rows = {r.key: r for r in await store.sealed_rows(Entity.OVERRIDE)}
+    github = (await store.sealed_rows(Entity.SERVER, limit=1))[0]
+    # Meanwhile: alice's github override gets a new value, bob's is deleted, the github server's signing secret changes.
+    await store.put_override(override("p-alice", "github", values={"API_KEY": sealed("typed-meanwhile", 2)}))
+    await store.delete_override("p-bob", "github")
+    await store.update_server(server("github", signing_secret=sealed("rotated-meanwhile", 2)))
+    seq = await last_seq(store)
+
+    def bump(row: SealedRow) -> SealedRow:
+        return dataclasses.replace(row, values={f: sealed(f"re-{row.key}-{f}", 3) for f in row.values})
+
+    pairs = [(rows[k], bump(rows[k])) for k in ("p-alice/github", "p-bob/github", "p-alice/slack")]
+    assert await store.reseal([*pairs, (github, bump(github))]) == 1  # only alice's slack override was unchanged
+
+    assert entries(await store.changes_since(seq)) == [(Entity.OVERRIDE, "p-alice/slack")]
+    alice = await store.get_override("p-alice", "github")
+    assert alice is not None and alice.values == {"API_KEY": sealed("typed-meanwhile", 2)}
+    assert await store.get_override("p-bob", "github") is None
+    got = await store.get_server("github")
+    assert got is not None and got.signing_secret == sealed("rotated-meanwhile", 2)
+    assert await store.reseal([]) == 0
+
+
+async def test_remove_key_check_forgets_one_version(store: Store) -> None:
+    await store.put_key_checks({1: sealed("check-1"), 2: sealed("check-2", 2)})
+    await store.remove_key_check(1)
+    await store.remove_key_check(9)  # none: nothing happens
+    assert await store.get_key_checks() == {2: sealed("check-2", 2)}
+    assert await store.changes_since(0) == []  # not a change
 
 
 # --- audit ----------------------------------------------------------------------------------------------

@@ -1107,6 +1107,122 @@ def test_the_cli_never_prints_a_key_it_was_given(keyed_cli, argv: tuple[str, ...
 # --- the transcript: last --------------------------------------------------------------------------------
 
 
+# --- master-key -----------------------------------------------------------------------------------------
+
+
+def _remember_keys(run: Cli) -> list[str]:
+    """Every key (base64) in the key file, for the leak scan; and the file's versions, newest first."""
+    entries = [e.split(":", 1) for e in read_key_file(run.key_file).split(",")]
+    run.transcript.master_keys.update(b64 for _, b64 in entries)
+    return [v for v, _ in entries]
+
+
+def test_master_key_add_rotate_status_retire(ready: Cli) -> None:
+    ready.secret_stdin(ALICE_TOKEN)
+    ready.json("principals", "add", "alice")
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    _remember_keys(ready)
+    rec = ready("master-key", "add")
+    assert rec.code == 0, rec.err
+    assert _remember_keys(ready) == ["2", "1"]
+    assert stat.S_IMODE(ready.key_file.stat().st_mode) == 0o600
+    assert "Added master key version 2" in rec.out and "master-key rotate" in rec.out
+    assert sorted(p.name for p in ready.tmp.iterdir()) == ["authz.db", "master.key"]  # no temporary file left
+
+    status = ready.json("master-key", "status")
+    assert status["active_version"] == 2 and status["rows_under_old_versions"] == 2
+    assert [(v["version"], v["servers"], v["overrides"]) for v in status["versions"]] == [(2, 0, 0), (1, 1, 1)]
+    refused = ready("master-key", "retire", "--version", "1")
+    assert refused.code == 1 and "2 rows are still sealed under master key version 1" in refused.err
+    assert _remember_keys(ready) == ["2", "1"]  # the file is untouched
+
+    rotated = ready.json("master-key", "rotate", "--batch", "1")
+    assert (rotated["resealed_servers"], rotated["resealed_overrides"], rotated["batches"]) == (1, 1, 2)
+    assert rotated["rows_under_old_versions"] == 0
+    again = ready("master-key", "rotate")
+    assert again.code == 0 and "Re-encrypted 0 server(s) and 0 override(s)" in again.out
+    table = ready("master-key", "status")
+    assert table.code == 0 and "Every sealed value is under the active version." in table.out
+    assert re.search(r"^2\s+yes\s+yes\s+yes\s+1\s+1$", table.out, re.M), table.out
+
+    retired = ready("master-key", "retire", "--version", "1")
+    assert retired.code == 0, retired.err
+    assert _remember_keys(ready) == ["2"] and stat.S_IMODE(ready.key_file.stat().st_mode) == 0o600
+    # The credential set before the rotation is still served: it opens under version 2 alone.
+    listing = ready.json("overrides", "list")
+    assert [o["status"] for o in listing["overrides"]] == ["configured"]
+    assert ready("master-key", "retire", "--version", "2").code == 1  # the active one, never
+    assert [e["action"] for e in ready.json("audit", "--action", "master_key.*")["events"]] == [
+        "master_key.add", "master_key.retire", "master_key.rotate", "master_key.rotate", "master_key.retire",
+        "master_key.retire"]  # fmt: skip
+
+
+def test_master_key_standby_then_activate_for_sidecars_on_several_hosts(ready: Cli) -> None:
+    ready.secret_stdin(ALICE_TOKEN)
+    ready.json("principals", "add", "alice")
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    added = ready.json("master-key", "add", "--standby")
+    assert (added["added_version"], added["active_version"], added["versions"]) == (2, 1, [2, 1])
+    assert _remember_keys(ready) == ["1", "2"]  # last: it opens, it does not seal
+    standby = ready("master-key", "rotate")
+    assert standby.code == 0 and "Re-encrypted 0 server(s)" in standby.out and "retire" not in standby.out
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    assert ready.json("master-key", "status")["versions"][1] == {
+        "version": 1, "active": True, "in_key_file": True, "in_store": True, "servers": 1, "overrides": 1}  # fmt: skip
+
+    activated = ready("master-key", "activate", "--version", "2")
+    assert activated.code == 0 and "version 2 seals every new value" in activated.out
+    assert _remember_keys(ready) == ["2", "1"] and stat.S_IMODE(ready.key_file.stat().st_mode) == 0o600
+    assert ready.json("master-key", "rotate")["resealed_overrides"] == 1
+    missing = ready("master-key", "activate", "--version", "7")
+    assert missing.code == 2 and "not in the key file" in missing.err
+    assert [e["action"] for e in ready.json("audit", "--action", "master_key.*")["events"]] == [
+        "master_key.add", "master_key.rotate", "master_key.activate", "master_key.rotate"]  # fmt: skip
+
+
+def test_master_key_refusals(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = read_key_file(ready.key_file)
+    _remember_keys(ready)
+    assert ready("master-key", "retire").code == 2  # --version is required
+    assert ready("master-key", "retire", "--version", "0").code == 2
+    assert ready("master-key", "rotate", "--batch", "0").code == 2
+    remote = ready("--server", "127.0.0.1:9", "master-key", "status", common=False)
+    assert remote.code == 2 and "runs locally only" in remote.err
+    # A key given in the environment can be read, not changed in place.
+    monkeypatch.setenv("MCP_AUTHZ_MASTER_KEY", spec)
+    assert ready("master-key", "status", "--store", ready.store, common=False).code == 0
+    env = ready("master-key", "add", "--store", ready.store, common=False)
+    assert env.code == 2 and "cannot be changed in place" in env.err
+    monkeypatch.delenv("MCP_AUTHZ_MASTER_KEY")
+    wrong = ready.tmp / "wrong.key"
+    wrong.write_text(Keyring.generate_spec() + "\n")
+    wrong.chmod(0o600)
+    ready.transcript.master_keys.add(read_key_file(wrong).split(":", 1)[1])
+    bad = ready("master-key", "add", "--store", ready.store, "--master-key-file", str(wrong), common=False)
+    assert bad.code == 2 and "does not match this store" in bad.err
+    assert read_key_file(wrong).count(",") == 0  # a wrong key file is never grown
+
+
+def test_master_key_rotate_names_an_unreadable_row_and_exits_1(ready: Cli) -> None:
+    import sqlite3
+
+    alice = ready.json("principals", "add", "alice")["principal"]["id"]
+    ready.secret_stdin(ALICE_TOKEN)
+    ready.json("overrides", "set", "--principal", "alice", "--server", "github", stdin=f"API_KEY={ALICE_TOKEN}\n")
+    with sqlite3.connect(ready.tmp / "authz.db") as db:  # a tampered ciphertext, under version 1
+        db.execute("UPDATE overrides SET sealed_values = ?",
+                   ('{"API_KEY":{"v":1,"n":"AAAAAAAAAAAAAAAA","c":"AAAAAAAAAAAAAAAAAAAAAA=="}}',))  # fmt: skip
+    assert ready("master-key", "add").code == 0
+    _remember_keys(ready)
+    rec = ready("master-key", "rotate")
+    assert rec.code == 1
+    assert f"Not re-encrypted (unreadable): override:{alice}/github: A stored credential does not decrypt" in rec.out
+    assert "Re-encrypted 1 server(s) and 0 override(s)" in rec.out and "older version: 1." in rec.out
+    doc = ready.json("master-key", "rotate", code=1)
+    assert doc["complete"] is False and doc["rows_under_old_versions"] == 1
+    assert ready("master-key", "retire", "--version", "1").code == 1
+
+
 def test_no_secret_leaks_in_any_output(transcript: Transcript) -> None:
     """Runs last (file order): every output of this module, scanned."""
     if len(transcript.records) < 20:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import Keyring
+from authz_server.crypto.cipher import (
+    ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_with_new_version, write_key_file,
+)  # fmt: skip
 from authz_server.crypto.keys import KeyHasher, parse
-from authz_server.models import AuthMode, Role
+from authz_server.errors import StoreError
+from authz_server.models import AuthMode, Role, Sealed
 from authz_server.live.follower import StateFollower
 from authz_server.live.tables import AuthState
 from authz_server.live.verified import VerifiedKeys
@@ -145,3 +152,127 @@ async def test_a_gap_in_the_log_alone_is_no_reason_to_reload(caplog: pytest.LogC
         assert await follower.poll_once() == 2  # the team and dave
     assert not [r for r in caplog.records if "trimmed past" in r.getMessage()]
     assert any(p.name == "dave" for p in follower.state.principals.values())
+
+
+# --- the master keyring follows its file -----------------------------------------------------------------
+
+
+async def _keyed_world(tmp_path: Path) -> tuple[MemoryStore, Path, AdminService, StateFollower]:
+    """A follower whose keyring came from a key file (version 1), and github with alice's override."""
+    path = tmp_path / "master.key"
+    write_key_file(path, Keyring.generate_spec())
+    store = MemoryStore()
+    await store.migrate()
+    admin = AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST))
+    await admin.initialize(Actor.operator())
+    op = Actor.operator()
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    await admin.add_principal(op, "alice", "eng", (Role.USER,))
+    await admin.set_override(op, "alice", "gh", {"API_KEY": "tok-1"})
+    state = AuthState()
+    follower = StateFollower(store, load_keyring({ENV_KEY_FILE: str(path)}), state, VerifiedKeys(state), 0.01)
+    await follower.load()
+    return store, path, admin, follower
+
+
+async def _add_version(store: MemoryStore, path: Path) -> AdminService:
+    """What `mcp-authz master-key add` does: a new version in the file, its check value in the store."""
+    replace_key_file(path, spec_with_new_version(read_key_file(path))[0])
+    cli = AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST))
+    await store.put_key_checks(cli._keyring.check_values())
+    return cli
+
+
+async def test_a_row_under_an_unknown_version_makes_the_follower_reread_the_key_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, path, _, follower = await _keyed_world(tmp_path)
+    cli = await _add_version(store, path)  # the file changed, but the follower has not looked yet
+    await cli.set_override(Actor.operator(), "alice", "gh", {"API_KEY": "tok-2"})  # sealed under version 2
+    caplog.set_level(logging.INFO, logger="authz_server.live.follower")
+    await follower.poll_once()
+    (entry,) = follower.state.overrides.values()
+    assert not entry.corrupt and entry.values["API_KEY"].reveal() == "tok-2"
+    reloads = [r for r in caplog.records if r.getMessage() == "master keyring reloaded"]
+    assert len(reloads) == 1 and reloads[0].versions == [1, 2] and reloads[0].active_version == 2  # type: ignore[attr-defined]
+    assert read_key_file(path).split(",")[0].split(":")[1] not in caplog.text  # versions only, never keys
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {what} within 2 s")
+
+
+async def test_a_changed_key_file_or_sighup_is_picked_up_on_the_next_tick(tmp_path: Path) -> None:
+    store, path, _, follower = await _keyed_world(tmp_path)
+    running = asyncio.create_task(follower.run())
+    try:
+        await _add_version(store, path)
+        await _until(lambda: follower._keyring.active == 2, "reloaded after the file changed")
+        follower._keyring.adopt(Keyring.from_spec(Keyring.generate_spec(9)))  # drift that only a re-read repairs
+        follower.request_keyring_reload()
+        await _until(lambda: follower._keyring.versions == (1, 2), "reloaded on request (SIGHUP)")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+async def test_a_key_file_that_does_not_match_the_store_is_refused_and_the_keyring_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, path, _, follower = await _keyed_world(tmp_path)
+    before = follower._keyring.versions
+    replace_key_file(path, Keyring.generate_spec())  # a different version 1: the wrong file
+    assert not await follower.reload_keyring("test")
+    assert follower._keyring.versions == before
+    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("master key file not reloaded")]
+    assert "does not match this store" in refusal.error  # type: ignore[attr-defined]
+    (entry,) = follower.state.overrides.values()
+    assert entry.values["API_KEY"].reveal() == "tok-1"
+
+
+async def test_a_keyring_from_the_environment_cannot_be_reloaded_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    store, admin, follower, _ = await _world()
+    newer = Keyring.from_spec(spec_with_new_version(Keyring.generate_spec())[0])  # not this store's: fine for the row
+    await store.put_key_checks(newer.check_values())
+    op = Actor.operator()
+    await admin.add_server(op, "gh", AuthMode.INDIVIDUAL, headers=("Authorization: Bearer {{API_KEY}}",))
+    await admin.add_principal(op, "alice", "eng", (Role.USER,))
+    await AdminService(store, newer, KeyHasher(FAST)).set_override(op, "alice", "gh", {"API_KEY": "tok"})
+    await follower.poll_once()
+    (entry,) = follower.state.overrides.values()
+    assert entry.corrupt  # as before: Check answers 503 rather than inject less
+    assert "it comes from the environment, not a file" in caplog.text
+
+
+class FlakyChecks(MemoryStore):
+    """get_key_checks fails while `down`, as a store outage would."""
+
+    down = False
+
+    async def get_key_checks(self) -> dict[int, Sealed]:
+        if self.down:
+            raise StoreError("The store failed.")
+        return await super().get_key_checks()
+
+
+async def test_a_reload_the_store_could_not_check_is_tried_again(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    write_key_file(path, Keyring.generate_spec())
+    store = FlakyChecks()
+    await store.migrate()
+    await AdminService(store, load_keyring({ENV_KEY_FILE: str(path)}), KeyHasher(FAST)).initialize(Actor.operator())
+    state = AuthState()
+    follower = StateFollower(store, load_keyring({ENV_KEY_FILE: str(path)}), state, VerifiedKeys(state), 0.01)
+    await follower.load()
+    replace_key_file(path, spec_with_new_version(read_key_file(path))[0])
+    store.down = True
+    with pytest.raises(StoreError):
+        await follower._watch_keyring()
+    store.down = False
+    await follower._watch_keyring()
+    assert follower._keyring.versions == (1, 2)

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz_server.live.tables import AuthState, KeyEntry
 from authz_server.observability import metrics as metrics_module
+from authz_server.crypto.cipher import Keyring
 from authz_server.observability.batch import BatchWriter
 
 from ..fakes import Sink
@@ -30,7 +31,8 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     sidecar = SimpleNamespace(
         authenticator=SimpleNamespace(cache_hits=7, cache_misses=2, negative_hits=3, negative=[1, 2], argon2_runs=2,
                                       inflight=0, verified=SimpleNamespace(evictions=1)),
-        follower=SimpleNamespace(last_success=time.monotonic(), seen_seq=12),
+        follower=SimpleNamespace(last_success=time.monotonic(), seen_seq=12,
+                                 keyring=Keyring.from_spec(f"{Keyring.generate_spec(3)},{Keyring.generate_spec(2)}")),
         state=state,
         health=SimpleNamespace(serving=True, ready=True),
         access_log=SimpleNamespace(streams=2, unreadable=3, unreadable_messages=1),
@@ -52,6 +54,9 @@ def test_metrics_exposition_parses_and_labels_stay_low_cardinality() -> None:
     assert values[("mcp_authz_queue_retries_total", (("queue", "usage"),))] == 0
     assert values[("mcp_authz_queue_failing", (("queue", "usage"),))] == 0
     assert values[("mcp_authz_access_log_streams", ())] == 2
+    assert values[("mcp_authz_master_key_version", (("role", "active"),))] == 3
+    assert values[("mcp_authz_master_key_version", (("role", "oldest"),))] == 2
+    assert values[("mcp_authz_master_key_version", (("role", "newest"),))] == 3
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "entry"),))] == 3
     assert values[("mcp_authz_access_log_unreadable_total", (("part", "message"),))] == 1
     assert values[("mcp_authz_check_duration_seconds_count", ())] == 2
