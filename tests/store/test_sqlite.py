@@ -295,3 +295,32 @@ async def test_an_oversized_event_stored_by_an_older_version_reads_back_bounded(
     (event,) = await store.query_audit(action="principals.add")
     assert event.target == f"principal:{huge}"[:FIELD_MAX] + TRUNCATED
     assert event.details == {"name": huge[:FIELD_MAX] + TRUNCATED}
+
+
+async def test_a_backup_is_a_consistent_private_copy_taken_while_another_connection_writes(
+    store: SqliteStore, db_path: Path, tmp_path: Path
+) -> None:
+    import os
+    import stat as stat_module
+
+    from authz_server.errors import ConfigError
+    from authz_server.store.sqlite import backup
+
+    await seed(store)
+    await store.append_usage([usage(T0)])
+    copy = tmp_path / "copy.db"
+    size = await asyncio.to_thread(backup, str(db_path), str(copy))  # the store's connection stays open
+    assert size == copy.stat().st_size > 0 and stat_module.S_IMODE(copy.stat().st_mode) == 0o600
+    assert not os.path.exists(f"{copy}-wal")  # one self-contained file
+    restored = await open_store(f"sqlite:///{copy}", create=False)
+    try:
+        assert await restored.snapshot() == await store.snapshot()
+        assert len(await restored.query_usage()) == 1
+    finally:
+        await restored.close()
+    with pytest.raises(ConfigError, match="exists already"):
+        backup(str(db_path), str(copy))
+    assert copy.stat().st_size == size  # left as it was
+    with pytest.raises(StoreError, match="backup"):
+        backup(str(tmp_path / "missing.db"), str(tmp_path / "other.db"))
+    assert not (tmp_path / "other.db").exists()  # nothing left behind
