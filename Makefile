@@ -25,7 +25,7 @@ test: venv
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The admin API's Python stubs and Envoy's descriptor set, from protos/ (checked in; a test
+# The admin API's Python stubs and Envoy's inline descriptor set (envoy/*.yaml), from protos/ (checked in; a test
 # regenerates them into a temporary directory and fails if they differ).
 protos: venv
 	$(BIN)/python protos/generate.py

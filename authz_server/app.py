@@ -517,8 +517,7 @@ async def run_with_envoy(settings: Settings, keyring: Keyring, envoy_config: Pat
 
 
 def _envoy_config_for(settings: Settings, envoy_config: Path, directory: Path) -> Path:
-    """The config as Envoy gets it from `run`: its sidecar clusters aimed at this sidecar's listeners,
-    and its descriptor path absolute, so it starts from any working directory."""
+    """The config as Envoy gets it from `run`: its sidecar clusters aimed at this sidecar's listeners."""
     try:
         import yaml  # type: ignore[import-untyped]  # the `deploy` and `dev` extras; only `run` reads YAML
     except ImportError:
@@ -532,9 +531,6 @@ def _envoy_config_for(settings: Settings, envoy_config: Path, directory: Path) -
     bootstrap.point_cluster(config, bootstrap.CHECK_CLUSTER, settings.listen)
     if settings.admin_listen:
         bootstrap.point_cluster(config, bootstrap.ADMIN_CLUSTER, settings.admin_listen)
-    missing = bootstrap.absolutize_descriptors(config, bootstrap.descriptor_bases(envoy_config, Path.cwd()))
-    if missing:
-        raise ConfigError(f"The Envoy config {envoy_config} names a descriptor set that is not there: {missing[0]}.")
     out = directory / "envoy.yaml"
     out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return out

@@ -1,4 +1,4 @@
-"""Envoy bootstrap configs as loaded dicts: point clusters and listeners, make file paths absolute.
+"""Envoy bootstrap configs as loaded dicts: point clusters and listeners.
 
 `mcp-authz run` uses it to start Envoy on the config a platform engineer wrote, aimed at the
 sidecar it starts beside it, from any working directory. Pure functions on the dict that
@@ -7,14 +7,10 @@ sidecar it starts beside it, from any working directory. Pure functions on the d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from authz_server.config import UNIX_PREFIX, parse_hostport
 
-HCM_FILTER = "envoy.filters.network.http_connection_manager"
-TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 CHECK_CLUSTER = "mcp_authz"  # the sidecar's Check listener (Check, access log, health)
 ADMIN_CLUSTER = "mcp_authz_admin"  # the sidecar's admin listener, for the /admin/ JSON route
 # Envoy flags that keep its log readable: its `misc` component warns, at every start and
@@ -22,14 +18,6 @@ ADMIN_CLUSTER = "mcp_authz_admin"  # the sidecar's admin listener, for the /admi
 QUIET_FLAGS = ("--component-log-level", "misc:error")
 
 Config = dict[str, Any]
-
-
-def _http_filters(config: Config) -> Iterator[dict[str, Any]]:
-    for listener in config.get("static_resources", {}).get("listeners", []):
-        for chain in listener.get("filter_chains", []):
-            for flt in chain.get("filters", []):
-                if flt.get("name") == HCM_FILTER:
-                    yield from flt.get("typed_config", {}).get("http_filters", [])
 
 
 def cluster(config: Config, name: str) -> dict[str, Any] | None:
@@ -73,29 +61,3 @@ def set_listeners(config: Config, *, port: int | None = None, address: str | Non
 def set_admin(config: Config, port: int) -> None:
     """Envoy's own admin interface on `port` (its address unchanged)."""
     config["admin"]["address"]["socket_address"]["port_value"] = port
-
-
-def absolutize_descriptors(config: Config, bases: Sequence[Path]) -> list[str]:
-    """Make each transcoder's relative `proto_descriptor` absolute: the first of `bases` that
-    holds the file. Envoy reads a relative path from its own working directory, so the shipped
-    `envoy/admin.pb` works only when Envoy starts in the repository. Returns the paths that
-    none of `bases` holds (left as they were, for Envoy to report)."""
-    missing = []
-    for flt in _http_filters(config):
-        typed = flt.get("typed_config", {})
-        descriptor = typed.get("proto_descriptor")
-        if flt.get("name") != TRANSCODER_FILTER or not descriptor or Path(descriptor).is_absolute():
-            continue
-        found = next((base / descriptor for base in bases if (base / descriptor).is_file()), None)
-        if found is None:
-            missing.append(str(descriptor))
-        else:
-            typed["proto_descriptor"] = str(found.resolve())
-    return missing
-
-
-def descriptor_bases(config_path: Path, cwd: Path) -> list[Path]:
-    """Where a relative descriptor path is looked for: the working directory (as Envoy would),
-    then the config file's directory and the one above it (the repository, for envoy/envoy.yaml)."""
-    here = config_path.resolve().parent
-    return [cwd, here, here.parent]

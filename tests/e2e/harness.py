@@ -37,8 +37,6 @@ from typing import Any
 import httpx
 import yaml
 
-from authz_server.envoy import bootstrap
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENVOY_YAML = REPO_ROOT / "envoy" / "envoy.yaml"
 EXAMPLE_SERVER = REPO_ROOT / "examples" / "mcp_server.py"
@@ -164,12 +162,6 @@ def _mcp_server_of(route: dict[str, Any]) -> str | None:
     return per_filter.get("check_settings", {}).get("context_extensions", {}).get("mcp_server")
 
 
-def absolutize_descriptors(config: dict[str, Any], base: Path = REPO_ROOT) -> None:
-    """Make the transcoder's `proto_descriptor` absolute (it is relative to Envoy's working
-    directory, the repository, in the shipped file), so a rendered config works from anywhere."""
-    bootstrap.absolutize_descriptors(config, [base])
-
-
 def mcp_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The routes of a loaded Envoy config that carry ``context_extensions.mcp_server``."""
     return [
@@ -199,7 +191,7 @@ def render_envoy_config(
     route is the template: each name in ``servers`` gets a copy at ``/mcp/<name>``
     (``path_separated_prefix``) with ``context_extensions.mcp_server: <name>``, in place of the
     demo route and before the catch-all. All routes go to the one upstream cluster. The admin
-    API route stays as shipped; the transcoder's descriptor path is made absolute.
+    API route stays as shipped, its descriptor set inline.
     ``mutate``, if given, may edit the loaded dict last (e.g. to add an allowed header).
     Returns the path of the written file.
     """
@@ -211,7 +203,6 @@ def render_envoy_config(
     # Without the sidecar's admin port, the JSON admin route goes nowhere (503), never to Check's port.
     _set_cluster_port(_cluster(config, AUTHZ_ADMIN_CLUSTER), authz_admin_port or free_port())
     _set_cluster_port(_cluster(config, UPSTREAM_CLUSTER), upstream_port)
-    absolutize_descriptors(config)
 
     for vhost in _hcm(config)["route_config"]["virtual_hosts"]:
         routes = vhost["routes"]

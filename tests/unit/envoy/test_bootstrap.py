@@ -49,18 +49,9 @@ def test_listeners_and_admin_move() -> None:
     assert config["admin"]["address"]["socket_address"]["port_value"] == 18001
 
 
-def test_descriptors_resolve_against_the_first_base_that_holds_them(tmp_path: Path) -> None:
-    config = _shipped()
-    assert bootstrap.absolutize_descriptors(config, [tmp_path, REPO]) == []
-    assert str(REPO / "envoy" / "admin.pb") in yaml.safe_dump(config)
-    config = _shipped()
-    assert bootstrap.absolutize_descriptors(config, [tmp_path]) == ["envoy/admin.pb"]  # left for Envoy to report
-    # From the shipped file's own location: its directory, then the repository above it.
-    assert bootstrap.descriptor_bases(SHIPPED, tmp_path) == [tmp_path, REPO / "envoy", REPO]
-
-
 def test_run_renders_a_config_that_validates_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`mcp-authz run` from outside the repository: Envoy finds the descriptor set and reaches this sidecar."""
+    """`mcp-authz run` from outside the repository: the config (its descriptor set inline) validates
+    and reaches this sidecar."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -74,7 +65,7 @@ def test_run_renders_a_config_that_validates_from_any_directory(tmp_path: Path, 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_run_refuses_a_config_it_cannot_read_or_whose_descriptor_is_missing(
+def test_run_refuses_a_config_it_cannot_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -86,8 +77,3 @@ def test_run_refuses_a_config_it_cannot_read_or_whose_descriptor_is_missing(
     bad.write_text("admin: [unclosed\n")
     with pytest.raises(ConfigError, match="Cannot read the Envoy config"):
         _envoy_config_for(settings, bad, tmp_path)
-    moved = tmp_path / "conf" / "envoy.yaml"
-    moved.parent.mkdir()
-    moved.write_text(SHIPPED.read_text())
-    with pytest.raises(ConfigError, match="envoy/admin.pb"):
-        _envoy_config_for(settings, moved, tmp_path)
