@@ -10,8 +10,8 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import ENV_KEY_FILE, Keyring, write_key_file
+from authz_server.crypto.cipher import ENV_KEY_FILE, Keyring, load_keyring, write_key_file
 from authz_server.crypto.keys import KeyHasher
 from authz_server.models import AuthMode, Role
 from authz_server.store import open_store
@@ -94,6 +94,25 @@ async def seed(directory: Path, store_url: str | None = None) -> World:
     world = World(directory, store_url or f"sqlite:///{directory / 'authz.db'}", key_file)
     await _seed(world, Keyring.from_spec(spec))
     return world
+
+
+@asynccontextmanager
+async def admin_service(world: World) -> AsyncIterator[AdminService]:
+    """The use cases on `world`'s store, with its master key, as the CLI runs them; closed on exit."""
+    store = await open_store(world.store_url)
+    try:
+        yield AdminService(store, load_keyring({ENV_KEY_FILE: str(world.key_file)}), KeyHasher())
+    finally:
+        await store.close()
+
+
+async def add_key(svc: AdminService, world: World, principal: str, name: str = "", *, label: str = "e2e",
+                  scope: Sequence[str] = ()) -> str:  # fmt: skip
+    """Create a key for `principal` (as the operator) and keep it in `world` under `name` (default:
+    the principal's name); returns the key."""
+    view, key = await svc.create_key(Actor.operator(), principal, label=label, scope=scope)
+    world.keys[name or principal], world.key_ids[name or principal] = key.reveal(), view.key_id
+    return key.reveal()
 
 
 def seed_world(directory: Path) -> World:

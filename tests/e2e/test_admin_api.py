@@ -33,15 +33,12 @@ import pytest
 
 from authz_server.admin.gen import admin_pb2, admin_pb2_grpc
 from authz_server.admin.remote import RemoteAdmin
-from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import load_keyring
-from authz_server.crypto.keys import KeyHasher
+from authz_server.admin.service import Actor
 from authz_server.errors import RemoteError
 from authz_server.models import Secret
-from authz_server.store import open_store
 
 from .harness import LOOPBACK, EnvoyProcess, ExampleServer, post_initialize, run_envoy, run_example_server
-from .sidecar import CLI, Sidecar, World, run_sidecar, seed
+from .sidecar import CLI, Sidecar, World, add_key, admin_service, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open", "crm", "mx-ind")
@@ -92,9 +89,7 @@ class Stack:
 async def _seed_more(world: World, strict_port: int) -> None:
     """The admin-API cast, on top of `seed`'s: an admin, a manager and users for the role matrix
     and the flows, a server `crm` for the status table, and upstream URLs for `overrides test`."""
-    store = await open_store(world.store_url)
-    try:
-        svc = AdminService(store, load_keyring({"MCP_AUTHZ_MASTER_KEY_FILE": str(world.key_file)}), KeyHasher())
+    async with admin_service(world) as svc:
         op = Actor.operator()
         cast = [("ada", "ops", "admin"), ("mia", "ops", "manager"), ("uma", "eng", "user"), ("ola", "eng", "user"),
                 ("mx-admin", "mx", "admin"), ("mx-manager", "mx", "manager"), ("mx-user", "mx", "user"),
@@ -102,8 +97,7 @@ async def _seed_more(world: World, strict_port: int) -> None:
                 ("mx-victim", "mx-team", "user")]  # fmt: skip
         for name, team, role in cast:
             await svc.add_principal(op, name, team, [role])
-            view, key = await svc.create_key(op, name, label="e2e")
-            world.keys[name], world.key_ids[name] = key.reveal(), view.key_id
+            await add_key(svc, world, name)
         header = ["Authorization: Bearer {{API_KEY}}"]
         for name in ("crm", "mx-ind"):
             url = f"http://{LOOPBACK}:{strict_port}/mcp/{name}"
@@ -111,8 +105,6 @@ async def _seed_more(world: World, strict_port: int) -> None:
             world.signing[name] = secret.reveal()
         await svc.update_server(op, "github", upstream_url=f"http://{LOOPBACK}:{strict_port}/mcp/github")
         await svc.add_server(op, "mx-shared", "shared", header)
-    finally:
-        await store.close()
 
 
 @pytest.fixture(scope="module")

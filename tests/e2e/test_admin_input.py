@@ -35,14 +35,11 @@ from authz_server.admin.gen import admin_pb2, admin_pb2_grpc
 from authz_server.admin import wire
 from authz_server.admin.remote import RemoteAdmin
 from authz_server.admin.rpcs import RPCS, SERVICE_NAME, Rpc, Stream
-from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import load_keyring
-from authz_server.crypto.keys import KeyHasher
+from authz_server.admin.service import Actor
 from authz_server.models import FIELD_MAX, TRUNCATED, Role, Secret
-from authz_server.store import open_store
 
 from .harness import EnvoyProcess, run_envoy, run_example_server
-from .sidecar import CLI, Sidecar, World, run_sidecar, seed
+from .sidecar import CLI, Sidecar, World, add_key, admin_service, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 HUGE = "n" * (1 << 20)  # a 1 MiB name, refused
@@ -75,14 +72,9 @@ class Stack:
 
 
 async def _add_admin(world: World) -> None:
-    store = await open_store(world.store_url)
-    try:
-        svc = AdminService(store, load_keyring({"MCP_AUTHZ_MASTER_KEY_FILE": str(world.key_file)}), KeyHasher())
+    async with admin_service(world) as svc:
         await svc.add_principal(Actor.operator(), "root", "ops", [Role.ADMIN])
-        view, key = await svc.create_key(Actor.operator(), "root", label="e2e")
-        world.keys["root"], world.key_ids["root"] = key.reveal(), view.key_id
-    finally:
-        await store.close()
+        await add_key(svc, world, "root")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import load_keyring
-from authz_server.crypto.keys import KeyHasher
-from authz_server.store import open_store
+from authz_server.admin.service import Actor
 
 from .harness import REPO_ROOT, EnvoyProcess, ExampleServer, run_envoy, run_example_server
-from .sidecar import Sidecar, World, run_sidecar, seed
+from .sidecar import Sidecar, World, add_key, admin_service, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 README = REPO_ROOT / "README.md"
@@ -55,14 +52,9 @@ class Stack:
 
 
 async def _add_admin(world: World) -> str:
-    store = await open_store(world.store_url)
-    try:
-        svc = AdminService(store, load_keyring({"MCP_AUTHZ_MASTER_KEY_FILE": str(world.key_file)}), KeyHasher())
+    async with admin_service(world) as svc:
         await svc.add_principal(Actor.operator(), "ada", "ops", ["admin"])
-        _, key = await svc.create_key(Actor.operator(), "ada", label="readme")
-        return key.reveal()
-    finally:
-        await store.close()
+        return await add_key(svc, world, "ada", label="readme")
 
 
 @pytest.fixture(scope="module")

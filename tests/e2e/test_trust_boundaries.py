@@ -34,11 +34,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_server.admin.gen import admin_pb2, admin_pb2_grpc
-from authz_server.admin.service import Actor, AdminService
+from authz_server.admin.service import Actor
 from authz_server.crypto import certs
-from authz_server.crypto.cipher import load_keyring
-from authz_server.crypto.keys import KeyHasher
-from authz_server.store import open_store
 
 from .harness import (
     AUTHZ_CLUSTER,
@@ -51,7 +48,7 @@ from .harness import (
     run_example_server,
     wait_until,
 )
-from .sidecar import CLI, LINEAR_SHARED, Gateway, Sidecar, World, run_sidecar, seed
+from .sidecar import CLI, LINEAR_SHARED, Gateway, Sidecar, World, add_key, admin_service, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
@@ -65,18 +62,12 @@ class Stack(Gateway):
 
 async def _cast(world: World) -> None:
     """An admin, a manager, and a key of alice's scoped to one tool of `linear`."""
-    store = await open_store(world.store_url)
-    try:
-        svc = AdminService(store, load_keyring({"MCP_AUTHZ_MASTER_KEY_FILE": str(world.key_file)}), KeyHasher())
+    async with admin_service(world) as svc:
         op = Actor.operator()
         for name, role in (("ada", "admin"), ("mia", "manager")):
             await svc.add_principal(op, name, "ops", [role])
-            view, key = await svc.create_key(op, name, label="e2e")
-            world.keys[name], world.key_ids[name] = key.reveal(), view.key_id
-        view, key = await svc.create_key(op, "alice", label="scoped", scope=["linear:whoami"])
-        world.keys["alice-scoped"], world.key_ids["alice-scoped"] = key.reveal(), view.key_id
-    finally:
-        await store.close()
+            await add_key(svc, world, name)
+        await add_key(svc, world, "alice", "alice-scoped", label="scoped", scope=["linear:whoami"])
 
 
 @pytest.fixture(scope="module")

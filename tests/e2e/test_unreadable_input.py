@@ -31,13 +31,10 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_server.admin.service import Actor, AdminService
-from authz_server.crypto.cipher import load_keyring
-from authz_server.crypto.keys import KeyHasher
-from authz_server.store import open_store
+from authz_server.admin.service import Actor
 
 from .harness import INITIALIZE_REQUEST, LOOPBACK, MCP_ACCEPT, run_envoy, run_example_server
-from .sidecar import Gateway, World, run_sidecar, seed
+from .sidecar import Gateway, World, add_key, admin_service, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVER = "linear"  # a shared credential: every valid key is allowed and forwarded
@@ -59,13 +56,8 @@ class Stack(Gateway):
 
 async def _scoped_key(world: World) -> None:
     """dave-scoped: a key of dave's limited to one tool of `linear`."""
-    store = await open_store(world.store_url)
-    try:
-        svc = AdminService(store, load_keyring({"MCP_AUTHZ_MASTER_KEY_FILE": str(world.key_file)}), KeyHasher())
-        view, key = await svc.create_key(Actor.operator(), "dave", label="scoped", scope=[f"{SERVER}:whoami"])
-        world.keys["dave-scoped"], world.key_ids["dave-scoped"] = key.reveal(), view.key_id
-    finally:
-        await store.close()
+    async with admin_service(world) as svc:
+        await add_key(svc, world, "dave", "dave-scoped", label="scoped", scope=[f"{SERVER}:whoami"])
 
 
 @pytest.fixture(scope="module")
