@@ -20,8 +20,12 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/python examples/run_demo.py
 
-# Strict type checking of the package first (pyproject.toml [tool.mypy]), then every test.
+# Strict type checking of the package first (pyproject.toml [tool.mypy]), then every test. The console's browser
+# tests drive Debian's chromium, installed when missing.
 test: venv
+	@[ -x /usr/bin/chromium ] || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

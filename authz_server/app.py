@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,6 +51,8 @@ from authz_server.admin.api import add_to_server as add_admin_to_server
 from authz_server.admin.bridge import OnLoop
 from authz_server.admin.service import AdminService
 from authz_server.config import UNIX_PREFIX, Settings, TlsFiles, parse_hostport, read_pem
+from authz_server.console.sessions import Sessions
+from authz_server.console.web import Console, create_app
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
 from authz_server.envoy import accesslog, bootstrap, request, servicer
@@ -214,7 +217,7 @@ async def serve(
     # and what was opened is closed on the way out, so a refusal exits at once (undo below).
     check_credentials = _credentials(settings.check_tls, "Check listener")
     admin_credentials = _credentials(settings.admin_tls, "admin listener")
-    for address in (settings.listen, settings.admin_listen):
+    for address in (settings.listen, settings.admin_listen, settings.console_listen):
         _check_address_free(address)
     sidecar = await build(settings, keyring, store)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -275,6 +278,10 @@ async def serve(
             except OSError as exc:
                 raise ConfigError(f"Cannot listen on {settings.metrics_listen}: {exc.strerror}.") from None
             undo.callback(http.stop)
+        console = None
+        if settings.console_listen:
+            console = await _start_console(sidecar, settings)  # serving at once; sign-in waits for `ready`
+            undo.push_async_callback(console.cleanup)
         sidecar.health.start()
         server.start()
         hot.start()
@@ -314,6 +321,7 @@ async def serve(
                 "admin_listen": settings.admin_listen,
                 "admin_tls": ("mutual" if settings.admin_tls.client_ca else "on") if settings.admin_tls else "off",
                 "metrics": settings.metrics_listen,
+                "console": settings.console_listen,
                 **sidecar.state.counts(),
             },
         )
@@ -326,6 +334,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         log.info("stopping")
+        if console is not None:
+            await console.cleanup()  # no new sessions or calls; the calls in flight finish first
         # Blocking until in-flight calls finish; admin calls among them need this loop, so wait off it.
         servers = [s for s in (server, admin_server) if s is not None]
         await asyncio.get_running_loop().run_in_executor(None, _stop_servers, servers, access_log, _STOP_GRACE)
@@ -350,6 +360,22 @@ async def serve(
         )
         sidecar.authenticator.close()
         await sidecar.store.close()
+
+
+async def _start_console(sidecar: Sidecar, settings: Settings) -> web.AppRunner:
+    """The console's HTTP listener (console/web.py), on this loop, beside the admin use cases it calls. It
+    authenticates with Check's own authenticator, as the admin API does."""
+    console = Console(sidecar.admin, sidecar.authenticator, KeyExtractor(settings.key_header, path_keys=False),
+                      sidecar.audit, lambda: sidecar.health.serving, Sessions())  # fmt: skip
+    runner = web.AppRunner(create_app(console), access_log=None, shutdown_timeout=_STOP_GRACE)
+    await runner.setup()
+    host, port = parse_hostport(settings.console_listen, "The console address")
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"Cannot listen on {settings.console_listen}: {exc.strerror}.") from None
+    return runner
 
 
 async def _drain(health: Health, seconds: float, hurry: asyncio.Event) -> None:
@@ -531,6 +557,8 @@ def _envoy_config_for(settings: Settings, envoy_config: Path, directory: Path) -
     bootstrap.point_cluster(config, bootstrap.CHECK_CLUSTER, settings.listen)
     if settings.admin_listen:
         bootstrap.point_cluster(config, bootstrap.ADMIN_CLUSTER, settings.admin_listen)
+    if settings.console_listen:
+        bootstrap.point_cluster(config, bootstrap.CONSOLE_CLUSTER, settings.console_listen)
     out = directory / "envoy.yaml"
     out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return out

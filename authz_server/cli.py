@@ -1024,6 +1024,8 @@ def _serve_settings(args: argparse.Namespace) -> tuple[Settings, Keyring]:
                               "--admin-tls-cert, --admin-tls-key"),
         insecure_check_listener=args.insecure_check_listener or None,
         insecure_admin_listener=args.insecure_admin_listener or None,
+        console_listen=args.console_listen,
+        insecure_console_listener=args.insecure_console_listener or None,
     )  # fmt: skip
     return ctx.settings, _load_keyring(ctx)
 
@@ -1381,6 +1383,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--admin-tls-key", metavar="PEM", help="its private key, mode 0600")
         p.add_argument("--insecure-admin-listener", action="store_true",
                        help="allow --admin-listen beyond this host without TLS (when something else encrypts it)")
+        p.add_argument("--console-listen", metavar="HOST:PORT",
+                       help="web console HTTP listener, reached through Envoy's /console/ route (default: "
+                            "127.0.0.1:9003; '' turns it off). Beyond this host it needs --insecure-console-listener")
+        p.add_argument("--insecure-console-listener", action="store_true",
+                       help="allow --console-listen beyond this host (when something else encrypts it)")
         p.add_argument("--key-header", metavar="H", help="custom header a gateway key may come in (default: x-api-key)")
         p.add_argument("--poll-interval", metavar="S", type=float, help="seconds between store polls (default: 0.1)")
         p.add_argument("--drain", metavar="S", type=float,

@@ -99,6 +99,9 @@ class Settings:
     admin_tls: TlsFiles | None = None  # server TLS on the admin listener
     insecure_admin_listener: bool = False  # allow a non-local admin listener without TLS
     metrics_listen: str = "127.0.0.1:9090"  # HTTP: /metrics, /healthz, /readyz ("" turns it off)
+    # HTTP for people: the web console (console/), reached through Envoy's /console/ route. "" turns it off.
+    console_listen: str = "127.0.0.1:9003"
+    insecure_console_listener: bool = False  # allow a non-local console listener (something else encrypts it)
     store_outage_limit: float = 30.0  # seconds without the store before health says NOT_SERVING
     # Seconds between SIGTERM and no longer taking Checks: health says NOT_SERVING at once, and Check keeps
     # answering until Envoy's health checks have moved traffic away. At least envoy/envoy.yaml's health-check
@@ -139,6 +142,7 @@ class Settings:
             "listen": "MCP_AUTHZ_LISTEN",
             "admin_listen": "MCP_AUTHZ_ADMIN_LISTEN",
             "metrics_listen": "MCP_AUTHZ_METRICS_LISTEN",
+            "console_listen": "MCP_AUTHZ_CONSOLE_LISTEN",
             "key_header": "MCP_AUTHZ_KEY_HEADER",
             "log_level": "MCP_AUTHZ_LOG_LEVEL",
             "spool_dir": "MCP_AUTHZ_SPOOL_DIR",
@@ -148,6 +152,8 @@ class Settings:
                 values[name] = env[var]
         if "MCP_AUTHZ_ADMIN_LISTEN" in env:  # set but empty: no admin listener
             values["admin_listen"] = env["MCP_AUTHZ_ADMIN_LISTEN"]
+        if "MCP_AUTHZ_CONSOLE_LISTEN" in env:  # set but empty: no console
+            values["console_listen"] = env["MCP_AUTHZ_CONSOLE_LISTEN"]
         values["check_tls"] = TlsFiles.of(env.get("MCP_AUTHZ_TLS_CERT"), env.get("MCP_AUTHZ_TLS_KEY"),
                                           env.get("MCP_AUTHZ_CLIENT_CA"), "--tls-cert, --tls-key")  # fmt: skip
         values["admin_tls"] = TlsFiles.of(env.get("MCP_AUTHZ_ADMIN_TLS_CERT"), env.get("MCP_AUTHZ_ADMIN_TLS_KEY"),
@@ -259,6 +265,7 @@ class Settings:
                 "('mcp-authz certs create' makes them), or, if a network policy already lets only Envoy reach it, "
                 "pass --insecure-check-listener."
             )
+        self._check_console_listener()
         if not self.admin_listen:
             return
         parse_listen(self.admin_listen, "The admin listen address")
@@ -269,6 +276,22 @@ class Settings:
                 f"The admin API would listen on {self.admin_listen} without TLS, so gateway keys would cross the "
                 "network in clear text. Give --admin-tls-cert and --admin-tls-key, listen on 127.0.0.1, or pass "
                 "--insecure-admin-listener if something else encrypts the traffic."
+            )
+
+    def _check_console_listener(self) -> None:
+        """The console takes gateway keys at sign-in and then holds sessions: like the admin API, never in clear
+        text beyond this host. It has no TLS of its own; Envoy, in front of it, terminates TLS."""
+        if not self.console_listen:
+            return
+        parse_hostport(self.console_listen, "The console listen address")
+        if self.console_listen in (self.listen, self.admin_listen, self.metrics_listen):
+            raise ConfigError("The console needs a listener of its own: --console-listen must differ from --listen, "
+                              "--admin-listen and --metrics-listen.")  # fmt: skip
+        if not is_local(self.console_listen) and not self.insecure_console_listener:
+            raise ConfigError(
+                f"The console would listen on {self.console_listen} without TLS, so gateway keys and session cookies "
+                "would cross the network in clear text. Listen on 127.0.0.1 and reach it through Envoy's /console/ "
+                "route, or pass --insecure-console-listener if something else encrypts the traffic."
             )
 
 

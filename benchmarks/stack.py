@@ -124,6 +124,7 @@ def start_sidecar(group: ProcessGroup, name: str, world: World, *, uvloop: bool 
     env = child_env(world.env(dict(os.environ)))
     env["MCP_AUTHZ_METRICS_LISTEN"] = f"{LOOPBACK}:{metrics_port}"
     env["MCP_AUTHZ_ADMIN_LISTEN"] = f"{LOOPBACK}:{free_port()}"  # several sidecars run at once; older checkouts ignore it
+    env["MCP_AUTHZ_CONSOLE_LISTEN"] = f"{LOOPBACK}:{free_port()}"
     if code is not None:
         env["PYTHONPATH"] = str(code)
         argv = [sys.executable, "-m", "authz_server", "serve", "--listen", f"{LOOPBACK}:{port}"]

@@ -51,7 +51,7 @@ from authz_server.errors import REASONS as _REASONS
 from authz_server.models import AuditEvent
 from authz_server.observability.batch import BatchWriter
 from authz_server.pipeline.authn import Authenticate, KeyExtractor
-from authz_server.pipeline.types import CheckInput
+from authz_server.pipeline.types import CheckInput, Identity
 from authz_server.rules import REQUEST_ID_HEADER
 
 __all__ = ["SERVICE_NAME", "AdminServicer", "add_to_server", "error_message", "grpc_status"]
@@ -120,41 +120,57 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, method: str) -> Actor:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        given = metadata.get(REQUEST_ID_HEADER, "")
-        request_id = given if _REQUEST_ID_RE.match(given) else str(uuid.uuid4())
+        request_id = request_id_of(metadata)
         source = _source(context.peer() or "", metadata)
-        if not self._ready():
-            raise Denied(Reason.NOT_READY)
-        try:
-            try:
-                presented = self._extractor.extract(CheckInput("POST", "", metadata, {}, request_id, source))
-            except Denied as missing:
-                if missing.code is not Reason.KEY_MISSING:
-                    raise
-                hint = f"Send your gateway key as 'Authorization: Bearer mgw_…' or in the {self._extractor.key_header} header."
-                raise Denied(Reason.KEY_MISSING, hint=hint) from None
-            identity = await self._authn.authenticate_async(presented)
-        except Denied as denied:
-            if denied.info.audit_action:
-                # A security event, as Check records it: reason, key id when parsed, source. Never the key.
-                self._audit.put(
-                    AuditEvent(
-                        at=datetime.now(UTC),
-                        actor="-",
-                        action=denied.info.audit_action,
-                        target=denied.key_id or "-",
-                        outcome=denied.reason,
-                        request_id=request_id,
-                        details={"source": source, "api": "admin", "method": method},
-                    )
-                )
-            log.info("admin call refused", extra={"request_id": request_id, "reason": denied.reason,
-                                                  "key_id": denied.key_id, "method": method})
-            raise
-        if identity.scope:
-            # A scoped key is an app's key for certain MCP servers: it manages nothing.
-            raise PermissionDenied("A key scoped to servers or tools cannot use the admin API; use an unscoped key.")
+        identity = await authenticate(self._authn, self._extractor, self._audit, self._ready, metadata,
+                                      request_id, source, api="admin", method=method)  # fmt: skip
         return Actor.of(identity.principal, request_id, source)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The call's request id: `x-request-id` as Envoy sets it, when well formed, else a fresh one."""
+    given = headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID_RE.match(given) else str(uuid.uuid4())
+
+
+async def authenticate(authn: Authenticate, extractor: KeyExtractor, audit: BatchWriter[AuditEvent],
+                       ready: Callable[[], bool], headers: Mapping[str, str], request_id: str, source: str, *,
+                       api: str, method: str) -> Identity:  # fmt: skip
+    """The gateway key in `headers` (lowercase names), authenticated for a person's API (the admin API, the
+    console's sign-in): Check's own authenticator; a refusal is a security event, queued for the audit trail
+    like Check's; a key scoped to servers or tools is refused, since it manages nothing."""
+    if not ready():
+        raise Denied(Reason.NOT_READY)
+    try:
+        try:
+            presented = extractor.extract(CheckInput("POST", "", headers, {}, request_id, source))
+        except Denied as missing:
+            if missing.code is not Reason.KEY_MISSING:
+                raise
+            hint = f"Send your gateway key as 'Authorization: Bearer mgw_…' or in the {extractor.key_header} header."
+            raise Denied(Reason.KEY_MISSING, hint=hint) from None
+        identity = await authn.authenticate_async(presented)
+    except Denied as denied:
+        if denied.info.audit_action:
+            # A security event, as Check records it: reason, key id when parsed, source. Never the key.
+            audit.put(
+                AuditEvent(
+                    at=datetime.now(UTC),
+                    actor="-",
+                    action=denied.info.audit_action,
+                    target=denied.key_id or "-",
+                    outcome=denied.reason,
+                    request_id=request_id,
+                    details={"source": source, "api": api, "method": method},
+                )
+            )
+        log.info(f"{api} call refused", extra={"request_id": request_id, "reason": denied.reason,
+                                               "key_id": denied.key_id, "method": method})  # fmt: skip
+        raise
+    if identity.scope:
+        # A scoped key is an app's key for certain MCP servers: it manages nothing.
+        raise PermissionDenied(f"A key scoped to servers or tools cannot use the {api} API; use an unscoped key.")
+    return identity
 
 
 class _Answering:

@@ -13,6 +13,7 @@ from authz_server.config import UNIX_PREFIX, parse_hostport
 
 CHECK_CLUSTER = "mcp_authz"  # the sidecar's Check listener (Check, access log, health)
 ADMIN_CLUSTER = "mcp_authz_admin"  # the sidecar's admin listener, for the /admin/ JSON route
+CONSOLE_CLUSTER = "mcp_authz_console"  # the sidecar's console listener, for the /console/ route
 # Envoy flags that keep its log readable: its `misc` component warns, at every start and
 # validation, that the MCP filter's API is work in progress; at error it still reports errors.
 QUIET_FLAGS = ("--component-log-level", "misc:error")

@@ -31,6 +31,7 @@ from authz_server.crypto.keys import KeyHasher, ParsedKey
 from authz_server.errors import Denied, Reason
 from authz_server.live.tables import AuthState, KeyEntry
 from authz_server.live.verified import VerifiedKeys
+from authz_server.models import Principal
 from authz_server.pipeline.types import CheckInput, Identity, PresentedKey
 
 _BEARER = "bearer "
@@ -229,6 +230,9 @@ class Authenticator:
                 await asyncio.wrap_future(pending.future)  # re-raises a verification that failed to run
 
     def _identity(self, entry: KeyEntry, presented: PresentedKey) -> Identity:
+        return Identity(self._owner(entry), entry.key_id, entry.scope, presented)
+
+    def _owner(self, entry: KeyEntry) -> Principal:
         principal = self._state.principals.get(entry.principal_id)
         if principal is None:
             raise Denied(Reason.KEY_UNKNOWN, key_id=entry.key_id)
@@ -237,7 +241,12 @@ class Authenticator:
         team = self._state.teams.get(principal.team)
         if team is not None and team.disabled:
             raise Denied(Reason.TEAM_DISABLED, key_id=entry.key_id)
-        return Identity(principal, entry.key_id, entry.scope, presented)
+        return principal
+
+    def still_valid(self, key_id: str) -> Principal:
+        """The owner of a key authenticated earlier (the console's session), as Check would judge the key now:
+        Denied once it is revoked, expired or gone, or its principal or team disabled. No hashing."""
+        return self._owner(self._usable_entry(key_id))
 
     def _usable_entry(self, key_id: str) -> KeyEntry:
         entry = self._state.keys.get(key_id)

@@ -49,6 +49,7 @@ TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"  # the admin API a
 ADMIN_ROUTE = "admin_api"
 AUTHZ_CLUSTER = "mcp_authz"
 AUTHZ_ADMIN_CLUSTER = "mcp_authz_admin"  # the sidecar's admin listener, for the /admin/ JSON route
+AUTHZ_CONSOLE_CLUSTER = "mcp_authz_console"  # the sidecar's console listener, for the /console/ route
 UPSTREAM_CLUSTER = "mcp_example"
 
 # The MCP initialize request that post_initialize() sends.
@@ -184,6 +185,7 @@ def render_envoy_config(
     source: Path = SHIPPED_ENVOY_YAML,
     filename: str = "envoy.yaml",
     authz_admin_port: int | None = None,
+    console_port: int | None = None,
 ) -> Path:
     """Write the shipped ``envoy/envoy.yaml`` with test ports and one route per MCP server.
 
@@ -202,6 +204,7 @@ def render_envoy_config(
     _set_cluster_port(_cluster(config, AUTHZ_CLUSTER), authz_port)
     # Without the sidecar's admin port, the JSON admin route goes nowhere (503), never to Check's port.
     _set_cluster_port(_cluster(config, AUTHZ_ADMIN_CLUSTER), authz_admin_port or free_port())
+    _set_cluster_port(_cluster(config, AUTHZ_CONSOLE_CLUSTER), console_port or free_port())  # likewise the console
     _set_cluster_port(_cluster(config, UPSTREAM_CLUSTER), upstream_port)
 
     for vhost in _hcm(config)["route_config"]["virtual_hosts"]:
@@ -375,6 +378,7 @@ def run_envoy(
     authz_port: int,
     upstream_port: int,
     authz_admin_port: int | None = None,
+    console_port: int | None = None,
     servers: Sequence[str] = ("demo",),
     listen_port: int | None = None,
     admin_port: int | None = None,
@@ -397,6 +401,7 @@ def run_envoy(
         admin_port=admin_port,
         authz_port=authz_port,
         authz_admin_port=authz_admin_port,
+        console_port=console_port,
         upstream_port=upstream_port,
         servers=servers,
         mutate=mutate,

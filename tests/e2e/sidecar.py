@@ -46,7 +46,8 @@ class World:
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_AUTHZ_")}
-        env.update({ENV_KEY_FILE: str(self.key_file), "MCP_AUTHZ_STORE": self.store_url})
+        # No console unless a test asks (run_sidecar gives each sidecar a port): its default port is one for all.
+        env.update({ENV_KEY_FILE: str(self.key_file), "MCP_AUTHZ_STORE": self.store_url, "MCP_AUTHZ_CONSOLE_LISTEN": ""})
         return env
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -135,6 +136,7 @@ class Sidecar:
     port: int  # the Check listener: Check, access log, health
     metrics_port: int
     admin_port: int  # the admin listener: the admin API, health
+    console_port: int = 0  # the console's HTTP listener
 
     @property
     def admin_target(self) -> str:
@@ -161,16 +163,17 @@ def run_sidecar(
 ) -> Iterator[Sidecar]:
     """`listen`: the Check listener's host (with `port`), or a whole `unix:/path`."""
     port = port or free_port()
-    metrics_port, admin_port = free_port(), free_port()
+    metrics_port, admin_port, console_port = free_port(), free_port(), free_port()
     check_address = listen if listen.startswith("unix:") else f"{listen}:{port}"
     argv = [CLI, "serve", "--listen", check_address, "--admin-listen", f"{LOOPBACK}:{admin_port}",
             "--poll-interval", "0.05", *extra]  # fmt: skip
-    full_env = {**world.env, "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{metrics_port}", **(env or {})}
+    full_env = {**world.env, "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{metrics_port}",
+                "MCP_AUTHZ_CONSOLE_LISTEN": f"{LOOPBACK}:{console_port}", **(env or {})}  # fmt: skip
     process = _spawn(name, argv, world.dir, env=full_env)
     try:
         if wait:
             wait_until(lambda: serving(port), timeout=20, what="sidecar", process=process)
-        yield Sidecar(process, port, metrics_port, admin_port)
+        yield Sidecar(process, port, metrics_port, admin_port, console_port)
     finally:
         process.stop()
 

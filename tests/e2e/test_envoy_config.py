@@ -17,6 +17,7 @@ from .harness import (
     ADMIN_ROUTE,
     AUTHZ_ADMIN_CLUSTER,
     AUTHZ_CLUSTER,
+    AUTHZ_CONSOLE_CLUSTER,
     EXT_AUTHZ_FILTER,
     MCP_FILTER,
     REPO_ROOT,
@@ -30,6 +31,7 @@ from .harness import (
 
 SNIPPET_YAML = REPO_ROOT / "envoy" / "snippet.yaml"
 ADMIN_JSON_FILTER = "mcp_authz.admin_json_fields"
+CONSOLE_ROUTE = "console"
 GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
 
 
@@ -65,6 +67,11 @@ def transcoder_filter(hcm: dict[str, Any]) -> dict[str, Any]:
 
 def admin_route(hcm: dict[str, Any]) -> dict[str, Any]:
     (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == ADMIN_ROUTE]
+    return route
+
+
+def console_route(hcm: dict[str, Any]) -> dict[str, Any]:
+    (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == CONSOLE_ROUTE]
     return route
 
 
@@ -204,8 +211,14 @@ def test_shipped_config_contract() -> None:
     # NOT_SERVING before the sidecar stops answering.
     assert Settings().drain_seconds > _seconds(health["interval"]) + _seconds(health["interval_jitter"])
 
-    # Routes: the admin API, the demo MCP route, then a 404 catch-all; only the admin API
-    # (authenticated by the sidecar itself) and the catch-all skip ext_authz.
+    # Routes: the admin API, the console, the demo MCP route, then a 404 catch-all; only the admin API
+    # and the console (each authenticated by the sidecar itself) and the catch-all skip ext_authz.
+    console = console_route(hcm)
+    assert console["match"] == {"path_separated_prefix": "/console"}
+    assert console["route"]["cluster"] == AUTHZ_CONSOLE_CLUSTER
+    assert console["typed_per_filter_config"][MCP_FILTER]["disabled"] is True
+    console_address = cluster(config, AUTHZ_CONSOLE_CLUSTER)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert console_address["endpoint"]["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 9003}}
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     (demo,) = mcp_routes(config)
     assert demo["match"] == {"path_separated_prefix": "/mcp/demo"}
@@ -214,8 +227,8 @@ def test_shipped_config_contract() -> None:
     assert catch_all["match"] == {"prefix": "/"}
     assert catch_all["direct_response"]["status"] == 404
     disabled = [r for r in routes if r.get("typed_per_filter_config", {}).get(EXT_AUTHZ_FILTER, {}).get("disabled")]
-    assert disabled == [admin, catch_all]
-    assert all("direct_response" in r or r in mcp_routes(config) or r is admin for r in routes)
+    assert disabled == [admin, console, catch_all]
+    assert all("direct_response" in r or r in mcp_routes(config) or r is admin or r is console for r in routes)
 
 
 def test_snippet_parses_and_matches_the_shipped_config() -> None:
@@ -236,6 +249,8 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     assert snippet["admin_api_filter"] == [fields, transcoder_filter(_hcm(shipped))]
     assert snippet["admin_api_route"] == [admin_route(_hcm(shipped))]
     assert snippet["admin_api_cluster"] == [cluster(shipped, AUTHZ_ADMIN_CLUSTER)]
+    assert snippet["console_route"] == [console_route(_hcm(shipped))]
+    assert snippet["console_cluster"] == [cluster(shipped, AUTHZ_CONSOLE_CLUSTER)]
     # The HCM setting for header names with underscores, as shipped.
     hcm_piece = snippet["http_connection_manager"]
     assert hcm_piece["common_http_protocol_options"] == _hcm(shipped)["common_http_protocol_options"]
@@ -273,6 +288,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                                 "name": "all", "domains": ["*"],
                                 "routes": [
                                     *snippet["admin_api_route"],
+                                    *snippet["console_route"],
                                     *snippet["routes"],
                                     {"match": {"prefix": "/healthz"}, "direct_response": {"status": 200},
                                      **snippet["unchecked_route_example"]},
@@ -288,7 +304,7 @@ def test_snippet_pasted_into_a_minimal_config_validates(tmp_path: Path) -> None:
                     }]}],
                 }
             ],
-            "clusters": [*snippet["clusters"], *snippet["admin_api_cluster"], upstream],
+            "clusters": [*snippet["clusters"], *snippet["admin_api_cluster"], *snippet["console_cluster"], upstream],
         }
     }  # fmt: skip
     path = tmp_path / "pasted.yaml"
@@ -306,7 +322,7 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
     rendered, shipped = load(path), load(SHIPPED_ENVOY_YAML)
 
     routes = _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["name"] for r in routes] == [ADMIN_ROUTE, "mcp_demo", "mcp_github", "mcp_linear", "not_found"]
+    assert [r["name"] for r in routes] == [ADMIN_ROUTE, CONSOLE_ROUTE, "mcp_demo", "mcp_github", "mcp_linear", "not_found"]
     assert routes[0] == admin_route(_hcm(shipped))
     for route, name in zip(routes[1:], ["demo", "github", "linear"], strict=False):
         assert route["match"] == {"path_separated_prefix": f"/mcp/{name}"}

@@ -74,7 +74,8 @@ def snapshot(*directories: Path) -> dict[str, str]:
 def base_env(store_url: str, key_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_AUTHZ_")}
     env.update({"MCP_AUTHZ_STORE": store_url, ENV_KEY_FILE: str(key_file),
-                "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{free_port()}"})  # fmt: skip
+                "MCP_AUTHZ_METRICS_LISTEN": f"{LOOPBACK}:{free_port()}",
+                "MCP_AUTHZ_CONSOLE_LISTEN": f"{LOOPBACK}:{free_port()}"})  # fmt: skip
     return env
 
 
@@ -178,7 +179,7 @@ def test_run_refuses_the_same_way(world: World, other_key: Path, tmp_path: Path)
 # --- addresses and TLS files ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["--listen", "--admin-listen", "--metrics-listen"])
+@pytest.mark.parametrize("flag", ["--listen", "--admin-listen", "--metrics-listen", "--console-listen"])
 def test_address_in_use(world: World, held_port: int, flag: str) -> None:
     before = snapshot(world.dir)
     refusal = start([flag, f"{LOOPBACK}:{held_port}"], base_env(world.store_url, world.key_file), world.dir)
@@ -203,14 +204,15 @@ def test_unreadable_tls_file(world: World, tmp_path: Path) -> None:
     assert snapshot(world.dir) == before
 
 
-@pytest.mark.parametrize("held", ["listen", "admin_listen", "metrics_listen"])
+@pytest.mark.parametrize("held", ["listen", "admin_listen", "metrics_listen", "console_listen"])
 async def test_a_bind_that_fails_later_is_undone(world: World, held_port: int, held: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """In process, with the early address check bypassed, so gRPC's (or the HTTP server's) own bind
     refuses: serve raises at once, having closed the store, stopped the servers and left no thread."""
     monkeypatch.setattr(app, "_check_address_free", lambda address: None)
     addresses = {"listen": f"{LOOPBACK}:{free_port()}", "admin_listen": f"{LOOPBACK}:{free_port()}",
-                 "metrics_listen": f"{LOOPBACK}:{free_port()}", held: f"{LOOPBACK}:{held_port}"}  # fmt: skip
+                 "metrics_listen": f"{LOOPBACK}:{free_port()}", "console_listen": f"{LOOPBACK}:{free_port()}",
+                 held: f"{LOOPBACK}:{held_port}"}  # fmt: skip
     settings = Settings.from_env({}, store_url=world.store_url, **addresses)
     keyring = load_keyring({ENV_KEY_FILE: str(world.key_file)})
     threads, files = set(threading.enumerate()), snapshot(world.dir)

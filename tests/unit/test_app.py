@@ -47,8 +47,10 @@ async def test_not_serving_until_loaded_then_serving() -> None:
     await store.migrate()
     await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    console_port = free_port()
     settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", metrics_listen=f"127.0.0.1:{http_port}",
-                                 admin_listen=f"127.0.0.1:{admin_port}", store_url="memory://")
+                                 admin_listen=f"127.0.0.1:{admin_port}", console_listen=f"127.0.0.1:{console_port}",
+                                 store_url="memory://")
     stop = asyncio.Event()
     task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))
     try:
@@ -66,6 +68,11 @@ async def test_not_serving_until_loaded_then_serving() -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
             assert ready.status_code == 503 and "loading" in ready.json()["reason"]
+            # The console serves its pages at once; a sign-in waits for the state, like the admin API.
+            console = f"http://127.0.0.1:{console_port}/console"
+            assert (await http.get(f"{console}/")).status_code == 200
+            early = await http.post(f"{console}/api/session", json={"key": "mgw_x"})
+            assert early.status_code == 503 and early.json()["error"]["reason"] == "not_ready"
             assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
 
             store.release.set()
@@ -77,6 +84,7 @@ async def test_not_serving_until_loaded_then_serving() -> None:
             assert (await _check(grpc_port)).status.code == 16  # loaded: Check decides (no key: UNAUTHENTICATED)
             assert await _health(admin_port) == health_pb2.HealthCheckResponse.SERVING  # the admin listener's
             assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
+            assert (await http.post(f"{console}/api/session", json={"key": "mgw_x"})).status_code == 401
             text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
             names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
             assert {"mcp_authz_ready", "mcp_authz_entities", "mcp_authz_key_cache_total"} <= names
@@ -92,6 +100,7 @@ async def test_stopped_while_loading_it_never_says_serving_and_does_not_drain() 
     await AdminService(store, keyring, KeyHasher(FAST)).initialize(Actor.operator())
     grpc_port = free_port()
     settings = Settings.from_env({}, listen=f"127.0.0.1:{grpc_port}", admin_listen=f"127.0.0.1:{free_port()}",
+                                 console_listen="",
                                  store_url="memory://", drain_seconds=30)  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(app.serve(settings, keyring, stop=stop, store=store))

@@ -42,3 +42,18 @@ def test_change_log_bounds_from_the_environment() -> None:
                          ({"MCP_AUTHZ_CHANGE_LOG_RETENTION_HOURS": "0.01"}, "CHANGE_LOG_RETENTION_HOURS")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             Settings.from_env(env)
+
+
+def test_the_console_listener_is_local_unless_said_otherwise() -> None:
+    from authz_server.config import Settings
+    from authz_server.errors import ConfigError
+
+    assert Settings.from_env({}).console_listen == "127.0.0.1:9003"
+    assert Settings.from_env({"MCP_AUTHZ_CONSOLE_LISTEN": ""}).console_listen == ""  # set but empty: off
+    assert Settings.from_env({"MCP_AUTHZ_CONSOLE_LISTEN": "127.0.0.1:9300"}).console_listen == "127.0.0.1:9300"
+    with pytest.raises(ConfigError, match="without TLS.*--insecure-console-listener"):
+        Settings.from_env({"MCP_AUTHZ_CONSOLE_LISTEN": "0.0.0.0:9003"})
+    assert Settings.from_env({}, console_listen="0.0.0.0:9003", insecure_console_listener=True).console_listen
+    for bad in ("nowhere", "127.0.0.1:9002", "unix:/tmp/console.sock"):  # not HOST:PORT, or the admin listener's
+        with pytest.raises(ConfigError):
+            Settings.from_env({"MCP_AUTHZ_CONSOLE_LISTEN": bad})

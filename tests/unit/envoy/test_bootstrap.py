@@ -55,11 +55,12 @@ def test_run_renders_a_config_that_validates_from_any_directory(tmp_path: Path, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    settings = Settings(listen="127.0.0.1:19001", admin_listen="127.0.0.1:19002")
+    settings = Settings(listen="127.0.0.1:19001", admin_listen="127.0.0.1:19002", console_listen="127.0.0.1:19003")
     out = _envoy_config_for(settings, SHIPPED, tmp_path)
     rendered = yaml.safe_load(out.read_text(encoding="utf-8"))
     assert _endpoints(rendered, "mcp_authz")[0]["socket_address"]["port_value"] == 19001
     assert _endpoints(rendered, "mcp_authz_admin")[0]["socket_address"]["port_value"] == 19002
+    assert _endpoints(rendered, "mcp_authz_console")[0]["socket_address"]["port_value"] == 19003
     result = subprocess.run([str(Path(sys.executable).parent / "envoy"), "--mode", "validate", "-c", str(out), "--log-level", "error"],
                             capture_output=True, text=True, timeout=60, cwd=elsewhere)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

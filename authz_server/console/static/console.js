@@ -1,0 +1,245 @@
+// The console's page logic: plain JavaScript, one module, no build step, nothing from another host.
+// Every string from the server is put in the page as text (textContent, DOM nodes), never as HTML.
+// The session is an HttpOnly cookie the page cannot read; the CSRF token lives only in this module.
+
+const API = "/console/api";
+const INDICATORS = { configured: "🟢", missing: "🟡", invalid: "🔴", expired: "⏰" };
+let csrfToken = "";
+
+const $ = (id) => document.getElementById(id);
+
+/** An element with attributes and children; strings become text nodes. */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === false || value === null || value === undefined) continue;
+    node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, reason, message) {
+    super(message);
+    this.status = status;
+    this.reason = reason;
+  }
+}
+
+async function call(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET") headers["X-CSRF-Token"] = csrfToken;
+  const reply = await fetch(API + path, {
+    method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = {};
+  try {
+    data = await reply.json();
+  } catch {
+    data = {};
+  }
+  if (!reply.ok) {
+    const error = data.error || {};
+    if (reply.status === 401 && path !== "/session") showSignIn("Your session ended. Sign in again.");
+    throw new ApiError(reply.status, error.reason || "http", error.message || `The console answered ${reply.status}.`);
+  }
+  return data;
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+// --- sign-in and navigation ---------------------------------------------------------------------
+
+function showSignIn(message = "") {
+  csrfToken = "";
+  for (const id of ["nav", "servers", "keys"]) $(id).hidden = true;
+  $("sign-in").hidden = false;
+  $("sign-in-error").textContent = message;
+  $("key").focus();
+}
+
+function signedIn(me) {
+  csrfToken = me.csrf_token;
+  $("sign-in").hidden = true;
+  $("nav").hidden = false;
+  $("who").textContent = `${me.name} (${me.roles.join(", ")}, team ${me.team})`;
+  show("servers");
+}
+
+function show(section) {
+  for (const button of document.querySelectorAll("#nav [data-section]")) {
+    if (button.dataset.section === section) button.setAttribute("aria-current", "page");
+    else button.removeAttribute("aria-current");
+  }
+  $("new-key").hidden = true;
+  $("new-key-value").textContent = "";
+  $("servers").hidden = section !== "servers";
+  $("keys").hidden = section !== "keys";
+  notice("");
+  if (section === "servers") loadServers().catch(report($("notice")));
+  else loadKeys().catch(report($("keys-error")));
+}
+
+function report(target) {
+  return (error) => {
+    if (error instanceof ApiError && error.status === 401) return;
+    target.textContent = error.message;
+  };
+}
+
+$("sign-in-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("key");
+  const key = input.value.trim();
+  input.value = "";
+  try {
+    signedIn(await call("POST", "/session", { key }));
+  } catch (error) {
+    $("sign-in-error").textContent = error.message;
+  }
+});
+
+$("sign-out").addEventListener("click", async () => {
+  try {
+    await call("DELETE", "/session");
+  } finally {
+    showSignIn("Signed out.");
+  }
+});
+
+for (const button of document.querySelectorAll("#nav [data-section]")) {
+  button.addEventListener("click", () => show(button.dataset.section));
+}
+
+// --- my servers ---------------------------------------------------------------------------------
+
+async function loadServers() {
+  const { servers } = await call("GET", "/servers");
+  const list = $("server-list");
+  list.replaceChildren();
+  if (servers.length === 0) list.append(el("p", {}, "No server asks you for a credential."));
+  for (const server of servers) list.append(serverCard(server));
+}
+
+function serverCard(server) {
+  const id = `server-${server.name}`.replace(/[^A-Za-z0-9_-]/g, "_");
+  const status = el("p", { class: "status", "data-status": server.status },
+    `${INDICATORS[server.status] || "?"} ${server.status}`, server.reason ? ` — ${server.reason}` : "");
+  const card = el("article", { class: "server", "aria-labelledby": `${id}-title`, "data-server": server.name },
+    el("h3", { id: `${id}-title` }, server.name), status);
+  const masks = Object.entries(server.values || {});
+  if (masks.length) {
+    card.append(el("p", { class: "masks" },
+      `Saved (${server.source === "shared" ? "the server's shared value" : "yours"}): `,
+      masks.map(([name, mask]) => `${name} ${mask}`).join(", ")));
+  }
+  const form = el("form", { "aria-label": `Credential for ${server.name}` });
+  server.placeholders.forEach((placeholder, i) => {
+    const inputId = `${id}-${i}`;
+    form.append(
+      el("label", { for: inputId }, placeholder.name, " ", el("span", {}, placeholder.required ? "(required)" : "(optional)")),
+      el("input", { id: inputId, name: placeholder.name, type: "password", autocomplete: "off", spellcheck: "false",
+                    required: placeholder.required && server.status !== "configured" }),
+    );
+  });
+  const message = el("p", { role: "status", class: "message" });
+  const save = el("button", { type: "submit" }, "Save");
+  const remove = el("button", { type: "button", class: "danger" }, "Delete my credential");
+  form.append(el("div", { class: "actions" }, save, remove));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const values = {};
+    for (const input of form.querySelectorAll("input")) if (input.value) values[input.name] = input.value;
+    try {
+      await call("PUT", `/servers/${encodeURIComponent(server.name)}/credential`, { values });
+      await loadServers();
+      notice(`Saved your credential for ${server.name}.`);
+    } catch (error) {
+      message.textContent = error.message;
+    }
+  });
+  remove.addEventListener("click", async () => {
+    try {
+      await call("DELETE", `/servers/${encodeURIComponent(server.name)}/credential`);
+      await loadServers();
+      notice(`Deleted your credential for ${server.name}; the server's shared value applies, if it has one.`);
+    } catch (error) {
+      message.textContent = error.message;
+    }
+  });
+  card.append(form, message);
+  return card;
+}
+
+// --- my keys ------------------------------------------------------------------------------------
+
+async function loadKeys() {
+  const { keys } = await call("GET", "/keys");
+  const body = $("key-table").tBodies[0];
+  body.replaceChildren();
+  for (const key of keys) {
+    const actions = el("td");
+    if (key.status === "active") {
+      const revoke = el("button", { type: "button", class: "danger", "aria-label": `Revoke key ${key.label || key.key_id}` },
+        "Revoke");
+      revoke.addEventListener("click", async () => {
+        try {
+          await call("POST", `/keys/${encodeURIComponent(key.key_id)}/revoke`);
+          await loadKeys();
+          notice(`Revoked key ${key.label || key.key_id}.`);
+        } catch (error) {
+          $("keys-error").textContent = error.message;
+        }
+      });
+      actions.append(revoke);
+    }
+    body.append(el("tr", { "data-key-id": key.key_id },
+      el("td", {}, key.label || "—"), el("td", {}, when(key.created_at)), el("td", {}, when(key.last_used_at)),
+      el("td", {}, when(key.expires_at)), el("td", {}, key.scope.length ? key.scope.join(", ") : "all servers"),
+      el("td", {}, key.status), actions));
+  }
+}
+
+$("create-key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const expires = $("new-expires").value;
+  const scope = $("new-scope").value.split(",").map((s) => s.trim()).filter(Boolean);
+  $("keys-error").textContent = "";
+  try {
+    const made = await call("POST", "/keys", {
+      label: $("new-label").value, scope, expires_at: expires ? `${expires}T23:59:59Z` : "",
+    });
+    $("new-key-value").textContent = made.secret;
+    $("new-key").hidden = false;
+    event.target.reset();
+    await loadKeys();
+  } catch (error) {
+    $("keys-error").textContent = error.message;
+  }
+});
+
+$("copy-key").addEventListener("click", async () => {
+  const text = $("new-key-value").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    notice("Copied the new key.");
+  } catch {
+    const range = document.createRange();
+    range.selectNodeContents($("new-key-value"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    notice("Select and copy the key by hand: the browser refused the clipboard.");
+  }
+});
+
+// --- start: signed in already? ------------------------------------------------------------------
+
+call("GET", "/me").then(signedIn, () => showSignIn());
