@@ -323,8 +323,8 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
 
     routes = _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]
     assert [r["name"] for r in routes] == [ADMIN_ROUTE, CONSOLE_ROUTE, "mcp_demo", "mcp_github", "mcp_linear", "not_found"]
-    assert routes[0] == admin_route(_hcm(shipped))
-    for route, name in zip(routes[1:], ["demo", "github", "linear"], strict=False):
+    assert routes[0] == admin_route(_hcm(shipped)) and routes[1] == console_route(_hcm(shipped))
+    for route, name in zip(routes[2:], ["demo", "github", "linear"], strict=False):
         assert route["match"] == {"path_separated_prefix": f"/mcp/{name}"}
         ext = route["typed_per_filter_config"][EXT_AUTHZ_FILTER]["check_settings"]["context_extensions"]
         assert ext == {"mcp_server": name}
