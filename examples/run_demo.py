@@ -49,9 +49,9 @@ DEMO_LABEL, ADMIN_LABEL = "make-run", "make-run-admin"
 SHARED_TOKEN = "demo-shared-upstream-token"  # the demo server's shared upstream credential
 UPSTREAM_CLUSTER = "mcp_example"  # envoy/envoy.yaml's cluster for the example server
 DEFAULT_PORT = 10000
-FIXED = {"envoy_admin": 9901, "check": 9001, "admin": 9002, "metrics": 9090, "example": 9100}
+FIXED = {"envoy_admin": 9901, "check": 9001, "admin": 9002, "console": 9003, "metrics": 9090, "example": 9100}
 WHAT = {"gateway": "Envoy listener", "envoy_admin": "Envoy admin", "check": "sidecar Check listener",
-        "admin": "sidecar admin listener", "metrics": "sidecar metrics", "example": "example MCP server"}  # fmt: skip
+        "admin": "sidecar admin listener", "console": "sidecar console listener", "metrics": "sidecar metrics", "example": "example MCP server"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MCP_AUTHZ_STORE": files.store_url, "MCP_AUTHZ_MASTER_KEY_FILE": str(files.master_key)}
     env.pop("MCP_AUTHZ_MASTER_KEY", None)
     bin_dir = Path(sys.executable).parent
-    listen = {name: f"{LOOPBACK}:{ports[name]}" for name in ("check", "admin", "metrics")}
+    listen = {name: f"{LOOPBACK}:{ports[name]}" for name in ("check", "admin", "console", "metrics")}
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "examples" / "mcp_server.py"), "--port", str(ports["example"]),
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         subprocess.Popen(
             [str(bin_dir / "mcp-authz"), "run", "--envoy-config", str(files.envoy_config), "--listen", listen["check"],
-             "--admin-listen", listen["admin"], "--metrics-listen", listen["metrics"]],
+             "--admin-listen", listen["admin"], "--metrics-listen", listen["metrics"], "--console-listen", listen["console"]],
             cwd=REPO, env=env,
         ),  # fmt: skip
     ]
@@ -251,6 +251,7 @@ mcp-authz is running: Envoy -> sidecar -> example MCP server.
 Call a tool through the gateway:
   MCP_AUTHZ_KEY={key} {bin_dir / 'python'} examples/call_tool.py {gateway}/mcp/{SERVER} echo_headers
 
+Console (browser):   {gateway}/console/   (sign in with the demo key, or the admin key)
 Metrics and health:  http://{listen['metrics']}/metrics  /healthz  /readyz
 Admin API:           JSON at {gateway}/admin/v1/whoami (through Envoy),
                      gRPC at {listen['admin']} (mcp-authz --server {listen['admin']}, your key in MCP_AUTHZ_KEY)

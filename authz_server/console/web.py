@@ -172,6 +172,7 @@ class _Api:
         identity = await authenticate(self.c.authenticator, self.c.extractor, self.c.audit, self.c.ready,
                                       {"authorization": f"Bearer {key.strip()}"}, request_id, self._source(request),
                                       api="console", method="SignIn")  # fmt: skip
+        self.c.sessions.end(request.cookies.get(COOKIE, ""))  # a sign-in replaces the browser's earlier session
         token, session = self.c.sessions.start(identity.key_id, identity.principal.id)
         actor = Actor.of(identity.principal, request_id, self._source(request))
         response = web.json_response(await self._me(actor, session))

@@ -116,6 +116,12 @@ def test_make_run_prints_what_a_newcomer_needs_and_a_tool_call_works_as_printed(
             assert admin_listen
             whoami = _cli({"MCP_AUTHZ_KEY": admin_key}, "--server", admin_listen.group(1), "whoami")
             assert whoami.returncode == 0 and "admin" in whoami.stdout, whoami.stderr
+            # The printed console URL serves the console through Envoy, and the demo key signs in there.
+            console = demo.printed("Console (browser)").split()[0]
+            assert console == f"http://127.0.0.1:{demo.port}/console/"
+            assert httpx.get(console, timeout=10).status_code == 200
+            signed_in = httpx.post(f"{console}api/session", json={"key": key}, timeout=10)
+            assert signed_in.status_code == 200 and signed_in.json()["name"] == "demo", signed_in.text
         # The README walkthrough on what `make run` created: alice, her key (whose id `keys create`
         # prints: step 6's <KEY_ID>), her override, `overrides test` against the demo's upstream URL.
         env = first.exports()

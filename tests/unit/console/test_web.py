@@ -82,6 +82,10 @@ async def test_sign_in_sets_a_strict_cookie_and_never_echoes_the_key(rig: Rig) -
     assert "Secure" not in cookie  # plain HTTP here; behind TLS (x-forwarded-proto: https) it is Secure
     again = await rig.client.get("/console/api/me")
     assert again.status == 200 and (await again.json())["csrf_token"] == me["csrf_token"]
+    first = reply.cookies[COOKIE].value
+    await rig.sign_in("alice")  # signing in again replaces the session: the first token is dead
+    rig.client.session.cookie_jar.clear()
+    assert (await rig.client.get("/console/api/me", headers={"Cookie": f"{COOKIE}={first}"})).status == 401
 
 
 async def test_the_cookie_is_secure_when_the_request_came_over_tls(rig: Rig) -> None:
