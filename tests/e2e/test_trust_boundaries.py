@@ -170,10 +170,19 @@ def test_the_default_listeners_are_not_reachable_from_another_address(gw: Stack)
     address = _non_loopback_address()
     if address is None:
         pytest.skip("this host has no non-loopback IPv4 address to try from")
-    for port in (gw.sidecar.port, gw.sidecar.admin_port):
+    for port in (gw.sidecar.port, gw.sidecar.admin_port, gw.sidecar.console_port):
         with socket.socket() as sock:
             sock.settimeout(2)
             assert sock.connect_ex((address, port)) != 0, f"port {port} answered on {address}"
+
+
+def test_a_console_listener_beyond_loopback_refuses_to_start(stack: Stack) -> None:
+    done = subprocess.run([CLI, "serve", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", "",
+                           "--console-listen", f"0.0.0.0:{free_port()}"],
+                          env=stack.world.env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 2
+    assert "without TLS" in done.stderr and "--insecure-console-listener" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_check_listener_beyond_loopback_without_mutual_tls_refuses_to_start(stack: Stack) -> None:
