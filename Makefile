@@ -21,11 +21,11 @@ run: venv
 	$(BIN)/python examples/run_demo.py
 
 # Strict type checking of the package first (pyproject.toml [tool.mypy]), then every test. The console's browser
-# tests drive Debian's chromium, installed when missing.
+# tests drive Debian's chromium (with an emoji font for its status indicators), installed when missing.
 test: venv
-	@[ -x /usr/bin/chromium ] || { \
+	@[ -x /usr/bin/chromium ] && [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium fonts-noto-color-emoji; }
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -32,6 +33,8 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
                  "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
 SERVERS = ("github", "linear", "open")
 MARKUP = "x<img src=x onerror=alert(1)>"
+# README's pictures of the console, taken by these tests: MCP_AUTHZ_CONSOLE_SHOTS=docs/console pytest tests/e2e/test_console.py
+SHOTS = os.environ.get("MCP_AUTHZ_CONSOLE_SHOTS", "")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,12 @@ class Ui:
         expect(self.page.get_by_role("heading", name="My servers")).to_be_visible()
         expect(self.page.locator("#who")).to_contain_text(who)
 
+    def picture(self, name: str) -> None:
+        """A picture of the page for README, when MCP_AUTHZ_CONSOLE_SHOTS names a directory."""
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
     def csrf(self) -> str:
         return str(self.page.request.get(self.api("/me")).json()["csrf_token"])
 
@@ -126,7 +135,7 @@ class Ui:
 
 @pytest.fixture
 def ui(stack: Gateway, browser: Any, tmp_path: Path) -> Iterator[Ui]:
-    context = browser.new_context()
+    context = browser.new_context(viewport={"width": 960, "height": 640})
     page = context.new_page()
     page.set_default_timeout(10_000)
     found = Ui(stack, page, tmp_path / "failure.png")
@@ -168,6 +177,7 @@ def test_a_user_sets_a_personal_credential_and_the_upstream_gets_it(ui: Ui) -> N
         expect(github.locator(".masks")).to_contain_text(secret[-4:])
         assert secret not in ui.page.content()  # a mask, never the value
         expect(github.get_by_label("API_KEY (required)")).to_have_value("")
+        ui.picture("my-servers")
 
         def upstream_sees_it() -> bool:
             try:
@@ -196,6 +206,7 @@ def test_a_key_created_in_the_page_is_shown_once_works_and_stops_when_revoked(ui
         row = ui.page.locator("#key-table tbody tr", has_text="made-in-page")
         expect(row).to_contain_text("active")
         assert key not in (row.text_content() or "")
+        ui.picture("my-keys")
 
         def call() -> Any:
             return run_async(lambda: call_tool(ui.gw.envoy.url("open"), "echo_headers", {},
@@ -252,6 +263,7 @@ def test_sign_out_ends_the_session_at_once_and_a_cli_revocation_within_a_second(
         ui.page.get_by_role("button", name="Sign out").click()
         expect(ui.page.get_by_label("Gateway key")).to_be_visible()
         assert ui.status() == 401  # at once
+        ui.picture("sign-in")
 
         made = ui.gw.world.cli("keys", "create", "alice", "--label", "console-session", "--json")
         assert made.returncode == 0, made.stderr
