@@ -220,6 +220,15 @@ class _Api:
         view = await self.c.service.revoke_key(actor, request.match_info["key_id"])
         return web.json_response({"key": view.to_json()})
 
+    async def regenerate_key(self, request: web.Request) -> web.StreamResponse:
+        """A replacement shown once; the old key stops now, or after `grace_seconds`."""
+        actor, _ = await self._signed_in(request)
+        grace = (await _json_body(request)).get("grace_seconds", 0)
+        if not isinstance(grace, int) or isinstance(grace, bool):
+            raise InvalidInput("'grace_seconds' must be a whole number of seconds.")
+        view, secret = await self.c.service.regenerate_key(actor, request.match_info["key_id"], grace)
+        return web.json_response({"key": view.to_json(), "secret": secret.reveal()}, status=201)
+
     # personal credentials
 
     async def servers(self, request: web.Request) -> web.StreamResponse:
@@ -243,6 +252,12 @@ class _Api:
         view = await self.c.service.set_override(actor, None, request.match_info["name"], values,
                                                  _time(body, "expires_at"))  # fmt: skip
         return web.json_response({"credential": view.to_json()})
+
+    async def test_credential(self, request: web.Request) -> web.StreamResponse:
+        """The existing `overrides test`: an MCP initialize to the server's upstream with the caller's credential."""
+        actor, _ = await self._signed_in(request)
+        result = await self.c.service.test_override(actor, request.match_info["name"], None)
+        return web.json_response({"result": result.to_json()})
 
     async def delete_credential(self, request: web.Request) -> web.StreamResponse:
         actor, _ = await self._signed_in(request)
@@ -314,7 +329,9 @@ def create_app(console: Console) -> web.Application:
     app.router.add_get(f"{PREFIX}/api/keys", api.keys)
     app.router.add_post(f"{PREFIX}/api/keys", api.create_key)
     app.router.add_post(f"{PREFIX}/api/keys/{{key_id}}/revoke", api.revoke_key)
+    app.router.add_post(f"{PREFIX}/api/keys/{{key_id}}/regenerate", api.regenerate_key)
     app.router.add_get(f"{PREFIX}/api/servers", api.servers)
+    app.router.add_post(f"{PREFIX}/api/servers/{{name}}/credential/test", api.test_credential)
     app.router.add_put(f"{PREFIX}/api/servers/{{name}}/credential", api.set_credential)
     app.router.add_delete(f"{PREFIX}/api/servers/{{name}}/credential", api.delete_credential)
     app.router.add_get(f"{PREFIX}/api/principals", api.principals)

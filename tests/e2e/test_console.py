@@ -33,6 +33,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
                  "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
 SERVERS = ("github", "linear", "open")
 MARKUP = "x<img src=x onerror=alert(1)>"
+BOB_GITHUB = "ghp_bob_from_the_console_0042"  # what bob saves in the page; the probed upstream takes only this
 # README's pictures of the console, taken by these tests: MCP_AUTHZ_CONSOLE_SHOTS=docs/console pytest tests/e2e/test_console.py
 SHOTS = os.environ.get("MCP_AUTHZ_CONSOLE_SHOTS", "")
 
@@ -44,6 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with ExitStack() as stop:
         sidecar = stop.enter_context(run_sidecar(world))
         upstream = stop.enter_context(run_example_server(tmp))
+        # "Test connection" sends an MCP initialize straight to github's upstream URL: an upstream that
+        # takes only bob's token, as a real one takes only valid personal tokens.
+        probed = stop.enter_context(run_example_server(tmp, expect_tokens={"authorization": f"Bearer {BOB_GITHUB}"}))
+        updated = world.cli("servers", "update", "github", "--upstream-url", probed.url("github"))
+        assert updated.returncode == 0, updated.stderr
         envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port,
                                              authz_admin_port=sidecar.admin_port, console_port=sidecar.console_port,
                                              servers=SERVERS))  # fmt: skip
@@ -161,7 +167,7 @@ def ui(stack: Gateway, browser: Any, tmp_path: Path) -> Iterator[Ui]:
 def test_a_user_sets_a_personal_credential_and_the_upstream_gets_it(ui: Ui) -> None:
     from playwright.sync_api import expect
 
-    secret = "ghp_bob_from_the_console_0042"
+    secret = BOB_GITHUB
     with ui.screenshot_on_failure():
         ui.sign_in("bob")
         cards = ui.page.locator("article[data-server]")
@@ -170,6 +176,14 @@ def test_a_user_sets_a_personal_credential_and_the_upstream_gets_it(ui: Ui) -> N
         expect(github.locator(".status")).to_have_text(re.compile(r"^🟡 missing"))
         linear = ui.page.locator('article[data-server="linear"]')
         expect(linear.locator(".status")).to_have_text(re.compile(r"^🟢 configured"))
+        # A wrong token first: "Test connection" says the upstream rejected it, and the status is 🔴 with why.
+        github.get_by_label("API_KEY (required)").fill("ghp_wrong_token_9999")
+        github.get_by_role("button", name="Save").click()
+        expect(ui.page.locator("#notice")).to_have_text("Saved your credential for github.")
+        ui.page.locator('article[data-server="github"]').get_by_role("button", name="Test connection").click()
+        expect(ui.page.locator("#notice")).to_contain_text("rejected your credential")
+        github = ui.page.locator('article[data-server="github"]')
+        expect(github.locator(".status")).to_have_text(re.compile(r"^🔴 invalid — .*401"))
         github.get_by_label("API_KEY (required)").fill(secret)
         github.get_by_role("button", name="Save").click()
         github = ui.page.locator('article[data-server="github"]')
@@ -177,6 +191,8 @@ def test_a_user_sets_a_personal_credential_and_the_upstream_gets_it(ui: Ui) -> N
         expect(github.locator(".masks")).to_contain_text(secret[-4:])
         assert secret not in ui.page.content()  # a mask, never the value
         expect(github.get_by_label("API_KEY (required)")).to_have_value("")
+        github.get_by_role("button", name="Test connection").click()
+        expect(ui.page.locator("#notice")).to_contain_text("accepted your credential")
         ui.picture("my-servers")
 
         def upstream_sees_it() -> bool:
@@ -234,6 +250,37 @@ def test_a_key_created_in_the_page_is_shown_once_works_and_stops_when_revoked(ui
             return False
 
         eventually(refused, 2, "the revoked key is refused through Envoy")
+
+
+def test_regenerating_a_key_warns_then_the_old_key_fails_and_the_new_one_works(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    def works(key: str) -> bool:
+        try:
+            seen = run_async(lambda: call_tool(ui.gw.envoy.url("open"), "echo_headers", {},
+                                               headers={"authorization": f"Bearer {key}"}))  # fmt: skip
+        except Exception:
+            return False
+        return bool(seen["x-user-id"] == "carol")
+
+    with ui.screenshot_on_failure():
+        ui.sign_in("carol")
+        ui.page.get_by_role("button", name="My keys").click()
+        ui.page.get_by_label("Label").fill("to-regenerate")
+        ui.page.get_by_role("button", name="Create key").click()
+        expect(ui.page.locator("#new-key-value")).to_contain_text("mgw_")
+        old = ui.page.locator("#new-key-value").text_content() or ""
+        eventually(lambda: works(old), 5, "the key works before it is regenerated")
+        ui.page.get_by_role("button", name="Regenerate key to-regenerate").click()
+        warning = ui.page.locator("tr.confirm [role=alert]")
+        expect(warning).to_contain_text("revokes this one")
+        expect(ui.page.get_by_label("Grace period for the old key")).to_be_focused()
+        ui.page.get_by_role("button", name="Regenerate now").click()
+        expect(ui.page.locator("#new-key-value")).not_to_have_text(old)
+        new = ui.page.locator("#new-key-value").text_content() or ""
+        assert new.startswith("mgw_")
+        eventually(lambda: not works(old), 2, "the old key is refused once regenerated (no grace period)")
+        eventually(lambda: works(new), 5, "the new key works")
 
 
 # (3) ------------------------------------------------------------------------------------------

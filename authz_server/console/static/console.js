@@ -153,7 +153,21 @@ function serverCard(server) {
   const message = el("p", { role: "status", class: "message" });
   const save = el("button", { type: "submit" }, "Save");
   const remove = el("button", { type: "button", class: "danger" }, "Delete my credential");
-  form.append(el("div", { class: "actions" }, save, remove));
+  const test = el("button", { type: "button" }, "Test connection");
+  form.append(el("div", { class: "actions" }, save, test, remove));
+  test.addEventListener("click", async () => {
+    message.textContent = "Testing…";
+    try {
+      const { result } = await call("POST", `/servers/${encodeURIComponent(server.name)}/credential/test`);
+      await loadServers();
+      const outcome = { ok: "✅ the upstream accepted your credential",
+                        rejected: "❌ the upstream rejected your credential",
+                        inconclusive: "❔ inconclusive" }[result.result] || result.result;
+      notice(`Test connection to ${server.name}: ${outcome} (${result.detail}).`);
+    } catch (error) {
+      message.textContent = error.message;
+    }
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const values = {};
@@ -199,13 +213,51 @@ async function loadKeys() {
           $("keys-error").textContent = error.message;
         }
       });
-      actions.append(revoke);
+      const regenerate = el("button", { type: "button", "aria-label": `Regenerate key ${key.label || key.key_id}` },
+        "Regenerate");
+      regenerate.addEventListener("click", () => confirmRegenerate(key, regenerate));
+      actions.append(el("div", { class: "actions" }, regenerate, revoke));
     }
     body.append(el("tr", { "data-key-id": key.key_id },
       el("td", {}, key.label || "—"), el("td", {}, when(key.created_at)), el("td", {}, when(key.last_used_at)),
       el("td", {}, when(key.expires_at)), el("td", {}, key.scope.length ? key.scope.join(", ") : "all servers"),
       el("td", {}, key.status), actions));
   }
+}
+
+function showNewKey(secret) {
+  $("new-key-value").textContent = secret;
+  $("new-key").hidden = false;
+}
+
+/** Regenerating replaces a key: say so, offer a grace period, and only then do it. */
+function confirmRegenerate(key, button) {
+  const row = button.closest("tr");
+  if (row.nextElementSibling && row.nextElementSibling.classList.contains("confirm")) return;
+  const selectId = `grace-${key.key_id}`;
+  const grace = el("select", { id: selectId },
+    el("option", { value: "0" }, "none: the old key stops now"), el("option", { value: "3600" }, "1 hour"),
+    el("option", { value: "86400" }, "1 day"), el("option", { value: "604800" }, "7 days"));
+  const go = el("button", { type: "button", class: "danger" }, "Regenerate now");
+  const cancel = el("button", { type: "button" }, "Cancel");
+  const panel = el("tr", { class: "confirm" }, el("td", { colspan: 7 },
+    el("p", { role: "alert" }, `Warning: regenerating "${key.label || key.key_id}" issues a new key and revokes this one. `,
+      "Every client using it must be switched to the new key."),
+    el("label", { for: selectId }, "Grace period for the old key "), grace, " ", el("span", { class: "actions" }, go, cancel)));
+  row.after(panel);
+  grace.focus();
+  cancel.addEventListener("click", () => { panel.remove(); button.focus(); });
+  go.addEventListener("click", async () => {
+    try {
+      const made = await call("POST", `/keys/${encodeURIComponent(key.key_id)}/regenerate`,
+                              { grace_seconds: Number(grace.value) });
+      await loadKeys();
+      showNewKey(made.secret);
+      notice(`Regenerated key ${key.label || key.key_id}.`);
+    } catch (error) {
+      $("keys-error").textContent = error.message;
+    }
+  });
 }
 
 $("create-key-form").addEventListener("submit", async (event) => {
@@ -217,8 +269,7 @@ $("create-key-form").addEventListener("submit", async (event) => {
     const made = await call("POST", "/keys", {
       label: $("new-label").value, scope, expires_at: expires ? `${expires}T23:59:59Z` : "",
     });
-    $("new-key-value").textContent = made.secret;
-    $("new-key").hidden = false;
+    showNewKey(made.secret);
     event.target.reset();
     await loadKeys();
   } catch (error) {

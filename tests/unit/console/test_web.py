@@ -22,7 +22,7 @@ from authz_server.crypto.keys import KeyHasher
 from authz_server.pipeline.authn import KeyExtractor
 from authz_server.store.memory import MemoryStore
 
-from ..fakes import FAST, assert_no_key
+from ..fakes import FAST, GOOD, FakeProbe, assert_no_key
 
 OP = Actor.operator()
 
@@ -48,17 +48,17 @@ async def rig() -> AsyncIterator[Rig]:
     keyring = Keyring.from_spec(Keyring.generate_spec())
     store = MemoryStore()
     await store.migrate()
-    svc = AdminService(store, keyring, KeyHasher(FAST))
+    svc = AdminService(store, keyring, KeyHasher(FAST), probe=FakeProbe())  # an upstream that takes GOOD only
     _, _, admin_key = await svc.initialize(OP)
     await svc.add_principal(OP, "alice", "eng", ["user"])
     await svc.add_server(OP, "github", "individual", ["Authorization: Bearer {{API_KEY}}", "X-Org: {{ORG}}"],
-                         optional={"ORG"})  # fmt: skip
+                         optional={"ORG"}, upstream_url="http://127.0.0.1:9/mcp/github")  # fmt: skip
     keys = {"admin": admin_key.reveal(), "alice": (await svc.create_key(OP, "alice", "laptop"))[1].reveal(),
             "scoped": (await svc.create_key(OP, "alice", "app", scope=["github"]))[1].reveal()}  # fmt: skip
     settings = Settings.from_env({}, store_url="memory://", console_listen="")
     sidecar = await app.build(settings, keyring, store)
     await sidecar.follower.load()
-    console = Console(sidecar.admin, sidecar.authenticator, KeyExtractor("x-api-key", path_keys=False), sidecar.audit,
+    console = Console(svc, sidecar.authenticator, KeyExtractor("x-api-key", path_keys=False), sidecar.audit,
                       lambda: True, Sessions())  # fmt: skip
     client: TestClient[Any, Any] = TestClient(TestServer(create_app(console)))
     await client.start_server()
@@ -238,3 +238,37 @@ async def test_disabling_the_principal_ends_the_session(rig: Rig) -> None:
     await rig.sync()
     ended = await rig.client.get("/console/api/keys")
     assert ended.status == 401 and (await ended.json())["error"]["reason"] == "principal_disabled"
+
+
+async def test_test_connection_probes_the_upstream_with_the_callers_credential(rig: Rig) -> None:
+    csrf = await rig.sign_in("alice")
+    none_yet = await rig.client.post("/console/api/servers/github/credential/test", headers={CSRF_HEADER: csrf})
+    assert none_yet.status == 404
+    for value, result, status, indicator in [("ghp_wrongWRONG0000", "rejected", "invalid", "🔴"),
+                                             (GOOD, "ok", "configured", "🟢")]:  # fmt: skip
+        await rig.client.put("/console/api/servers/github/credential", json={"values": {"API_KEY": value}},
+                             headers={CSRF_HEADER: csrf})  # fmt: skip
+        tested = await rig.client.post("/console/api/servers/github/credential/test", headers={CSRF_HEADER: csrf})
+        assert tested.status == 200
+        answer = (await tested.json())["result"]
+        assert (answer["result"], answer["status"]) == (result, status)
+        assert value not in await tested.text()
+        (github,) = (await (await rig.client.get("/console/api/servers")).json())["servers"]
+        assert (github["status"], github["indicator"]) == (status, indicator)
+    assert (await rig.client.post("/console/api/servers/github/credential/test")).status == 403  # no CSRF token
+
+
+async def test_regenerating_a_key_shows_the_new_one_once_and_takes_a_grace_period(rig: Rig) -> None:
+    csrf = await rig.sign_in("alice")
+    made = await (await rig.client.post("/console/api/keys", json={"label": "ci"}, headers={CSRF_HEADER: csrf})).json()
+    old_id = made["key"]["key_id"]
+    again = await rig.client.post(f"/console/api/keys/{old_id}/regenerate", json={"grace_seconds": 3600},
+                                  headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert again.status == 201
+    new = await again.json()
+    assert new["secret"].startswith("mgw_") and new["secret"] != made["secret"] and new["key"]["label"] == "ci"
+    keys = {k["key_id"]: k for k in (await (await rig.client.get("/console/api/keys")).json())["keys"]}
+    assert keys[old_id]["status"] == "active" and keys[old_id]["revoked_at"]  # until the grace period ends
+    bad = await rig.client.post(f"/console/api/keys/{old_id}/regenerate", json={"grace_seconds": "soon"},
+                                headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert bad.status == 400
