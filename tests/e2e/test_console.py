@@ -36,6 +36,7 @@ MARKUP = "x<img src=x onerror=alert(1)>"
 BOB_GITHUB = "ghp_bob_from_the_console_0042"  # what bob saves in the page; the probed upstream takes only this
 # README's pictures of the console, taken by these tests: MCP_AUTHZ_CONSOLE_SHOTS=docs/console pytest tests/e2e/test_console.py
 SHOTS = os.environ.get("MCP_AUTHZ_CONSOLE_SHOTS", "")
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"  # vendored from npm, MPL-2.0
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +357,49 @@ def test_a_user_sees_no_admin_controls_and_admin_calls_are_refused(ui: Ui) -> No
         assert nav == ["My servers", "My keys", "Sign out"]
         for word in ("Principals", "Teams", "Audit", "Auth Overrides"):
             assert ui.page.get_by_text(word).count() == 0, word
+
+
+# (8) ------------------------------------------------------------------------------------------
+def test_every_page_passes_an_automated_accessibility_check(stack: Gateway, browser: Any, tmp_path: Path) -> None:
+    """axe-core's WCAG 2 A and AA rules (labels, contrast, names of buttons, ...) on each page, and keyboard
+    focus that shows. axe is injected into the page, so this one context lets injected scripts past the CSP."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(bypass_csp=True, viewport={"width": 960, "height": 640})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    ui = Ui(stack, page, tmp_path / "failure.png")
+
+    def audit(where: str) -> list[str]:
+        page.add_script_tag(path=str(AXE))
+        found = page.evaluate("""async () => {
+            const result = await axe.run(document, {runOnly: {type: "tag", values: ["wcag2a", "wcag2aa"]}});
+            return {passed: result.passes.map(p => p.id), violations: result.violations.map(
+                v => `${v.id}: ${v.help} (${v.nodes.map(n => n.target.join(" ")).join(", ")})`)};
+        }""")
+        assert {"label", "color-contrast", "button-name"} & set(found["passed"]), f"{where}: axe checked nothing"
+        return [f"{where}: {v}" for v in found["violations"]]
+
+    try:
+        with ui.screenshot_on_failure():
+            page.goto(ui.url)
+            expect(page.get_by_label("Gateway key")).to_be_visible()
+            violations = audit("sign-in")
+            # Keyboard: the page opens with the key field focused; Tab reaches the button, Shift+Tab comes back,
+            # and whatever has the keyboard's focus shows an outline.
+            focused = "document.activeElement.id || document.activeElement.textContent"
+            outline = "getComputedStyle(document.activeElement).outlineStyle"
+            assert page.evaluate(focused) == "key"
+            page.keyboard.press("Tab")
+            assert page.evaluate(focused) == "Sign in" and page.evaluate(outline) != "none"
+            page.keyboard.press("Shift+Tab")
+            assert page.evaluate(focused) == "key" and page.evaluate(outline) != "none"
+            ui.sign_in("bob")
+            expect(page.locator("article[data-server]").first).to_be_visible()
+            violations += audit("my servers")
+            page.get_by_role("button", name="My keys").click()
+            expect(page.locator("#key-table tbody tr").first).to_be_visible()
+            violations += audit("my keys")
+            assert not violations, "\n".join(violations)
+    finally:
+        context.close()
