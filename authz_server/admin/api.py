@@ -262,6 +262,10 @@ for _rpc in RPCS:
 def _source(peer: str, metadata: Mapping[str, str]) -> str:
     """The caller's address: the gRPC peer, and the client Envoy saw when it forwarded the call."""
     kind, _, rest = peer.partition(":")
-    address = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
-    external = metadata.get("x-envoy-external-address", "")
+    return caller_source(rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer, metadata)
+
+
+def caller_source(address: str, headers: Mapping[str, str]) -> str:
+    """The caller's address as the audit trail records it: the peer, and the client Envoy saw when it forwarded."""
+    external = headers.get("x-envoy-external-address", "")
     return f"{external} via {address}" if external and external != address else address

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 from aiohttp import web
 
-from authz_server.admin.api import authenticate, grpc_status, request_id_of
+from authz_server.admin.api import authenticate, caller_source, grpc_status, request_id_of
 from authz_server.admin.ops import AdminOps
 from authz_server.admin.policy import Actor
 from authz_server.console.sessions import Session, Sessions
@@ -142,9 +142,7 @@ class _Api:
     # sessions
 
     def _source(self, request: web.Request) -> str:
-        peer = request.remote or "-"
-        external = request.headers.get("x-envoy-external-address", "")
-        return f"{external} via {peer}" if external and external != peer else peer
+        return caller_source(request.remote or "-", request.headers)
 
     async def _signed_in(self, request: web.Request) -> tuple[Actor, Session]:
         """The request's session and its principal as an Actor, judged again now; CSRF-checked when it changes state."""
