@@ -124,7 +124,7 @@ def _same_origin(request: web.Request) -> None:
 
 
 @web.middleware
-async def _csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _origin_and_size(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith(f"{PREFIX}/api/"):
         _same_origin(request)
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -319,7 +319,7 @@ async def _to_index(request: web.Request) -> web.StreamResponse:
 def create_app(console: Console) -> web.Application:
     """The console as an aiohttp application (run by the sidecar, or by aiohttp's test client)."""
     api = _Api(console)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_answer_errors, _csrf])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_answer_errors, _origin_and_size])
     app.on_response_prepare.append(_security_headers)
     app.router.add_post(f"{PREFIX}/api/session", api.sign_in)
     app.router.add_delete(f"{PREFIX}/api/session", api.sign_out)
