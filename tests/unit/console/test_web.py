@@ -272,3 +272,18 @@ async def test_regenerating_a_key_shows_the_new_one_once_and_takes_a_grace_perio
     bad = await rig.client.post(f"/console/api/keys/{old_id}/regenerate", json={"grace_seconds": "soon"},
                                 headers={CSRF_HEADER: csrf})  # fmt: skip
     assert bad.status == 400
+
+
+async def test_an_unexpected_failure_is_a_plain_500_without_details(rig: Rig, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    await rig.sign_in("alice")
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(AdminService, "list_keys", broken)
+    reply = await rig.client.get("/console/api/keys")
+    assert reply.status == 500
+    assert await reply.json() == {"error": {"reason": "internal",
+                                            "message": "The console failed; operators see the sidecar's log."}}
+    assert "internal detail" in caplog.text  # for operators, in the log
