@@ -5,9 +5,12 @@ One pure generator, shared by `mcp-authz connect` and the console's "Connect a c
 text, and one line saying what to do with it). Without a key the text holds `PLACEHOLDER`
 (VS Code prompts for the key instead, so it is never written into the file).
 
-Every form sends the key in a header (`Authorization: Bearer mgw_…`): the gateway refuses a key
-in a URL with 400 `key_in_url`, since URLs end up in logs, histories and referrers. The server's
-URL is `<gateway_url>/mcp/<server>`, the route Envoy forwards to that server.
+Every form sends the key in a header (`Authorization: Bearer mgw_…`), never in the URL. The
+gateway refuses a key in a query string or inside a path segment with 400 `key_in_url`, and it
+accepts a whole path segment (`/mcp/<server>/mgw_…`) only while `MCP_AUTHZ_PATH_KEYS` is on; a
+URL is kept in client logs, shell histories and proxies' access logs, and every client here
+takes headers, so no URL form is produced. The server's URL is `<gateway_url>/mcp/<server>`,
+the route Envoy forwards to that server.
 
 Safety of the output: JSON is built with `json.dumps`, shell commands with `shlex.quote`; the
 server name must match the shared name rule and the gateway URL a strict shape (scheme, host,

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,3 +206,10 @@ def test_json_documents_are_valid_for_every_json_client() -> None:
         for client in ("claude-desktop", "cursor", "vscode"):
             assert docs[client]["file"].endswith(".json")
             assert isinstance(json.loads(docs[client]["text"]), dict)
+
+
+def test_the_readme_shows_what_connect_prints() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Connect a client\n") :]
+    shown = section[section.index("```json\n") + 8 : section.index("\n```", section.index("```json\n"))]
+    assert json.loads(shown) == json.loads(_gen("claude-desktop", None, server="demo").text)
