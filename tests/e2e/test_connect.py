@@ -68,6 +68,16 @@ def test_a_wrong_key_in_the_printed_command_is_refused(gw: Gateway) -> None:
     assert done.stdout == "401"
 
 
+def test_remote_mode_for_a_plain_user_and_a_typo(gw: Gateway) -> None:
+    env = {**gw.world.env, "MCP_AUTHZ_KEY": gw.key("bob")}  # a user, no store or master key needed
+    base = [CLI, "--server", gw.sidecar.admin_target, "connect", "--client", "cursor", "--server-name"]
+    done = subprocess.run([*base, "github"], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["mcpServers"]["github"]["url"] == "http://127.0.0.1:10000/mcp/github"
+    typo = subprocess.run([*base, "githib"], capture_output=True, text=True, env=env, timeout=30)
+    assert (typo.returncode, typo.stdout) == (1, "") and "No server named githib" in typo.stderr, typo.stderr
+
+
 def _npx_ready() -> str | None:
     """Why mcp-remote cannot run here, or None."""
     if shutil.which("npx") is None:
