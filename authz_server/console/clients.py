@@ -45,7 +45,8 @@ _GATEWAY_URL_RE = re.compile(
     r"^(?P<scheme>https?)://(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])"
     r"(?::(?P<port>[0-9]{1,5}))?(?P<path>(?:/[A-Za-z0-9._~-]*)*)$"
 )
-_LOCAL_HOSTS = ("localhost", "127.0.0.1")  # where mcp-remote allows plain http without --allow-http
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # plain http stays on this host
+_MCP_REMOTE_HTTP_HOSTS = ("localhost", "127.0.0.1")  # where mcp-remote takes plain http without --allow-http
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class _Target:
     url: str  # the server's URL through the gateway
     key: str | None
     plain_http_remote: bool  # http:// to another host: the key would cross the network in clear text
+    allow_http: bool  # http:// where mcp-remote wants --allow-http
 
     @property
     def bearer(self) -> str:
@@ -85,7 +87,7 @@ def gateway_server_url(gateway_url: str, server: str) -> str:
             f"e.g. {DEFAULT_GATEWAY_URL} or https://gateway.example.com (no query, user info or key)."
         )
     if gateway_keys.contains_key(gateway_url):
-        raise InvalidInput("A gateway key never goes in a URL: the gateway refuses it (key_in_url).")
+        raise InvalidInput("The gateway URL holds a gateway key: leave it out, the configuration sends the key in a header.")
     return f"{gateway_url.rstrip('/')}/mcp/{server}"
 
 
@@ -95,8 +97,9 @@ def _target(gateway_url: str, server: str, key: Secret | None) -> _Target:
         raise InvalidInput("That is not a gateway key (mgw_ followed by 32 letters and digits).")
     match = _GATEWAY_URL_RE.match(gateway_url)
     assert match is not None  # checked by gateway_server_url
-    remote_http = match.group("scheme") == "http" and match.group("host") not in _LOCAL_HOSTS
-    return _Target(server, url, key.reveal() if key is not None else None, remote_http)
+    http, host = match.group("scheme") == "http", match.group("host").lower()
+    return _Target(server, url, key.reveal() if key is not None else None,
+                   http and host not in _LOOPBACK_HOSTS, http and host not in _MCP_REMOTE_HTTP_HOSTS)
 
 
 def _json(doc: dict[str, Any]) -> str:
@@ -115,7 +118,7 @@ def _claude_desktop(t: _Target) -> ClientConfig:
     # mcp-remote's documented workaround for clients that mangle spaces inside args (Cursor, Claude
     # Desktop on Windows): no space in the --header argument; the "Bearer …" value comes from env.
     args = ["-y", MCP_REMOTE, t.url, "--header", f"Authorization:${{{AUTH_ENV}}}"]
-    if t.plain_http_remote:
+    if t.allow_http:
         args.append("--allow-http")  # mcp-remote refuses plain http beyond localhost otherwise
     entry = {"command": "npx", "args": args, "env": {AUTH_ENV: t.bearer}}
     return ClientConfig(

@@ -144,6 +144,9 @@ def test_plain_http_to_another_host_warns_and_lets_mcp_remote_use_it() -> None:
     args = json.loads(_gen("claude-desktop", None, gateway="http://gateway.internal:10000").text)["mcpServers"]["demo"]["args"]
     assert args[-1] == "--allow-http"
     assert "clear text" not in _gen("cursor", None, gateway="https://gateway.internal").instruction
+    loopback6 = _gen("claude-desktop", None, gateway="http://[::1]:10000")  # on this host, but mcp-remote asks
+    assert "clear text" not in loopback6.instruction
+    assert json.loads(loopback6.text)["mcpServers"]["demo"]["args"][-1] == "--allow-http"
 
 
 @pytest.mark.parametrize("client", ["claude-code", "curl"])
