@@ -99,6 +99,8 @@ def test_every_reason_has_a_json_denial(reason: Reason) -> None:
     if status == 401:
         assert headers["www-authenticate"].startswith('Bearer realm="mcp-authz"')
         assert ("error=" in headers["www-authenticate"]) == (reason is not Reason.KEY_MISSING)
+    elif reason in (Reason.SCOPE_SERVER, Reason.SCOPE_TOOL):
+        assert 'error="insufficient_scope"' in headers["www-authenticate"]
     else:
         assert "www-authenticate" not in headers
     if reason is Reason.RATE_LIMITED:
