@@ -20,6 +20,7 @@ escaped, so nothing a client sends can add or close a parameter of the challenge
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -88,6 +89,7 @@ def not_found(server: str | None) -> dict[str, object]:
     return {"error": "not_found", "message": message}
 
 
+@functools.lru_cache(maxsize=1024)  # bounded: the host and the tool come from clients
 def challenge(info: ReasonInfo, message: str, base: str, server: str, tool: str) -> str | None:
     """The WWW-Authenticate value of a denial, or None when it has none.
 
