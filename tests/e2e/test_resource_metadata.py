@@ -65,6 +65,7 @@ async def test_no_key_is_a_401_pointing_at_metadata_that_describes_the_mcp_url(g
     params = challenge(r.headers)
     assert params == {"realm": "mcp-authz", "resource_metadata": metadata_url(gw, "linear")}  # no error: none sent
 
+    denied_before = gw.envoy.stat("http.mcp_ingress.ext_authz.denied") or 0
     followed = httpx.get(params["resource_metadata"], timeout=5)
     assert followed.status_code == 200
     assert followed.headers["content-type"] == "application/json"
@@ -74,6 +75,8 @@ async def test_no_key_is_a_401_pointing_at_metadata_that_describes_the_mcp_url(g
         "resource_name": "linear",
     }
     assert httpx.head(params["resource_metadata"], timeout=5).status_code == 200
+    # Check answers it as a denial would (Envoy forwards nothing), so Envoy counts it as one.
+    assert gw.envoy.stat("http.mcp_ingress.ext_authz.denied") == denied_before + 2
 
 
 @pytest.mark.parametrize(
