@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from authz_server.errors import Reason, ReasonInfo, redact
 from authz_server.rules import NAME_RE, TOOL_RE
@@ -80,13 +81,40 @@ def document(base: str, server: str) -> dict[str, object]:
     }
 
 
-def not_found(server: str | None) -> dict[str, object]:
-    """The 404 body for a metadata path that names no registered server."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What Check answers on the metadata route."""
+
+    status: int
+    body: Mapping[str, object] | None  # None: no body (a preflight)
+    headers: tuple[tuple[str, str], ...]
+    server: str  # a registered server's name, else "": the metric label, never what the path said
+
+
+# Browser-based MCP clients read the metadata from another origin. It is public, so any origin may
+# read it, without credentials; a preflight (the client sends MCP-Protocol-Version) is answered too.
+_CORS = (("access-control-allow-origin", "*"),)
+_METHODS = "GET, HEAD, OPTIONS"
+_PREFLIGHT = (*_CORS, ("access-control-allow-methods", _METHODS), ("access-control-allow-headers", "*"),
+              ("access-control-max-age", "86400"))  # fmt: skip
+
+
+def answer(method: str, path: str, scheme: str, host: str, serves: Callable[[str], bool]) -> Answer:
+    """The answer to a request on the metadata route; `serves` says whether a server is registered."""
+    if method == "OPTIONS":
+        return Answer(204, None, _PREFLIGHT, "")
+    if method not in ("GET", "HEAD"):
+        return Answer(405, {"error": "method_not_allowed", "message": "Use GET."}, (*_CORS, ("allow", _METHODS)), "")
+    base = origin(scheme, host)
+    if not base:
+        return Answer(400, {"error": "bad_host", "message": "The Host header is not a host name."}, _CORS, "")
+    server = server_of(path)
     if server is None:
         message = f"Protected resource metadata is per MCP server: {WELL_KNOWN}{RESOURCE_PREFIX}<server>."
-    else:
-        message = f"No MCP server '{server}' is registered."
-    return {"error": "not_found", "message": message}
+        return Answer(404, {"error": "not_found", "message": message}, _CORS, "")
+    if not serves(server):
+        return Answer(404, {"error": "not_found", "message": f"No MCP server '{server}' is registered."}, _CORS, "")
+    return Answer(200, document(base, server), _CORS, server)
 
 
 @functools.lru_cache(maxsize=1024)  # bounded: the host and the tool come from clients

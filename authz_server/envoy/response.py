@@ -133,16 +133,18 @@ def _denial(status: int, reason: str, message: str, hint: str, retry_after: int 
     return head, before, after
 
 
-def answer(status: int, body: Mapping[str, object], values: Mapping[str, str]) -> bytes:
-    """A JSON document Check answers itself, not a denial (the protected resource metadata):
-    sent as a denied_response, the only way ext_authz answers without forwarding, whatever
-    `status` (200 included). Its gRPC status is not OK, or Envoy would forward the request."""
+def answer(status: int, body: Mapping[str, object] | None, headers: tuple[tuple[str, str], ...],
+           values: Mapping[str, str]) -> bytes:  # fmt: skip
+    """A response Check gives itself, not a denial (the protected resource metadata): sent as a
+    denied_response, the only way ext_authz answers without forwarding, whatever `status` (200
+    included). Its gRPC status is not OK, or Envoy would forward the request. `body` None: none."""
+    options = [_header(n, v) for n, v in headers]
+    if body is not None:
+        options += [_header("content-type", "application/json"), _header("cache-control", "no-store")]
     response = CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=values.get("decision", "")),
         denied_response=DeniedHttpResponse(
-            status=HttpStatus(code=status),
-            headers=[_header("content-type", "application/json"), _header("cache-control", "no-store")],
-            body=json.dumps(body),
+            status=HttpStatus(code=status), headers=options, body="" if body is None else json.dumps(body)
         ),
         dynamic_metadata=_metadata(values),
     )

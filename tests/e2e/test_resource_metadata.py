@@ -69,6 +69,7 @@ async def test_no_key_is_a_401_pointing_at_metadata_that_describes_the_mcp_url(g
     followed = httpx.get(params["resource_metadata"], timeout=5)
     assert followed.status_code == 200
     assert followed.headers["content-type"] == "application/json"
+    assert followed.headers["access-control-allow-origin"] == "*"
     assert followed.json() == {
         "resource": gw.envoy.url("linear"),
         "bearer_methods_supported": ["header"],
@@ -135,6 +136,12 @@ async def test_metadata_of_what_is_not_a_registered_server_is_404(gw: Gateway) -
         assert r.headers["content-type"] == "application/json" and r.json()["error"] == "not_found"
     r = httpx.post(metadata_url(gw, "linear"), json={}, timeout=5)
     assert r.status_code == 405
+    # A browser's preflight before it reads the metadata from another origin.
+    r = httpx.options(metadata_url(gw, "linear"), timeout=5, headers={
+        "origin": "http://localhost:6274", "access-control-request-method": "GET",
+        "access-control-request-headers": "mcp-protocol-version"})  # fmt: skip
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "*"
+    assert "GET" in r.headers["access-control-allow-methods"]
     assert gw.upstream.stats()["requests"] == 0
 
 

@@ -213,6 +213,7 @@ def world() -> tuple[AuthorizationServicer, metrics_module.Metrics]:
         ("/.well-known/oauth-protected-resource/mcp/nope", "GET", "gw.example.com", 404, "not_found"),
         ("/.well-known/oauth-protected-resource", "GET", "gw.example.com", 404, "not_found"),
         ("/.well-known/oauth-protected-resource/mcp/github", "POST", "gw.example.com", 405, "method_not_allowed"),
+        ("/.well-known/oauth-protected-resource/mcp/github", "OPTIONS", "gw.example.com", 204, None),
         ("/.well-known/oauth-protected-resource/mcp/github", "GET", 'x"y', 400, "bad_host"),
     ],
 )
@@ -224,10 +225,16 @@ def test_the_metadata_route_is_answered_by_check(
     r = _ask(servicer, _metadata_request(path, host, method))
     assert r.status.code != code_pb2.OK  # never forwarded
     assert r.denied_response.status.code == status
+    headers = {h.header.key: h.header.value for h in r.denied_response.headers}
+    assert headers["access-control-allow-origin"] == "*"  # public: browser-based clients may read it
+    if status == 204:
+        assert r.denied_response.body == "" and "content-type" not in headers
+        assert headers["access-control-allow-methods"] == "GET, HEAD, OPTIONS"
+        assert headers["access-control-allow-headers"] == "*"
+        return
     body = json.loads(r.denied_response.body)
     if error:
         assert body["error"] == error and body["message"]
-    headers = {h.header.key: h.header.value for h in r.denied_response.headers}
     assert headers["content-type"] == "application/json"
     assert r.dynamic_metadata.fields["decision"].string_value == rm.METADATA_ROUTE  # no usage record
 
