@@ -156,4 +156,5 @@ def quoted(value: str) -> str:
 
 
 def is_metadata_route(context_extensions: Mapping[str, str]) -> bool:
+    """Whether Envoy sent this Check from the metadata route (set there only, by envoy.yaml)."""
     return context_extensions.get(ROUTE_EXTENSION, "") == METADATA_ROUTE
