@@ -129,13 +129,17 @@ def challenge(info: ReasonInfo, message: str, base: str, server: str, tool: str)
         return None
     params: list[tuple[str, str]] = [("realm", REALM)]
     if error:
-        params += [("error", error), ("error_description", message)]
+        params.append(("error", error))
     if error == "insufficient_scope":
         scope = _needed_scope(info.reason, server, tool)
         if scope:
             params.append(("scope", scope))
     if base and NAME_RE.match(server):
         params.append(("resource_metadata", metadata_url(base, server)))
+    if error:
+        # Last: the one free text. Clients that take the first `name=` match (the MCP SDKs do)
+        # then find the real scope and metadata URL before anything a message could hold.
+        params.append(("error_description", message))
     return "Bearer " + ", ".join(f"{name}={quoted(value)}" for name, value in params)
 
 

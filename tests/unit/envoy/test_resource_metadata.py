@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
@@ -146,6 +147,20 @@ def test_a_tool_name_cannot_inject_into_the_challenge(tool: str) -> None:
     assert got["resource_metadata"] == META
     assert set(got) == {"realm", "error", "error_description", "scope", "resource_metadata"}
     assert all(" " <= c <= "~" for c in value)  # a header value: no control characters, no non-ASCII
+
+
+def test_the_free_text_comes_last_so_first_match_parsers_read_the_real_parameters() -> None:
+    """The MCP SDK takes the first `scope=` and `resource_metadata=` it finds: a message quoting them
+    (escaped) must not come first."""
+    message = 'x", scope="evil", resource_metadata="https://evil'
+    value = rm.challenge(REASONS[Reason.SCOPE_SERVER], message, BASE, "github", "") or ""
+    from mcp.client.auth.utils import extract_field_from_www_auth
+
+    response = SimpleNamespace(headers={"WWW-Authenticate": value})  # all the SDK's parser reads
+    assert extract_field_from_www_auth(response, "scope") == "github"  # type: ignore[arg-type]
+    assert extract_field_from_www_auth(response, "resource_metadata") == META  # type: ignore[arg-type]
+    assert extract_field_from_www_auth(response, "error") == "insufficient_scope"  # type: ignore[arg-type]
+    assert params(value)["error_description"] == message
 
 
 def test_a_key_sent_as_a_tool_name_is_never_a_scope() -> None:
