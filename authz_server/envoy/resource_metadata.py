@@ -78,6 +78,7 @@ def document(base: str, server: str) -> dict[str, object]:
         "resource": resource_url(base, server),
         "bearer_methods_supported": ["header"],
         "resource_name": server,
+        "scopes_supported": [server],  # the whole server, as a 401's challenge asks for it
     }
 
 
@@ -121,16 +122,18 @@ def answer(method: str, path: str, scheme: str, host: str, serves: Callable[[str
 def challenge(info: ReasonInfo, message: str, base: str, server: str, tool: str) -> str | None:
     """The WWW-Authenticate value of a denial, or None when it has none.
 
-    A 401 says `invalid_token` when a key was presented and refused (not when none was); a
-    scope refusal (403) says `insufficient_scope` and the scope that would allow the call. Both
-    carry `resource_metadata` when the server and the client's host are known."""
+    A 401 says `invalid_token` when a key was presented and refused (not when none was), and
+    the scope that covers the server (the specification's SHOULD); a scope refusal (403) says
+    `insufficient_scope` and the scope that would allow the call. Both carry `resource_metadata`
+    when the server and the client's host are known. Scopes are written as key scope entries:
+    `server`, `server:tool`."""
     error = info.bearer_error
     if info.status != 401 and not error:
         return None
     params: list[tuple[str, str]] = [("realm", REALM)]
     if error:
         params.append(("error", error))
-    if error == "insufficient_scope":
+    if info.status == 401 or error == "insufficient_scope":
         scope = _needed_scope(info.reason, server, tool)
         if scope:
             params.append(("scope", scope))
@@ -144,7 +147,8 @@ def challenge(info: ReasonInfo, message: str, base: str, server: str, tool: str)
 
 
 def _needed_scope(reason: Reason, server: str, tool: str) -> str:
-    """The key scope entry (as `mcp-authz keys create --scope` takes it) that would allow the call."""
+    """The key scope entry (as `mcp-authz keys create --scope` takes it) that would allow the call:
+    the server's, or for a refused tool that tool's, when it can be named."""
     if not NAME_RE.match(server):
         return ""
     named = reason is Reason.SCOPE_TOOL and TOOL_RE.match(tool) and redact(tool) == tool  # never a key as a tool

@@ -63,7 +63,8 @@ async def test_no_key_is_a_401_pointing_at_metadata_that_describes_the_mcp_url(g
     r = await post_initialize(gw.envoy.url("linear"))
     assert r.status == 401 and r.body["error"]["data"]["reason"] == "key_missing"
     params = challenge(r.headers)
-    assert params == {"realm": "mcp-authz", "resource_metadata": metadata_url(gw, "linear")}  # no error: none sent
+    # No error (no key was sent); the scope that covers the server, and where its metadata is.
+    assert params == {"realm": "mcp-authz", "scope": "linear", "resource_metadata": metadata_url(gw, "linear")}
 
     denied_before = gw.envoy.stat("http.mcp_ingress.ext_authz.denied") or 0
     followed = httpx.get(params["resource_metadata"], timeout=5)
@@ -74,6 +75,7 @@ async def test_no_key_is_a_401_pointing_at_metadata_that_describes_the_mcp_url(g
         "resource": gw.envoy.url("linear"),
         "bearer_methods_supported": ["header"],
         "resource_name": "linear",
+        "scopes_supported": ["linear"],
     }
     assert httpx.head(params["resource_metadata"], timeout=5).status_code == 200
     # Check answers it as a denial would (Envoy forwards nothing), so Envoy counts it as one.
@@ -98,7 +100,7 @@ async def test_a_refused_key_is_invalid_token_and_the_body_still_says_why(
     assert params["error"] == "invalid_token"
     assert params["error_description"] == r.body["error"]["message"]
     assert params["resource_metadata"] == metadata_url(gw, "linear")
-    assert "scope" not in params
+    assert params["scope"] == "linear"
     assert gw.upstream.stats()["requests"] == 0
 
 

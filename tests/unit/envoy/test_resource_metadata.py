@@ -82,6 +82,7 @@ def test_the_document_names_the_resource_the_client_reached() -> None:
         "resource": "https://gw.example.com/mcp/github",
         "bearer_methods_supported": ["header"],
         "resource_name": "github",
+        "scopes_supported": ["github"],
     }
     assert "authorization_servers" not in doc  # none until the gateway has one; never an invented one
     assert rm.metadata_url("https://gw.example.com", "github") == (
@@ -96,13 +97,13 @@ META = f"{BASE}/.well-known/oauth-protected-resource/mcp/github"
 @pytest.mark.parametrize(
     ("reason", "tool", "expected"),
     [
-        (Reason.KEY_MISSING, "", {"realm": "mcp-authz", "resource_metadata": META}),
+        (Reason.KEY_MISSING, "", {"realm": "mcp-authz", "scope": "github", "resource_metadata": META}),
         (Reason.KEY_UNKNOWN, "", {"realm": "mcp-authz", "error": "invalid_token",
                                   "error_description": REASONS[Reason.KEY_UNKNOWN].message,
-                                  "resource_metadata": META}),
-        (Reason.KEY_REVOKED, "", {"realm": "mcp-authz", "error": "invalid_token",
-                                  "error_description": REASONS[Reason.KEY_REVOKED].message,
-                                  "resource_metadata": META}),
+                                  "scope": "github", "resource_metadata": META}),
+        (Reason.KEY_REVOKED, "x", {"realm": "mcp-authz", "error": "invalid_token",
+                                   "error_description": REASONS[Reason.KEY_REVOKED].message,
+                                   "scope": "github", "resource_metadata": META}),
         (Reason.SCOPE_TOOL, "create_issue", {"realm": "mcp-authz", "error": "insufficient_scope",
                                              "error_description": REASONS[Reason.SCOPE_TOOL].message,
                                              "scope": "github:create_issue", "resource_metadata": META}),
@@ -129,7 +130,7 @@ def test_other_denials_carry_no_challenge(reason: Reason) -> None:
 
 def test_without_a_known_host_or_server_the_challenge_has_no_metadata_url() -> None:
     info = REASONS[Reason.KEY_MISSING]
-    assert params(rm.challenge(info, "", "", "github", "") or "") == {"realm": "mcp-authz"}
+    assert params(rm.challenge(info, "", "", "github", "") or "") == {"realm": "mcp-authz", "scope": "github"}
     assert params(rm.challenge(info, "", BASE, "", "") or "") == {"realm": "mcp-authz"}
     assert params(rm.challenge(info, "", BASE, 'x", error="y', "") or "") == {"realm": "mcp-authz"}
 
@@ -281,5 +282,5 @@ def test_a_refused_key_on_an_mcp_route_points_at_the_metadata(
     (challenge,) = [h.header.value for h in answer.denied_response.headers if h.header.key == "www-authenticate"]
     assert params(challenge) == {
         "realm": "mcp-authz", "error": "invalid_token", "error_description": REASONS[Reason.KEY_MALFORMED].message,
-        "resource_metadata": "https://gw.example.com/.well-known/oauth-protected-resource/mcp/github",
+        "scope": "github", "resource_metadata": "https://gw.example.com/.well-known/oauth-protected-resource/mcp/github",
     }  # fmt: skip
