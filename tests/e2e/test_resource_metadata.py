@@ -186,6 +186,7 @@ async def test_the_sdk_oauth_provider_reads_the_challenge_and_our_metadata(gw: G
     resource matches the URL it connects to."""
     import httpx2
     from mcp.client.auth import OAuthClientProvider, OAuthFlowError, OAuthRegistrationError, TokenStorage
+    from mcp.shared.auth_utils import check_resource_allowed, resource_url_from_server_url
     from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken, ProtectedResourceMetadata
     from pydantic import ValidationError
 
@@ -239,4 +240,6 @@ async def test_the_sdk_oauth_provider_reads_the_challenge_and_our_metadata(gw: G
         {**httpx.get(metadata_url(gw, "linear"), timeout=5).json(), "authorization_servers": ["https://as.example"]}
     )
     assert str(with_server.resource) == server_url
+    # The SDK's own RFC 8707 check of the resource against the URL it connects to.
+    assert check_resource_allowed(resource_url_from_server_url(server_url), str(with_server.resource))
     assert with_server.bearer_methods_supported == ["header"]
