@@ -51,6 +51,7 @@ from authz_server.admin.views import (
     ServerView, TeamView, UsageView,
 )  # fmt: skip
 from authz_server.config import Settings, TlsFiles, is_local, parse_hostport, read_pem
+from authz_server.console import clients
 from authz_server.crypto import keys as gateway_keys
 from authz_server.crypto.cipher import (
     ENV_KEY, ENV_KEY_FILE, Keyring, load_keyring, read_key_file, replace_key_file, spec_activating,
@@ -364,15 +365,21 @@ async def _admin_session(ctx: _Context) -> AsyncIterator[tuple[AdminOps, Actor]]
         async with _local_store(ctx) as (store, keyring):
             yield _service(store, keyring, ctx.settings), Actor.operator()
         return
-    key = ctx.env.get(ENV_GATEWAY_KEY, "").strip()
-    if not key:
-        raise ConfigError(f"Remote mode needs your gateway key in ${ENV_GATEWAY_KEY} (never on the command line).")
-    if not gateway_keys.looks_like_key(key):
-        raise ConfigError(f"${ENV_GATEWAY_KEY} does not hold a gateway key (mgw_ followed by 32 letters and digits).")
+    key = _env_gateway_key(ctx.env, "Remote mode")
     from authz_server.admin.remote import RemoteAdmin  # gRPC only for remote mode
 
-    async with RemoteAdmin(ctx.remote, Secret(key), tls=ctx.remote_tls, ca=ctx.remote_ca) as remote:
+    async with RemoteAdmin(ctx.remote, key, tls=ctx.remote_tls, ca=ctx.remote_ca) as remote:
         yield remote, Actor.key_holder()
+
+
+def _env_gateway_key(env: dict[str, str], who: str) -> Secret:
+    """The caller's gateway key, from $MCP_AUTHZ_KEY only: a key on a command line leaks into shell history."""
+    key = env.get(ENV_GATEWAY_KEY, "").strip()
+    if not key:
+        raise ConfigError(f"{who} needs your gateway key in ${ENV_GATEWAY_KEY} (never on the command line).")
+    if not gateway_keys.looks_like_key(key):
+        raise ConfigError(f"${ENV_GATEWAY_KEY} does not hold a gateway key (mgw_ followed by 32 letters and digits).")
+    return Secret(key)
 
 
 def _local_only(args: argparse.Namespace, what: str) -> None:
@@ -771,6 +778,25 @@ async def _backup(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered
     text = (f"Backed up {source} to {a.out} ({size} bytes, mode 0600). It is useless without the master key "
             f"({key_file}), and with it anyone can read every credential: keep the two apart, both safe.")
     return Rendered({"store": str(source), "backup": a.out, "bytes": size}, text)
+
+
+# --- connect: client configuration (README, "Connect a client") ---
+ENV_GATEWAY_URL = "MCP_AUTHZ_GATEWAY_URL"  # the gateway's base URL, as clients reach it
+
+
+async def _connect(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
+    env = dict(os.environ)
+    gateway = a.gateway_url or env.get(ENV_GATEWAY_URL) or clients.DEFAULT_GATEWAY_URL
+    key = _env_gateway_key(env, "--key-from-env") if a.key_from_env else None
+    configs = [clients.generate(gateway, a.server_name, c, key) for c in ([a.client] if a.client else clients.CLIENTS)]
+    await admin.server_form(me, a.server_name)  # any principal may: an unknown server is NOT_FOUND
+    doc = {c.client: c.to_json() for c in configs}
+    if a.client:  # exactly the text, ready to paste or pipe; what to do with it goes to stderr
+        if not getattr(a, "json", False):
+            print(configs[0].instruction, file=sys.stderr)
+        return Rendered(doc, configs[0].text.rstrip("\n"))
+    blocks = [f"== {c.title}" + (f": {c.file}" if c.file else "") + f" ==\n{c.instruction}\n\n{c.text}" for c in configs]
+    return Rendered(doc, "\n".join(blocks).rstrip("\n"))
 
 
 async def _audit_query(admin: AdminOps, me: Actor, a: argparse.Namespace) -> Rendered:
@@ -1514,6 +1540,14 @@ def build_parser() -> argparse.ArgumentParser:
     server_name(p, True)
 
     leaf(sub, "whoami", "show who the gateway key in $MCP_AUTHZ_KEY is (remote mode)", _run_managed(_whoami))
+    p = leaf(sub, "connect", "print ready-to-paste MCP client configuration for a server behind the gateway",
+             _run_managed(_connect))
+    server_name(p, True)
+    p.add_argument("--client", choices=clients.CLIENTS, help="only this client, its text alone (default: all)")
+    p.add_argument("--gateway-url", metavar="URL",
+                   help=f"the gateway's base URL (default: ${ENV_GATEWAY_URL}, else {clients.DEFAULT_GATEWAY_URL})")
+    p.add_argument("--key-from-env", action="store_true",
+                   help=f"fill in your gateway key from ${ENV_GATEWAY_KEY} (default: a placeholder)")
     leaf(sub, "backup", "copy the SQLite store to a new file (0600) while sidecars run",
          _run_managed(_backup, local_only="backup")).add_argument("out", metavar="FILE")  # fmt: skip
 

@@ -100,6 +100,15 @@ class ReasonInfo:
         """The JSON-RPC error code of the denial's body."""
         return _BY_STATUS[self.status][1]
 
+    @property
+    def bearer_error(self) -> str:
+        """The RFC 6750 error code of its WWW-Authenticate challenge: `invalid_token` for a refused
+        key, `insufficient_scope` for a key scoped elsewhere, "" for none (every 401 is challenged,
+        envoy/resource_metadata.py)."""
+        if self.status == 401:
+            return "" if self.reason is Reason.KEY_MISSING else "invalid_token"
+        return "insufficient_scope" if self.reason in (Reason.SCOPE_SERVER, Reason.SCOPE_TOOL) else ""
+
 
 _KEY_HINT = "Send a gateway key as 'Authorization: Bearer mgw_…', in the x-api-key header, or as a path segment."
 _ASK_FOR_KEY = "Ask an administrator for a key."

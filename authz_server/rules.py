@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import re
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")  # \Z: `$` also matches before a final newline
 """Names of teams, principals and servers: lowercase, URL- and header-safe."""
 
-TOOL_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
+TOOL_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}\Z")
 """An MCP tool name as scopes, filters and messages may name it: letters, digits, '_', '-', '.', '/'."""
 
 PLACEHOLDER_NAME_MAX = 64
 _PLACEHOLDER_NAME = rf"[A-Z][A-Z0-9_]{{0,{PLACEHOLDER_NAME_MAX - 1}}}"
-PLACEHOLDER_NAME_RE = re.compile(rf"^{_PLACEHOLDER_NAME}$")
+PLACEHOLDER_NAME_RE = re.compile(rf"^{_PLACEHOLDER_NAME}\Z")
 """A placeholder's name: a capital letter, then capitals, digits and '_', at most 64 in all."""
 PLACEHOLDER_RE = re.compile(rf"\{{\{{\s*({_PLACEHOLDER_NAME})\s*\}}\}}")
 """`{{API_KEY}}` in a header template; group 1 is the name."""

@@ -111,6 +111,8 @@ def to_input(request: CheckRequest) -> CheckInput:
         source_ip=attrs.source.address.socket_address.address,
         mcp_method=mcp_method,
         tool=tool,
+        host=http.host,
+        scheme=http.scheme,
     )
 
 

@@ -23,6 +23,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
+from authz_server.envoy import resource_metadata
 from authz_server.errors import REASONS, Denied
 from authz_server.pipeline.types import Decision
 
@@ -76,14 +77,21 @@ def _request_part(headers: tuple[tuple[str, str], ...], metadata: Mapping[str, s
 RPC_ERROR_CODE = {info.status: info.rpc_error_code for info in REASONS.values()}
 
 
-def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "") -> bytes:
+def deny(denied: Denied, request_id: str, server: str = "", tool: str = "", mcp_method: str = "",
+         origin: str = "") -> bytes:  # fmt: skip
     """A JSON-RPC error body an MCP client can show. Nothing in it comes from the request but the request id.
 
     Like an allow, two concatenated parts: the status, headers and body template of
-    this kind of denial (built once), then this request's body and metadata."""
+    this kind of denial (built once), then this request's body, metadata and Bearer challenge
+    (resource_metadata.challenge: it names the URL the client reached, `origin`)."""
     head, body_before, body_after = _denial(denied.status, denied.reason, denied.message, denied.hint, denied.retry_after)
     response = CheckResponse()
     response.denied_response.body = body_before + json.dumps(request_id) + body_after
+    challenge = resource_metadata.challenge(denied.info, denied.message, origin, denied.server or server, tool)
+    if challenge is not None:
+        option = response.denied_response.headers.add(append_action=_OVERWRITE)
+        option.header.key = "www-authenticate"
+        option.header.value = challenge
     fields = response.dynamic_metadata.fields
     for key, text in (
         ("principal_id", denied.principal_id),
@@ -116,11 +124,6 @@ def _denial(status: int, reason: str, message: str, hint: str, retry_after: int 
     }
     before, _, after = json.dumps(body).partition(json.dumps(_REQUEST_ID_SLOT))
     headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
-    if status == 401:
-        challenge = 'Bearer realm="mcp-authz"'
-        if reason != "key_missing":
-            challenge += f', error="invalid_token", error_description="{message}"'
-        headers.append(_header("www-authenticate", challenge))
     if retry_after is not None:
         headers.append(_header("retry-after", str(retry_after)))
     head = CheckResponse(
@@ -128,3 +131,22 @@ def _denial(status: int, reason: str, message: str, hint: str, retry_after: int 
         denied_response=DeniedHttpResponse(status=HttpStatus(code=status), headers=headers),
     ).SerializeToString()
     return head, before, after
+
+
+def answer(status: int, body: Mapping[str, object] | None, headers: tuple[tuple[str, str], ...],
+           values: Mapping[str, str]) -> bytes:  # fmt: skip
+    """A response Check gives itself, not a denial (the protected resource metadata): sent as a
+    denied_response, the only way ext_authz answers without forwarding, whatever `status` (200
+    included). Its gRPC status is not OK, or Envoy would forward the request. `body` None: none."""
+    options = [_header(n, v) for n, v in headers]
+    if body is not None:
+        options += [_header("content-type", "application/json"), _header("cache-control", "no-store")]
+    response = CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=values.get("decision", "")),
+        denied_response=DeniedHttpResponse(
+            status=HttpStatus(code=status), headers=options, body="" if body is None else json.dumps(body)
+        ),
+        dynamic_metadata=_metadata(values),
+    )
+    serialized: bytes = response.SerializeToString()
+    return serialized

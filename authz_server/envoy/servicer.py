@@ -7,6 +7,9 @@ not read (envoy/request.py `parse`) is answered too: without its metadata, decid
 request whose tool is unknown; not at all, a 400 `request_unreadable`. Both are logged
 (sampled) with the size and the cause, never the bytes.
 
+On the protected resource metadata route (envoy/resource_metadata.py) Check answers the
+metadata itself, from the live tables, and decides nothing.
+
 `check` runs on the core loop's thread (envoy/core_loop.py) and hands the
 response, already serialized, to `respond`. It never blocks: a key on its first
 use is decided again on the hashing thread once Argon2 is done.
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
 
 from authz_server.envoy import request as request_translator
+from authz_server.envoy import resource_metadata
 from authz_server.envoy import response as response_translator
 from authz_server.envoy.core_loop import Respond
 from authz_server.envoy.health import Health
@@ -76,6 +80,9 @@ class AuthorizationServicer:
                 self._metrics.observe_check("deny", Reason.NOT_READY.value, _server(inp), time.perf_counter() - started)
                 respond(None)
                 return
+            if resource_metadata.is_metadata_route(inp.context_extensions):
+                self._resource_metadata(inp, respond, started)
+                return
             decision = self._pipeline.decide(inp)
             response = response_translator.allow(decision)
         except Pending as pending:
@@ -92,6 +99,15 @@ class AuthorizationServicer:
         self._last_used.mark(decision.key_id, time.time())
         self._metrics.observe_check("allow", "", decision.server, time.perf_counter() - started)
         respond(response)
+
+    def _resource_metadata(self, inp: CheckInput, respond: Respond, started: float) -> None:
+        """Answer a request on the protected resource metadata route (envoy/resource_metadata.py)
+        from the live tables; recorded with the status as its reason ("" when it succeeded)."""
+        got = resource_metadata.answer(inp.method, inp.path, inp.scheme, inp.host, self._pipeline.serves)
+        self._metrics.observe_check(resource_metadata.METADATA_ROUTE, "" if got.status < 300 else str(got.status),
+                                    got.server, time.perf_counter() - started)  # fmt: skip
+        values = {"decision": resource_metadata.METADATA_ROUTE, "server": got.server}
+        respond(response_translator.answer(got.status, got.body, got.headers, values))
 
     def _resume(
         self, verification: Future[bool], request: CheckRequest, respond: Respond, started: float, inp: CheckInput | None
@@ -150,8 +166,9 @@ class AuthorizationServicer:
                 extra["not_logged_before"] = skipped  # same reason, over the per-second log budget
             log.info("denied", extra=extra)
         return response_translator.deny(
-            denied, request_id, server, inp.tool if inp else "", inp.mcp_method if inp else ""
-        )
+            denied, request_id, server, inp.tool if inp else "", inp.mcp_method if inp else "",
+            resource_metadata.origin(inp.scheme, inp.host) if inp else "",
+        )  # fmt: skip
 
 
 def _server(inp: CheckInput | None) -> str:

@@ -39,6 +39,10 @@ class Pipeline:
         self._clock = clock
         self._grants = GrantCache()
 
+    def serves(self, server: str) -> bool:
+        """Whether `server` is a registered MCP server (its protected resource metadata exists)."""
+        return server in self._state.servers
+
     def decide(self, inp: CheckInput) -> Decision:
         """Return the allow decision, or raise Denied with principal/key/server filled in when known."""
         version = self._state.version  # read first: a change while deciding leaves the grant stale, not wrong

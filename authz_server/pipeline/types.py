@@ -23,6 +23,8 @@ class CheckInput:
     source_ip: str = ""
     mcp_method: str = ""  # JSON-RPC method, when Envoy's MCP filter supplies it
     tool: str = ""  # tools/call tool name, when known
+    host: str = ""  # the Host (:authority) the client sent
+    scheme: str = ""  # "http" or "https", as Envoy's listener received the request
 
 
 @dataclass(frozen=True, slots=True)

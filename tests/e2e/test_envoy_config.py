@@ -248,6 +248,9 @@ def test_snippet_parses_and_matches_the_shipped_config() -> None:
     (fields,) = [f for f in _hcm(shipped)["http_filters"] if f["name"] == ADMIN_JSON_FILTER]
     assert snippet["admin_api_filter"] == [fields, transcoder_filter(_hcm(shipped))]
     assert snippet["admin_api_route"] == [admin_route(_hcm(shipped))]
+    (metadata_route,) = [r for r in _hcm(shipped)["route_config"]["virtual_hosts"][0]["routes"]
+                         if r["name"] == "resource_metadata"]  # fmt: skip
+    assert snippet["resource_metadata_route"] == [metadata_route]
     assert snippet["admin_api_cluster"] == [cluster(shipped, AUTHZ_ADMIN_CLUSTER)]
     assert snippet["console_route"] == [console_route(_hcm(shipped))]
     assert snippet["console_cluster"] == [cluster(shipped, AUTHZ_CONSOLE_CLUSTER)]
@@ -322,7 +325,8 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
     rendered, shipped = load(path), load(SHIPPED_ENVOY_YAML)
 
     routes = _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["name"] for r in routes] == [ADMIN_ROUTE, CONSOLE_ROUTE, "mcp_demo", "mcp_github", "mcp_linear", "not_found"]
+    assert [r["name"] for r in routes] == [ADMIN_ROUTE, CONSOLE_ROUTE, "resource_metadata", "mcp_demo", "mcp_github",
+                                           "mcp_linear", "not_found"]  # fmt: skip
     assert routes[0] == admin_route(_hcm(shipped)) and routes[1] == console_route(_hcm(shipped))
     for route, name in zip(routes[2:], ["demo", "github", "linear"], strict=False):
         assert route["match"] == {"path_separated_prefix": f"/mcp/{name}"}

@@ -190,6 +190,15 @@ def _windows(failures: list[tuple[float, str]]) -> list[str]:
     return [f"{len(b)} x {sorted({s for _, s in b})} from {b[0][0]:.2f} to {b[-1][0]:.2f} s" for b in bursts]
 
 
+def audit_matches_denials(audit: tuple[int, int], denied: int, envoy: EnvoyProcess) -> bool:
+    """Every denial has its authentication-failure audit event (`audit`: rows, distinct request
+    ids). A request may have more than one only where Envoy asked again (ext_authz's retry policy:
+    each Check answered is audited), never more than Envoy's retry count allows."""
+    rows, distinct = audit
+    retried = envoy.stat(f"cluster.{AUTHZ_CLUSTER}.upstream_rq_retry") or 0
+    return distinct == denied and denied <= rows <= denied + retried
+
+
 @dataclass
 class Restart:
     signalled: float  # seconds since the load started

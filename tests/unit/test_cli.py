@@ -504,6 +504,50 @@ def test_operation_errors_exit_1(ready: Cli) -> None:
         assert rec.out == ""
 
 
+# --- connect ---------------------------------------------------------------------------------------
+
+
+def test_connect_prints_every_client_or_one_ready_to_paste(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = ready
+    docs = run.json("connect", "--server-name", "github")
+    assert list(docs) == ["claude-desktop", "cursor", "vscode", "claude-code", "curl"]
+    cursor = json.loads(docs["cursor"]["text"])["mcpServers"]["github"]
+    assert cursor == {"url": "http://127.0.0.1:10000/mcp/github", "headers": {"Authorization": "Bearer <YOUR_GATEWAY_KEY>"}}
+    everything = run("connect", "--server-name", "github")
+    assert everything.code == 0 and everything.out.count("== ") == 5 and "mgw_" not in everything.out.replace("(mgw_…)", "")
+
+    monkeypatch.setenv("MCP_AUTHZ_GATEWAY_URL", "https://gw.example.com")
+    one = run("connect", "--server-name", "github", "--client", "claude-code")
+    assert one.code == 0 and one.out == ("claude mcp add --transport http github https://gw.example.com/mcp/github "
+                                         "--header 'Authorization: Bearer <YOUR_GATEWAY_KEY>'\n")  # fmt: skip
+    assert "Replace <YOUR_GATEWAY_KEY>" in one.err
+    flag = run("connect", "--server-name", "github", "--client", "curl", "--gateway-url", "http://127.0.0.1:8080")
+    assert "http://127.0.0.1:8080/mcp/github" in flag.out
+
+    key = "mgw_" + "K" * 32
+    monkeypatch.setenv("MCP_AUTHZ_KEY", key)  # not remote mode: no --server, no $MCP_AUTHZ_SERVER
+    filled = run("connect", "--server-name", "github", "--client", "cursor", "--key-from-env")
+    filled.issued.append(key)  # the caller's own key, asked for
+    assert filled.code == 0 and json.loads(filled.out)["mcpServers"]["github"]["headers"]["Authorization"] == f"Bearer {key}"
+
+
+def test_connect_refuses_clearly(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = ready
+    for argv, code, message in [
+        (["--server-name", "githb"], 1, "No server named githb."),
+        (["--server-name", "Git Hub"], 1, "server name is invalid"),
+        (["--server-name", "github", "--gateway-url", "http://gw/$(id)"], 1, "The gateway URL must be"),
+        (["--server-name", "github", "--key-from-env"], 2, "--key-from-env needs your gateway key in $MCP_AUTHZ_KEY"),
+        (["--server-name", "github", "--client", "emacs"], 2, "invalid choice"),
+    ]:
+        rec = run("connect", *argv)
+        assert (rec.code, rec.out) == (code, ""), argv
+        assert message in rec.err, rec.err
+    monkeypatch.setenv("MCP_AUTHZ_KEY", "ghp_notagatewaykey")
+    rec = run("connect", "--server-name", "github", "--key-from-env")
+    assert rec.code == 2 and "does not hold a gateway key" in rec.err and "ghp_" not in rec.err
+
+
 # --- argument parsing helpers ----------------------------------------------------------------------
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -22,6 +22,7 @@ BEARER = ["Authorization: Bearer {{API_KEY}}"]
     [
         ("GitHub", "shared", BEARER, set(), "server name is invalid"),
         ("-gh", "shared", BEARER, set(), "server name is invalid"),
+        ("gh\n", "shared", BEARER, set(), "server name is invalid"),  # `$` alone would let a final newline in
         ("gh", "oauth", BEARER, set(), "mode must be none, shared or individual"),
         ("gh", "none", BEARER, set(), "none mode injects no credentials"),
         ("gh", "none", [], {"API_KEY"}, "no placeholders to make optional"),

@@ -50,6 +50,7 @@ def test_access_log_entry_becomes_a_usage_record() -> None:
 def test_entries_check_never_decided_on_are_not_attributed() -> None:
     assert to_usage(_entry(None)) is None
     assert to_usage(_entry({"other": "x"})) is None
+    assert to_usage(_entry({"decision": "resource_metadata", "server": "github"})) is None  # metadata, no MCP call
 
 
 def _stream(access_log: AccessLog, entries: list[HTTPAccessLogEntry]) -> None:

@@ -15,6 +15,7 @@ def _check_request(with_mcp: bool = False, **mcp_extra: object) -> CheckRequest:
     http.method = "POST"
     http.path = "/mcp/github?x=1"
     http.id = "14281444534026025030"  # Envoy's stream id, not the request id
+    http.host, http.scheme = "gw.example.com:8443", "https"
     http.headers["x-request-id"] = "rid-7"
     http.headers["authorization"] = "Bearer mgw_x"
     r.attributes.context_extensions["mcp_server"] = "github"
@@ -33,6 +34,7 @@ def test_request_translation() -> None:
     assert inp.headers["authorization"] == "Bearer mgw_x"
     assert inp.context_extensions["mcp_server"] == "github"
     assert (inp.mcp_method, inp.tool) == ("", "")
+    assert (inp.host, inp.scheme) == ("gw.example.com:8443", "https")  # what the Bearer challenge names
 
 
 def test_request_translation_reads_mcp_filter_metadata() -> None:
