@@ -328,7 +328,7 @@ def test_rendered_config_has_one_route_per_server_and_validates(tmp_path: Path) 
     assert [r["name"] for r in routes] == [ADMIN_ROUTE, CONSOLE_ROUTE, "resource_metadata", "mcp_demo", "mcp_github",
                                            "mcp_linear", "not_found"]  # fmt: skip
     assert routes[0] == admin_route(_hcm(shipped)) and routes[1] == console_route(_hcm(shipped))
-    for route, name in zip(routes[2:], ["demo", "github", "linear"], strict=False):
+    for route, name in zip(routes[3:], ["demo", "github", "linear"], strict=False):
         assert route["match"] == {"path_separated_prefix": f"/mcp/{name}"}
         ext = route["typed_per_filter_config"][EXT_AUTHZ_FILTER]["check_settings"]["context_extensions"]
         assert ext == {"mcp_server": name}
