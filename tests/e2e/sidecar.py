@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -25,7 +26,17 @@ from authz_server.crypto.keys import KeyHasher
 from authz_server.models import AuthMode, Role
 from authz_server.store import open_store
 
-from .harness import LOOPBACK, EnvoyProcess, ExampleServer, ManagedProcess, _spawn, free_port, wait_until
+from .harness import (
+    LOOPBACK,
+    EnvoyProcess,
+    ExampleServer,
+    ManagedProcess,
+    _spawn,
+    free_port,
+    run_envoy,
+    run_example_server,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "mcp-authz")
@@ -192,3 +203,21 @@ class Gateway:
 
     def bearer(self, who: str) -> dict[str, str]:
         return {"authorization": f"Bearer {self.world.keys[who]}"}
+
+
+G = TypeVar("G", bound=Gateway)
+
+
+@contextmanager
+def run_gateway(tmp: Path, servers: Sequence[str], kind: type[G] = Gateway) -> Iterator[G]:  # type: ignore[assignment]
+    """A seeded world in `tmp`, its sidecar, the example MCP server, and Envoy routing `servers`
+    (the admin API and the console aimed at the sidecar too), as a `kind` (Gateway or a test's own
+    subclass); all stopped on exit."""
+    world = seed_world(tmp / "world")
+    with ExitStack() as stop:
+        sidecar = stop.enter_context(run_sidecar(world))
+        upstream = stop.enter_context(run_example_server(tmp))
+        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port,
+                                             authz_admin_port=sidecar.admin_port, console_port=sidecar.console_port,
+                                             servers=servers))  # fmt: skip
+        yield kind(world, sidecar, upstream, envoy)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
@@ -17,8 +16,8 @@ import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from .harness import parse_tool_result, run_envoy, run_example_server
-from .sidecar import CLI, GITHUB_ALICE, Gateway, run_sidecar, seed_world
+from .harness import parse_tool_result
+from .sidecar import CLI, GITHUB_ALICE, Gateway, run_gateway
 
 pytestmark = pytest.mark.e2e
 MCP_REMOTE = "mcp-remote@0.1.38"  # pinned: the test runs the package, the printed configuration names it unpinned
@@ -27,14 +26,8 @@ MCP_REMOTE_TIMEOUT = 120  # seconds, the first npx install included
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("connect")
-    world = seed_world(tmp / "world")
-    with ExitStack() as stop:
-        sidecar = stop.enter_context(run_sidecar(world))
-        upstream = stop.enter_context(run_example_server(tmp))
-        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port,
-                                             servers=("github",)))  # fmt: skip
-        yield Gateway(world, sidecar, upstream, envoy)
+    with run_gateway(tmp_path_factory.mktemp("connect"), ("github",)) as gateway:
+        yield gateway
 
 
 def connect(gw: Gateway, client: str) -> subprocess.CompletedProcess[str]:

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from .harness import call_tool, run_envoy, run_example_server
-from .sidecar import Gateway, run_sidecar, seed_world
+from .harness import call_tool, run_example_server
+from .sidecar import Gateway, run_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +42,14 @@ AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"  # vendored f
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("console")
-    world = seed_world(tmp / "world")
     with ExitStack() as stop:
-        sidecar = stop.enter_context(run_sidecar(world))
-        upstream = stop.enter_context(run_example_server(tmp))
+        gateway = stop.enter_context(run_gateway(tmp, SERVERS))
         # "Test connection" sends an MCP initialize straight to github's upstream URL: an upstream that
         # takes only bob's token, as a real one takes only valid personal tokens.
         probed = stop.enter_context(run_example_server(tmp, expect_tokens={"authorization": f"Bearer {BOB_GITHUB}"}))
-        updated = world.cli("servers", "update", "github", "--upstream-url", probed.url("github"))
+        updated = gateway.world.cli("servers", "update", "github", "--upstream-url", probed.url("github"))
         assert updated.returncode == 0, updated.stderr
-        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port,
-                                             authz_admin_port=sidecar.admin_port, console_port=sidecar.console_port,
-                                             servers=SERVERS))  # fmt: skip
-        yield Gateway(world, sidecar, upstream, envoy)
+        yield gateway
 
 
 @pytest.fixture(scope="module")

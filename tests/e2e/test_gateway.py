@@ -14,7 +14,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from .harness import call_tool, post_initialize, run_envoy, run_example_server
-from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Gateway, run_sidecar, seed_world
+from .sidecar import GITHUB_ALICE, LINEAR_SHARED, Gateway, run_gateway, run_sidecar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from verify_signature import verify  # noqa: E402  (the documented upstream recipe)
@@ -28,13 +28,8 @@ Stack = Gateway
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("gateway")
-    world = seed_world(tmp / "world")
-    with ExitStack() as stop:
-        sidecar = stop.enter_context(run_sidecar(world))
-        upstream = stop.enter_context(run_example_server(tmp))
-        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port, servers=SERVERS))
-        yield Stack(world, sidecar, upstream, envoy)
+    with run_gateway(tmp_path_factory.mktemp("gateway"), SERVERS) as gateway:
+        yield gateway
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from .harness import (
     run_envoy,
     run_example_server,
 )
-from .sidecar import GITHUB_ALICE, Gateway, run_sidecar, seed, seed_world
+from .sidecar import GITHUB_ALICE, Gateway, run_gateway, run_sidecar, seed
 
 pytestmark = pytest.mark.e2e
 SERVERS = ("github", "linear", "open")
@@ -47,13 +47,8 @@ class Stack(Gateway):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("observability")
-    world = seed_world(tmp / "world")
-    with ExitStack() as stop:
-        sidecar = stop.enter_context(run_sidecar(world))
-        upstream = stop.enter_context(run_example_server(tmp))
-        envoy = stop.enter_context(run_envoy(tmp, authz_port=sidecar.port, upstream_port=upstream.port, servers=SERVERS))
-        yield Stack(world, sidecar, upstream, envoy)
+    with run_gateway(tmp_path_factory.mktemp("observability"), SERVERS, Stack) as gateway:
+        yield gateway
 
 
 def _decisions(metrics: dict, decision: str, reason: str, server: str) -> float:  # type: ignore[type-arg]
