@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
 
 SERVER = "open"  # no upstream credentials: the cheapest allowed request
 RATE = 150.0  # requests per second, steady
+CONNECTIONS = 32  # the load's connections to Envoy, and the most requests it has in flight
 DRAIN = 2.0  # the default drain (Settings.drain_seconds)
 BODY = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {}}}'
 
@@ -109,7 +110,11 @@ class Load:
         self._stop.set()
 
     async def run(self) -> None:
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+        # At most CONNECTIONS requests in flight: a client that falls behind (a starved machine) sends
+        # late rather than queueing in httpx's pool, whose scheduling grows with the square of its queue
+        # until the test's own loop stalls and requests time out on the client's side.
+        in_flight = asyncio.Semaphore(CONNECTIONS)
         async with httpx.AsyncClient(timeout=10, limits=limits) as client:
             start = self.origin = time.monotonic()
             pending: set[asyncio.Task[None]] = set()
@@ -118,9 +123,11 @@ class Load:
                 due = start + sent / self.rate
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
+                await in_flight.acquire()
                 task = asyncio.create_task(self._one(client))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+                task.add_done_callback(lambda _: in_flight.release())
                 sent += 1
             if pending:
                 await asyncio.wait(pending, timeout=15)
