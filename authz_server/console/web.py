@@ -16,6 +16,8 @@ checks as the admin API decide; the pages only hide what a role cannot use.
 - CSRF: a state-changing call needs `X-CSRF-Token` equal to the session's token
   (from `GET /console/api/me`); any call with an `Origin` header needs it to be
   this host. Else 403.
+- Connect a client: `GET /console/api/connect` answers console/clients.py's text for a server and
+  client at the gateway URL the page names (its origin); never with a key (see `KEY_SLOT`).
 - Every answer carries a strict Content-Security-Policy and `no-store`; bodies are
   bounded (413); errors are `{"error": {"reason", "message"}}` with the statuses the
   admin API's JSON form gives them.
@@ -38,9 +40,10 @@ from aiohttp import web
 from authz_server.admin.api import authenticate, caller_source, grpc_status, request_id_of
 from authz_server.admin.ops import AdminOps
 from authz_server.admin.policy import Actor
+from authz_server.console import clients
 from authz_server.console.sessions import Session, Sessions
 from authz_server.errors import AuthzError, Denied, InvalidInput, PermissionDenied, Reason
-from authz_server.models import AuditEvent
+from authz_server.models import AuditEvent, Secret
 from authz_server.observability.batch import BatchWriter
 from authz_server.pipeline.authn import Authenticator, KeyExtractor
 
@@ -61,6 +64,9 @@ _HTTP_OF_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
 }  # fmt: skip
+# Where the key goes in a keyed configuration: key-shaped, so each client's keyed form is generated,
+# and never a real key (a real key's body is random base62; this one is all zeros).
+KEY_SLOT = "mgw_" + "0" * 32
 _SIGNED_OUT = "Not signed in, or the session ended. Sign in with your gateway key."
 
 
@@ -262,6 +268,29 @@ class _Api:
         await self.c.service.delete_override(actor, None, request.match_info["name"])
         return web.json_response({})
 
+    # connect a client
+
+    async def connect(self, request: web.Request) -> web.StreamResponse:
+        """One client's configuration for one server (console/clients.py), never with the key: with
+        `keyed=1` the text holds `KEY_SLOT` where the key goes, and the page puts the key it holds there."""
+        actor, _ = await self._signed_in(request)
+        query = request.query
+        server = query.get("server", "")
+        await self.c.service.server_form(actor, server)  # the name's rule, then 404 for an unknown server
+        keyed = query.get("keyed", "0") == "1"
+        config = clients.generate(query.get("gateway_url", ""), server, query.get("client", ""),
+                                  Secret(KEY_SLOT) if keyed else None)  # fmt: skip
+        return web.json_response({**config.to_json(), "client": config.client, "title": config.title,
+                                  "key_slot": KEY_SLOT if keyed else None})  # fmt: skip
+
+    async def connect_choices(self, request: web.Request) -> web.StreamResponse:
+        """The clients, and the servers that ask this user for a credential (any other server's name may be typed)."""
+        actor, _ = await self._signed_in(request)
+        statuses = await self.c.service.credential_status(actor, None, await self._own_name(actor))
+        return web.json_response({"clients": [{"id": c, "title": clients.generate(clients.DEFAULT_GATEWAY_URL, "x", c).title}
+                                              for c in clients.CLIENTS],
+                                  "servers": sorted({s.server for s in statuses})})  # fmt: skip
+
     async def principals(self, request: web.Request) -> web.StreamResponse:
         """Every principal: an admin's use case, refused to others by the same role check as the admin API."""
         actor, _ = await self._signed_in(request)
@@ -333,6 +362,8 @@ def create_app(console: Console) -> web.Application:
     app.router.add_put(f"{PREFIX}/api/servers/{{name}}/credential", api.set_credential)
     app.router.add_delete(f"{PREFIX}/api/servers/{{name}}/credential", api.delete_credential)
     app.router.add_get(f"{PREFIX}/api/principals", api.principals)
+    app.router.add_get(f"{PREFIX}/api/connect", api.connect)
+    app.router.add_get(f"{PREFIX}/api/connect/choices", api.connect_choices)
     app.router.add_get(PREFIX, _to_index)
     app.router.add_get(f"{PREFIX}/", _static)
     app.router.add_get(f"{PREFIX}/{{name}}", _static)

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from authz_server.admin.probe import INITIALIZE
 
 from .harness import call_tool, run_example_server
 from .sidecar import Gateway, run_gateway
@@ -279,6 +282,76 @@ def test_regenerating_a_key_warns_then_the_old_key_fails_and_the_new_one_works(u
         eventually(lambda: works(new), 5, "the new key works")
 
 
+def initialize_status(url: str, authorization: str) -> int:
+    """The status of an MCP initialize through Envoy with this Authorization header."""
+    reply = httpx.post(url, json=INITIALIZE, timeout=10, headers={
+        "authorization": authorization, "accept": "application/json, text/event-stream"})  # fmt: skip
+    return reply.status_code
+
+
+def test_connect_a_client_fills_in_the_new_key_and_the_snippet_works_until_regenerated(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    def snippet_authorization() -> str:
+        ui.page.get_by_role("button", name="Show configuration").click()
+        text = ui.page.locator("#connect-text")
+        expect(text).to_contain_text("mcpServers")
+        entry = json.loads(text.text_content() or "")["mcpServers"]["linear"]
+        assert entry["args"][:3] == ["-y", "mcp-remote", ui.gw.envoy.url("linear")]
+        return str(entry["env"]["MCP_GATEWAY_AUTH"])
+
+    def works(authorization: str) -> bool:
+        try:
+            seen = run_async(lambda: call_tool(ui.gw.envoy.url("linear"), "echo_headers", {},
+                                               headers={"authorization": authorization}))  # fmt: skip
+        except Exception:
+            return False
+        return bool(seen["x-user-id"] == "carol")
+
+    with ui.screenshot_on_failure():
+        ui.sign_in("carol")
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_disabled()  # no key made in this page yet
+        ui.page.get_by_label("Server", exact=True).fill("linear")
+        ui.page.get_by_label("Client", exact=True).select_option(label="Claude Desktop (through mcp-remote)")
+        assert snippet_authorization() == "Bearer <YOUR_GATEWAY_KEY>"
+        expect(ui.page.locator("#connect-instruction")).to_contain_text("Replace <YOUR_GATEWAY_KEY>")
+        ui.picture("connect")  # with the placeholder: no key in a checked-in picture
+
+        ui.page.get_by_role("button", name="My keys").click()
+        ui.page.get_by_label("Label").fill("for-claude")
+        ui.page.get_by_role("button", name="Create key").click()
+        expect(ui.page.locator("#new-key-value")).to_contain_text("mgw_")
+        key = ui.page.locator("#new-key-value").text_content() or ""
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_checked()
+        ui.page.get_by_label("Server", exact=True).fill("linear")
+        ui.page.get_by_label("Client", exact=True).select_option("claude-desktop")
+        authorization = snippet_authorization()
+        assert authorization == f"Bearer {key}"
+        expect(ui.page.locator("#connect-instruction")).not_to_contain_text("Replace")
+        eventually(lambda: works(authorization), 5, "the key from the Claude Desktop snippet works through Envoy")
+        assert initialize_status(ui.gw.envoy.url("linear"), authorization) == 200
+
+        ui.page.get_by_role("button", name="My keys").click()
+        ui.page.get_by_role("button", name="Regenerate key for-claude").click()
+        ui.page.get_by_role("button", name="Regenerate now").click()
+        expect(ui.page.locator("#new-key-value")).not_to_have_text(key)
+        eventually(lambda: initialize_status(ui.gw.envoy.url("linear"), authorization) == 401, 2,
+                   "the snippet's old key is refused once regenerated (no grace period)")  # fmt: skip
+        new = ui.page.locator("#new-key-value").text_content() or ""
+        ui.page.get_by_role("button", name="Connect a client").click()
+        ui.page.get_by_label("Server", exact=True).fill("linear")
+        assert snippet_authorization() == f"Bearer {new}"  # the page now offers the regenerated key
+
+        ui.page.reload()  # leaving the page forgets the key
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_disabled()
+        assert new not in ui.page.content()
+        stored = ui.page.evaluate("() => JSON.stringify([localStorage, sessionStorage, document.cookie])")
+        assert "mgw_" not in stored
+
+
 # (3) ------------------------------------------------------------------------------------------
 def test_markup_in_user_supplied_strings_renders_as_text(ui: Ui) -> None:
     from playwright.sync_api import expect
@@ -349,7 +422,7 @@ def test_a_user_sees_no_admin_controls_and_admin_calls_are_refused(ui: Ui) -> No
         refused = ui.page.request.get(ui.api("/principals"))
         assert refused.status == 403 and refused.json()["error"]["reason"] == "permission_denied"
         nav = [b.text_content() for b in ui.page.locator("#nav button").all()]
-        assert nav == ["My servers", "My keys", "Sign out"]
+        assert nav == ["My servers", "My keys", "Connect a client", "Sign out"]
         for word in ("Principals", "Teams", "Audit", "Auth Overrides"):
             assert ui.page.get_by_text(word).count() == 0, word
 
@@ -395,6 +468,11 @@ def test_every_page_passes_an_automated_accessibility_check(stack: Gateway, brow
             page.get_by_role("button", name="My keys").click()
             expect(page.locator("#key-table tbody tr").first).to_be_visible()
             violations += audit("my keys")
+            page.get_by_role("button", name="Connect a client").click()
+            page.get_by_label("Server", exact=True).fill("github")
+            page.get_by_role("button", name="Show configuration").click()
+            expect(page.locator("#connect-text")).to_contain_text("mcpServers")
+            violations += audit("connect a client")
             assert not violations, "\n".join(violations)
     finally:
         context.close()

@@ -5,6 +5,10 @@
 const API = "/console/api";
 const INDICATORS = { configured: "🟢", missing: "🟡", invalid: "🔴", expired: "⏰" };
 let csrfToken = "";
+// The key made or regenerated last in "My keys", for "Connect a client": only in this module's memory,
+// never in storage or a cookie; forgotten on sign-out and when the page is left.
+let freshKey = "";
+const KEY_SHAPE = /^mgw_[A-Za-z0-9]{32}$/;
 
 const $ = (id) => document.getElementById(id);
 
@@ -60,7 +64,8 @@ function when(iso) {
 
 function showSignIn(message = "") {
   csrfToken = "";
-  for (const id of ["nav", "servers", "keys"]) $(id).hidden = true;
+  freshKey = "";
+  for (const id of ["nav", "servers", "keys", "connect"]) $(id).hidden = true;
   $("sign-in").hidden = false;
   $("sign-in-error").textContent = message;
   $("key").focus();
@@ -83,8 +88,10 @@ function show(section) {
   $("new-key-value").textContent = "";
   $("servers").hidden = section !== "servers";
   $("keys").hidden = section !== "keys";
+  $("connect").hidden = section !== "connect";
   notice("");
   if (section === "servers") loadServers().catch(report($("notice")));
+  else if (section === "connect") loadConnect().catch(report($("connect-error")));
   else loadKeys().catch(report($("keys-error")));
 }
 
@@ -226,6 +233,7 @@ async function loadKeys() {
 }
 
 function showNewKey(secret) {
+  freshKey = KEY_SHAPE.test(secret) ? secret : "";
   $("new-key-value").textContent = secret;
   $("new-key").hidden = false;
 }
@@ -277,19 +285,62 @@ $("create-key-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("copy-key").addEventListener("click", async () => {
-  const text = $("new-key-value").textContent;
+/** Copy a node's text; where the browser refuses the clipboard, select it for a copy by hand. */
+async function copyText(node, what) {
   try {
-    await navigator.clipboard.writeText(text);
-    notice("Copied the new key.");
+    await navigator.clipboard.writeText(node.textContent);
+    notice(`Copied the ${what}.`);
   } catch {
     const range = document.createRange();
-    range.selectNodeContents($("new-key-value"));
+    range.selectNodeContents(node);
     getSelection().removeAllRanges();
     getSelection().addRange(range);
-    notice("Select and copy the key by hand: the browser refused the clipboard.");
+    notice(`Select and copy the ${what} by hand: the browser refused the clipboard.`);
+  }
+}
+
+$("copy-key").addEventListener("click", () => copyText($("new-key-value"), "new key"));
+
+// --- connect a client ---------------------------------------------------------------------------
+
+async function loadConnect() {
+  const { clients, servers } = await call("GET", "/connect/choices");
+  $("connect-origin").textContent = location.origin;
+  $("connect-servers").replaceChildren(...servers.map((name) => el("option", { value: name })));
+  const chosen = $("connect-client").value;
+  $("connect-client").replaceChildren(...clients.map((c) => el("option", { value: c.id }, c.title)));
+  if (chosen) $("connect-client").value = chosen;
+  $("connect-keyed").disabled = !freshKey;
+  $("connect-keyed").checked = Boolean(freshKey);
+  clearConnect();
+}
+
+function clearConnect() {
+  $("connect-result").hidden = true;
+  $("connect-text").textContent = "";
+  $("connect-error").textContent = "";
+}
+
+$("connect-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearConnect();
+  const keyed = $("connect-keyed").checked && KEY_SHAPE.test(freshKey);
+  const query = new URLSearchParams({ server: $("connect-server").value.trim(), client: $("connect-client").value,
+                                      gateway_url: location.origin, keyed: keyed ? "1" : "0" });
+  try {
+    const config = await call("GET", `/connect?${query}`);
+    // The answer never holds the key: the page puts it where key_slot stands (a key is letters, digits and _ only).
+    const text = keyed ? config.text.split(config.key_slot).join(freshKey) : config.text;
+    $("connect-text").textContent = text;
+    $("connect-instruction").textContent = config.instruction;
+    $("connect-file").textContent = config.file ? `Where: ${config.file}` : "A command to run.";
+    $("connect-result").hidden = false;
+  } catch (error) {
+    $("connect-error").textContent = error.message;
   }
 });
+
+$("copy-connect").addEventListener("click", () => copyText($("connect-text"), "configuration"));
 
 // --- start: signed in already? ------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ headers, the body bound, and that the use cases' own role checks decide."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from authz_server.admin.policy import Actor
 from authz_server.admin.service import AdminService
 from authz_server.config import Settings
 from authz_server.console.sessions import Sessions
-from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, MAX_BODY, Console, create_app
+from authz_server.console import clients
+from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, KEY_SLOT, MAX_BODY, Console, create_app
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
+from authz_server.models import Secret
 from authz_server.pipeline.authn import KeyExtractor
 from authz_server.store.memory import MemoryStore
 
@@ -287,3 +290,48 @@ async def test_an_unexpected_failure_is_a_plain_500_without_details(rig: Rig, mo
     assert await reply.json() == {"error": {"reason": "internal",
                                             "message": "The console failed; operators see the sidecar's log."}}
     assert "internal detail" in caplog.text  # for operators, in the log
+
+
+async def test_connect_a_client_generates_each_clients_text_without_ever_a_key(rig: Rig) -> None:
+    await rig.sign_in("alice")
+    choices = await (await rig.client.get("/console/api/connect/choices")).json()
+    assert [c["id"] for c in choices["clients"]] == list(clients.CLIENTS) and choices["servers"] == ["github"]
+    assert choices["clients"][0]["title"] == "Claude Desktop (through mcp-remote)"
+    gateway = "http://127.0.0.1:10000"
+    for client in clients.CLIENTS:
+        reply = await rig.client.get("/console/api/connect", params={"server": "github", "client": client,
+                                                                     "gateway_url": gateway})  # fmt: skip
+        assert reply.status == 200, await reply.text()
+        plain = await reply.json()
+        assert plain == {**clients.generate(gateway, "github", client).to_json(), "client": client,
+                         "title": plain["title"], "key_slot": None}  # fmt: skip
+        keyed = await (await rig.client.get("/console/api/connect", params={
+            "server": "github", "client": client, "gateway_url": gateway, "keyed": "1"})).json()  # fmt: skip
+        assert keyed["key_slot"] == KEY_SLOT and KEY_SLOT in keyed["text"]
+        # The page's substitution gives exactly what the generator gives with the real key.
+        real = rig.keys["alice"]
+        assert keyed["text"].replace(KEY_SLOT, real) == clients.generate(gateway, "github", client, Secret(real)).text
+    desktop = await (await rig.client.get("/console/api/connect", params={
+        "server": "github", "client": "claude-desktop", "gateway_url": gateway, "keyed": "1"})).json()  # fmt: skip
+    env = json.loads(desktop["text"].replace(KEY_SLOT, rig.keys["alice"]))["mcpServers"]["github"]["env"]
+    assert env == {clients.AUTH_ENV: f"Bearer {rig.keys['alice']}"}
+
+
+@pytest.mark.parametrize(("params", "status"), [
+    ({"server": "nosuch", "client": "cursor", "gateway_url": "http://127.0.0.1:1"}, 404),
+    ({"server": "Bad Name!", "client": "cursor", "gateway_url": "http://127.0.0.1:1"}, 400),
+    ({"server": "github", "client": "emacs", "gateway_url": "http://127.0.0.1:1"}, 400),
+    ({"server": "github", "client": "cursor", "gateway_url": "javascript:alert(1)"}, 400),
+    ({"server": "github", "client": "cursor", "gateway_url": "http://h/x?a=\"b"}, 400),
+    ({"server": "github", "client": "cursor"}, 400),
+])  # fmt: skip
+async def test_connect_refuses_bad_input_in_one_json_error(rig: Rig, params: dict[str, str], status: int) -> None:
+    await rig.sign_in("alice")
+    reply = await rig.client.get("/console/api/connect", params=params)
+    assert reply.status == status
+    assert (await reply.json())["error"]["message"]
+
+
+async def test_connect_needs_a_session(rig: Rig) -> None:
+    for path in ("/console/api/connect?server=github&client=curl", "/console/api/connect/choices"):
+        assert (await rig.client.get(path)).status == 401
