@@ -18,6 +18,9 @@ checks as the admin API decide; the pages only hide what a role cannot use.
   this host. Else 403.
 - Connect a client: `GET /console/api/connect` answers console/clients.py's text for a server and
   client at the gateway URL the page names (its origin); never with a key (see `KEY_SLOT`).
+- Auth Overrides (managers and admins): `/console/api/manage/servers[/{name}/overrides[/{principal}]]`,
+  run as `list_servers`/`show_server`, `list_overrides`, `credential_status`, `set_override` and
+  `delete_override` for the named principal; a user gets those use cases' 403.
 - Every answer carries a strict Content-Security-Policy and `no-store`; bodies are
   bounded (413); errors are `{"error": {"reason", "message"}}` with the statuses the
   admin API's JSON form gives them.
@@ -250,10 +253,7 @@ class _Api:
     async def set_credential(self, request: web.Request) -> web.StreamResponse:
         actor, _ = await self._signed_in(request)
         body = await _json_body(request)
-        values = body.get("values")
-        if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
-            raise InvalidInput("'values' must be an object of placeholder names to strings.")
-        view = await self.c.service.set_override(actor, None, request.match_info["name"], values,
+        view = await self.c.service.set_override(actor, None, request.match_info["name"], _values(body),
                                                  _time(body, "expires_at"))  # fmt: skip
         return web.json_response({"credential": view.to_json()})
 
@@ -291,6 +291,37 @@ class _Api:
                                               for c in clients.CLIENTS],
                                   "servers": sorted({s.server for s in statuses})})  # fmt: skip
 
+    # managers: a server's Auth Overrides (each call's use case refuses a user: 403)
+
+    async def managed_servers(self, request: web.Request) -> web.StreamResponse:
+        """The servers that take credentials, for the Auth Overrides tab. Managers and admins."""
+        actor, _ = await self._signed_in(request)
+        servers = [v.to_json() for v in await self.c.service.list_servers(actor) if v.placeholders]
+        return web.json_response({"servers": [{k: s[k] for k in ("name", "mode", "description", "placeholders",
+                                                                 "shared_status")} for s in servers]})  # fmt: skip
+
+    async def server_overrides(self, request: web.Request) -> web.StreamResponse:
+        """One server's overrides (masks, status, expiry) and the status of each principal the caller may see."""
+        actor, _ = await self._signed_in(request)
+        svc, name = self.c.service, request.match_info["name"]
+        server = (await svc.show_server(actor, name)).to_json()
+        overrides = [o.to_json() for o in await svc.list_overrides(actor, name)]
+        status = [{**s.to_json(), "indicator": s.indicator} for s in await svc.credential_status(actor, name)]
+        return web.json_response({"server": {k: server[k] for k in ("name", "mode", "description", "placeholders")},
+                                  "overrides": overrides, "status": status})  # fmt: skip
+
+    async def set_principal_override(self, request: web.Request) -> web.StreamResponse:
+        actor, _ = await self._signed_in(request)
+        body = await _json_body(request)
+        view = await self.c.service.set_override(actor, request.match_info["principal"], request.match_info["name"],
+                                                 _values(body), _time(body, "expires_at"))  # fmt: skip
+        return web.json_response({"override": view.to_json()})
+
+    async def delete_principal_override(self, request: web.Request) -> web.StreamResponse:
+        actor, _ = await self._signed_in(request)
+        await self.c.service.delete_override(actor, request.match_info["principal"], request.match_info["name"])
+        return web.json_response({})
+
     async def principals(self, request: web.Request) -> web.StreamResponse:
         """Every principal: an admin's use case, refused to others by the same role check as the admin API."""
         actor, _ = await self._signed_in(request)
@@ -306,6 +337,13 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidInput("The request body must be a JSON object.")
     return body
+
+
+def _values(body: dict[str, Any]) -> dict[str, str]:
+    values = body.get("values")
+    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        raise InvalidInput("'values' must be an object of placeholder names to strings.")
+    return values
 
 
 def _text(body: dict[str, Any], name: str) -> str:
@@ -362,6 +400,10 @@ def create_app(console: Console) -> web.Application:
     app.router.add_put(f"{PREFIX}/api/servers/{{name}}/credential", api.set_credential)
     app.router.add_delete(f"{PREFIX}/api/servers/{{name}}/credential", api.delete_credential)
     app.router.add_get(f"{PREFIX}/api/principals", api.principals)
+    app.router.add_get(f"{PREFIX}/api/manage/servers", api.managed_servers)
+    app.router.add_get(f"{PREFIX}/api/manage/servers/{{name}}/overrides", api.server_overrides)
+    app.router.add_put(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.set_principal_override)
+    app.router.add_delete(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.delete_principal_override)
     app.router.add_get(f"{PREFIX}/api/connect", api.connect)
     app.router.add_get(f"{PREFIX}/api/connect/choices", api.connect_choices)
     app.router.add_get(PREFIX, _to_index)

@@ -335,3 +335,62 @@ async def test_connect_refuses_bad_input_in_one_json_error(rig: Rig, params: dic
 async def test_connect_needs_a_session(rig: Rig) -> None:
     for path in ("/console/api/connect?server=github&client=curl", "/console/api/connect/choices"):
         assert (await rig.client.get(path)).status == 401
+
+
+async def _manager(rig: Rig) -> str:
+    """A manager, `mona`, signed in; returns the CSRF token."""
+    await rig.sidecar.admin.add_principal(OP, "mona", "eng", ["manager"])
+    rig.keys["mona"] = (await rig.sidecar.admin.create_key(OP, "mona", "laptop"))[1].reveal()
+    await rig.sync()
+    return await rig.sign_in("mona")
+
+
+async def test_a_manager_adds_edits_and_deletes_an_override_for_another_user(rig: Rig) -> None:
+    csrf = await _manager(rig)
+    servers = (await (await rig.client.get("/console/api/manage/servers")).json())["servers"]
+    assert [(s["name"], s["placeholders"]) for s in servers] == [
+        ("github", [{"name": "API_KEY", "required": True}, {"name": "ORG", "required": False}])]
+    url = "/console/api/manage/servers/github/overrides"
+
+    async def table() -> dict[str, Any]:
+        reply = await rig.client.get(url)
+        assert reply.status == 200, await reply.text()
+        return dict(await reply.json())
+
+    before = await table()
+    assert before["overrides"] == [] and before["server"]["name"] == "github"
+    assert {(s["principal"], s["status"], s["indicator"]) for s in before["status"]} >= {("alice", "missing", "🟡")}
+    assert "admin" not in {s["principal"] for s in before["status"]}  # an admin outranks a manager
+    secret = "ghp_setByTheManager0123456789"
+    put = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret}, "expires_at": "2099-01-01T00:00:00Z"},
+                               headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert put.status == 200, await put.text()
+    assert_no_key(await put.text(), secret)
+    after = await table()
+    (row,) = after["overrides"]
+    assert (row["principal"], row["updated_by"], row["status"]) == ("alice", "mona", "configured")
+    assert row["values"]["API_KEY"].endswith(secret[-4:]) and secret not in json.dumps(after)
+    assert row["expires_at"].startswith("2099-01-01")
+    assert ("alice", "configured", "override") in {(s["principal"], s["status"], s["source"]) for s in after["status"]}
+    edited = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret, "ORG": "acme"}},
+                                  headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert edited.status == 200
+    assert set((await table())["overrides"][0]["values"]) == {"API_KEY", "ORG"}
+    assert (await rig.client.delete(f"{url}/alice", headers={CSRF_HEADER: csrf})).status == 200
+    gone = await table()
+    assert gone["overrides"] == [] and ("alice", "missing") in {(s["principal"], s["status"]) for s in gone["status"]}
+    no_csrf = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret}})
+    assert no_csrf.status == 403
+    admins = await rig.client.put(f"{url}/admin", json={"values": {"API_KEY": secret}}, headers={CSRF_HEADER: csrf})
+    assert admins.status == 403  # never an override of someone who outranks the manager
+
+
+async def test_a_user_gets_403_from_the_auth_overrides_endpoints(rig: Rig) -> None:
+    csrf = await rig.sign_in("alice")
+    url = "/console/api/manage/servers"
+    for reply in (await rig.client.get(url), await rig.client.get(f"{url}/github/overrides"),
+                  await rig.client.put(f"{url}/github/overrides/admin", json={"values": {"API_KEY": "x"}},
+                                       headers={CSRF_HEADER: csrf}),
+                  await rig.client.delete(f"{url}/github/overrides/admin", headers={CSRF_HEADER: csrf})):  # fmt: skip
+        assert reply.status == 403, await reply.text()
+        assert (await reply.json())["error"]["reason"] == "permission_denied"
