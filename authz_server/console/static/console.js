@@ -9,6 +9,7 @@ let csrfToken = "";
 // never in storage or a cookie; forgotten on sign-out and when the page is left.
 let freshKey = "";
 const KEY_SHAPE = /^mgw_[A-Za-z0-9]{32}$/;
+const SECTIONS = ["servers", "keys", "connect", "overrides"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -65,7 +66,8 @@ function when(iso) {
 function showSignIn(message = "") {
   csrfToken = "";
   freshKey = "";
-  for (const id of ["nav", "servers", "keys", "connect"]) $(id).hidden = true;
+  ovServer = null;
+  for (const id of ["nav", ...SECTIONS]) $(id).hidden = true;
   $("sign-in").hidden = false;
   $("sign-in-error").textContent = message;
   $("key").focus();
@@ -76,6 +78,9 @@ function signedIn(me) {
   $("sign-in").hidden = true;
   $("nav").hidden = false;
   $("who").textContent = `${me.name} (${me.roles.join(", ")}, team ${me.team})`;
+  // Only a page a role cannot use is hidden: the API's own role checks decide what each call may do.
+  document.querySelector('#nav [data-section="overrides"]').hidden =
+    !me.roles.some((role) => role === "manager" || role === "admin");
   show("servers");
 }
 
@@ -86,12 +91,11 @@ function show(section) {
   }
   $("new-key").hidden = true;
   $("new-key-value").textContent = "";
-  $("servers").hidden = section !== "servers";
-  $("keys").hidden = section !== "keys";
-  $("connect").hidden = section !== "connect";
+  for (const id of SECTIONS) $(id).hidden = section !== id;
   notice("");
   if (section === "servers") loadServers().catch(report($("notice")));
   else if (section === "connect") loadConnect().catch(report($("connect-error")));
+  else if (section === "overrides") loadOverrideServers().catch(report($("ov-error")));
   else loadKeys().catch(report($("keys-error")));
 }
 
@@ -341,6 +345,108 @@ $("connect-form").addEventListener("submit", async (event) => {
 });
 
 $("copy-connect").addEventListener("click", () => copyText($("connect-text"), "configuration"));
+
+// --- auth overrides (managers and admins) -------------------------------------------------------
+
+const MANAGE = "/manage/servers";
+let ovServer = null; // the chosen server: name, placeholders, description
+
+async function loadOverrideServers() {
+  const { servers } = await call("GET", MANAGE);
+  const select = $("ov-server");
+  const chosen = select.value;
+  select.replaceChildren(...servers.map((s) => el("option", { value: s.name }, s.name)));
+  if (servers.some((s) => s.name === chosen)) select.value = chosen;
+  $("ov-error").textContent = "";
+  if (servers.length === 0) {
+    $("ov-description").textContent = "No server takes credentials.";
+    return;
+  }
+  await loadOverrides();
+}
+
+$("ov-server").addEventListener("change", () => loadOverrides().catch(report($("ov-error"))));
+
+async function loadOverrides() {
+  const name = $("ov-server").value;
+  const { server, overrides, status } = await call("GET", `${MANAGE}/${encodeURIComponent(name)}/overrides`);
+  if (!ovServer || ovServer.name !== server.name) overrideFields(server);
+  ovServer = server;
+  $("ov-description").textContent = server.description;
+  $("ov-table").caption.textContent = `Overrides on ${server.name}`;
+  $("ov-status").caption.textContent = `Credential status on ${server.name}`;
+  const body = $("ov-table").tBodies[0];
+  body.replaceChildren();
+  if (overrides.length === 0) body.append(el("tr", {}, el("td", { colspan: 8 }, "No overrides on this server.")));
+  for (const o of overrides) {
+    const edit = el("button", { type: "button", "aria-label": `Edit the override of ${o.principal}` }, "Edit");
+    const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete the override of ${o.principal}` },
+      "Delete");
+    edit.addEventListener("click", () => {
+      $("ov-principal").value = o.principal;
+      $("ov-expires").value = o.expires_at ? o.expires_at.slice(0, 10) : "";
+      const first = $("ov-fields").querySelector("input");
+      (first || $("ov-principal")).focus();
+      notice(`Editing ${o.principal}'s override on ${server.name}: enter each value again.`);
+    });
+    remove.addEventListener("click", () => deleteOverride(server.name, o.principal));
+    body.append(el("tr", { "data-principal": o.principal },
+      el("td", {}, o.principal), el("td", {}, o.kind),
+      el("td", {}, Object.entries(o.values).map(([k, mask]) => `${k} ${mask}`).join(", ")),
+      el("td", {}, o.updated_by), el("td", {}, when(o.updated_at)),
+      el("td", {}, `${INDICATORS[o.status] || "?"} ${o.status}`, o.status_reason ? ` — ${o.status_reason}` : ""),
+      el("td", {}, when(o.expires_at)), el("td", {}, el("div", { class: "actions" }, edit, remove))));
+  }
+  $("ov-principals").replaceChildren(...status.map((s) => el("option", { value: s.principal })));
+  const rows = $("ov-status").tBodies[0];
+  rows.replaceChildren(...status.map((s) => el("tr", { "data-principal": s.principal, "data-status": s.status },
+    el("td", {}, s.principal), el("td", {}, s.team), el("td", {}, `${s.indicator} ${s.status}`),
+    el("td", {}, { override: "override", shared: "the server's shared value" }[s.source] || "none"),
+    el("td", {}, s.reason || ""))));
+  return status;
+}
+
+/** The form's value fields, from the server's placeholders (required and optional marked). */
+function overrideFields(server) {
+  $("ov-fields").replaceChildren(...server.placeholders.flatMap((p, i) => [
+    el("label", { for: `ov-value-${i}` }, p.name, " ", el("span", {}, p.required ? "(required)" : "(optional)")),
+    el("input", { id: `ov-value-${i}`, name: p.name, type: "password", autocomplete: "off", spellcheck: "false",
+                  required: p.required }),
+  ]));
+}
+
+async function deleteOverride(server, principal) {
+  $("ov-error").textContent = "";
+  try {
+    await call("DELETE", `${MANAGE}/${encodeURIComponent(server)}/overrides/${encodeURIComponent(principal)}`);
+    const status = await loadOverrides();
+    const row = status.find((s) => s.principal === principal);
+    const fallback = row && row.source === "shared" ? "its shared value"
+      : `none, so ${principal}'s status is ${row ? row.status : "missing"}`;
+    notice(`Deleted ${principal}'s override on ${server}: ${principal} falls back to the server's default (${fallback}).`);
+  } catch (error) {
+    $("ov-error").textContent = error.message;
+  }
+}
+
+$("ov-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("ov-error").textContent = "";
+  const server = $("ov-server").value;
+  const principal = $("ov-principal").value.trim();
+  const values = {};
+  for (const input of $("ov-fields").querySelectorAll("input")) if (input.value) values[input.name] = input.value;
+  const expires = $("ov-expires").value;
+  try {
+    await call("PUT", `${MANAGE}/${encodeURIComponent(server)}/overrides/${encodeURIComponent(principal)}`,
+               { values, expires_at: expires ? `${expires}T23:59:59Z` : "" });
+    event.target.reset();
+    await loadOverrides();
+    notice(`Saved ${principal}'s override on ${server}.`);
+  } catch (error) {
+    $("ov-error").textContent = error.message;
+  }
+});
 
 // --- start: signed in already? ------------------------------------------------------------------
 
