@@ -20,7 +20,8 @@ checks as the admin API decide; the pages only hide what a role cannot use.
   client at the gateway URL the page names (its origin); never with a key (see `KEY_SLOT`).
 - Auth Overrides (managers and admins): `/console/api/manage/servers[/{name}/overrides[/{principal}]]`,
   run as `list_servers`/`show_server`, `list_overrides`, `credential_status`, `set_override` and
-  `delete_override` for the named principal; a user gets those use cases' 403.
+  `delete_override` for the named principal, and `/console/api/manage/summary` (each principal across
+  servers); a user gets those use cases' 403.
 - Every answer carries a strict Content-Security-Policy and `no-store`; bodies are
   bounded (413); errors are `{"error": {"reason", "message"}}` with the statuses the
   admin API's JSON form gives them.
@@ -287,8 +288,7 @@ class _Api:
         """The clients, and the servers that ask this user for a credential (any other server's name may be typed)."""
         actor, _ = await self._signed_in(request)
         statuses = await self.c.service.credential_status(actor, None, await self._own_name(actor))
-        return web.json_response({"clients": [{"id": c, "title": clients.generate(clients.DEFAULT_GATEWAY_URL, "x", c).title}
-                                              for c in clients.CLIENTS],
+        return web.json_response({"clients": [{"id": c, "title": clients.title(c)} for c in clients.CLIENTS],
                                   "servers": sorted({s.server for s in statuses})})  # fmt: skip
 
     # managers: a server's Auth Overrides (each call's use case refuses a user: 403)
@@ -310,6 +310,16 @@ class _Api:
         return web.json_response({"server": {k: server[k] for k in ("name", "mode", "description", "placeholders")},
                                   "overrides": overrides, "status": status})  # fmt: skip
 
+    async def summary(self, request: web.Request) -> web.StreamResponse:
+        """Each principal the caller may see, across the servers that take credentials (see `summarize`)."""
+        actor, _ = await self._signed_in(request)
+        await self.c.service.list_servers(actor)  # managers and admins: a user gets its 403, not their own row
+        statuses: dict[str, dict[str, str]] = {}
+        for s in await self.c.service.credential_status(actor):
+            statuses.setdefault(s.principal, {})[s.server] = s.status
+        return web.json_response({"principals": [{"principal": name, "servers": by_server, **summarize(by_server)}
+                                                 for name, by_server in sorted(statuses.items())]})  # fmt: skip
+
     async def set_principal_override(self, request: web.Request) -> web.StreamResponse:
         actor, _ = await self._signed_in(request)
         body = await _json_body(request)
@@ -326,6 +336,19 @@ class _Api:
         """Every principal: an admin's use case, refused to others by the same role check as the admin API."""
         actor, _ = await self._signed_in(request)
         return web.json_response({"principals": [p.to_json() for p in await self.c.service.list_principals(actor)]})
+
+
+def summarize(by_server: dict[str, str]) -> dict[str, str]:
+    """One principal's credentials across servers: ✅ all configured, 🔄 some invalid or expired (need
+    updating), ❌ none configured, ⚠️ some missing."""
+    states = set(by_server.values())
+    if states <= {"configured"}:
+        return {"summary": "all", "indicator": "✅"}
+    if states & {"invalid", "expired"}:
+        return {"summary": "update", "indicator": "🔄"}
+    if "configured" not in states:
+        return {"summary": "none", "indicator": "❌"}
+    return {"summary": "some", "indicator": "⚠️"}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -401,6 +424,7 @@ def create_app(console: Console) -> web.Application:
     app.router.add_delete(f"{PREFIX}/api/servers/{{name}}/credential", api.delete_credential)
     app.router.add_get(f"{PREFIX}/api/principals", api.principals)
     app.router.add_get(f"{PREFIX}/api/manage/servers", api.managed_servers)
+    app.router.add_get(f"{PREFIX}/api/manage/summary", api.summary)
     app.router.add_get(f"{PREFIX}/api/manage/servers/{{name}}/overrides", api.server_overrides)
     app.router.add_put(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.set_principal_override)
     app.router.add_delete(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.delete_principal_override)

@@ -390,6 +390,8 @@ def test_a_manager_adds_edits_and_deletes_an_override_in_the_auth_overrides_tab(
         expect(tab.get_by_label("Server", exact=True)).to_have_value("github")
         dave = page.locator('#ov-status tr[data-principal="dave"]')
         expect(dave).to_have_attribute("data-status", "missing")
+        summary = page.locator('#ov-summary tr[data-principal="dave"]')
+        expect(summary).to_have_attribute("data-summary", "some")  # linear's shared value only
         expect(page.locator('#ov-status tr[data-principal="alice"]')).to_have_attribute("data-status", "configured")
         # Add, from the form the server's placeholders make.
         tab.get_by_label("User or account").fill("dave")
@@ -401,6 +403,7 @@ def test_a_manager_adds_edits_and_deletes_an_override_in_the_auth_overrides_tab(
         expect(row).to_contain_text(first[-4:])
         expect(dave).to_have_attribute("data-status", "configured")
         expect(dave).to_contain_text("🟢")
+        expect(summary).to_have_attribute("data-summary", "all")  # github's override and linear's shared value
         assert first not in page.content()
         eventually(lambda: upstream_gets(f"Bearer {first}"), 5, "the upstream gets the override mona set")
         page.evaluate("window.scrollTo(0, 0)")
@@ -420,6 +423,7 @@ def test_a_manager_adds_edits_and_deletes_an_override_in_the_auth_overrides_tab(
         expect(page.locator("#notice")).to_contain_text("dave falls back to the server's default")
         expect(row).to_have_count(0)
         expect(dave).to_have_attribute("data-status", "missing")
+        expect(summary).to_have_attribute("data-summary", "some")
         eventually(lambda: not upstream_gets(f"Bearer {second}"), 5, "the upstream no longer gets dave's override")
 
 

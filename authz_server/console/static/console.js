@@ -403,7 +403,18 @@ async function loadOverrides() {
     el("td", {}, s.principal), el("td", {}, s.team), el("td", {}, `${s.indicator} ${s.status}`),
     el("td", {}, { override: "override", shared: "the server's shared value" }[s.source] || "none"),
     el("td", {}, s.reason || ""))));
+  await loadSummary();
   return status;
+}
+
+const SUMMARIES = { all: "all configured", some: "some missing", none: "none configured", update: "need updating" };
+
+async function loadSummary() {
+  const { principals } = await call("GET", "/manage/summary");
+  $("ov-summary").tBodies[0].replaceChildren(...principals.map((p) => el("tr", { "data-principal": p.principal,
+      "data-summary": p.summary },
+    el("td", {}, p.principal), el("td", {}, `${p.indicator} ${SUMMARIES[p.summary] || p.summary}`),
+    el("td", {}, Object.entries(p.servers).map(([server, status]) => `${server} ${INDICATORS[status] || "?"}`).join(", ")))));
 }
 
 /** The form's value fields, from the server's placeholders (required and optional marked). */

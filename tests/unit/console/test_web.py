@@ -18,7 +18,7 @@ from authz_server.admin.service import AdminService
 from authz_server.config import Settings
 from authz_server.console.sessions import Sessions
 from authz_server.console import clients
-from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, KEY_SLOT, MAX_BODY, Console, create_app
+from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, KEY_SLOT, MAX_BODY, Console, create_app, summarize
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
 from authz_server.models import Secret
@@ -372,6 +372,8 @@ async def test_a_manager_adds_edits_and_deletes_an_override_for_another_user(rig
     assert row["values"]["API_KEY"].endswith(secret[-4:]) and secret not in json.dumps(after)
     assert row["expires_at"].startswith("2099-01-01")
     assert ("alice", "configured", "override") in {(s["principal"], s["status"], s["source"]) for s in after["status"]}
+    summary = (await (await rig.client.get("/console/api/manage/summary")).json())["principals"]
+    assert {"principal": "alice", "servers": {"github": "configured"}, "summary": "all", "indicator": "✅"} in summary
     edited = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret, "ORG": "acme"}},
                                   headers={CSRF_HEADER: csrf})  # fmt: skip
     assert edited.status == 200
@@ -388,9 +390,18 @@ async def test_a_manager_adds_edits_and_deletes_an_override_for_another_user(rig
 async def test_a_user_gets_403_from_the_auth_overrides_endpoints(rig: Rig) -> None:
     csrf = await rig.sign_in("alice")
     url = "/console/api/manage/servers"
-    for reply in (await rig.client.get(url), await rig.client.get(f"{url}/github/overrides"),
+    for reply in (await rig.client.get(url), await rig.client.get("/console/api/manage/summary"), await rig.client.get(f"{url}/github/overrides"),
                   await rig.client.put(f"{url}/github/overrides/admin", json={"values": {"API_KEY": "x"}},
                                        headers={CSRF_HEADER: csrf}),
                   await rig.client.delete(f"{url}/github/overrides/admin", headers={CSRF_HEADER: csrf})):  # fmt: skip
         assert reply.status == 403, await reply.text()
         assert (await reply.json())["error"]["reason"] == "permission_denied"
+
+
+@pytest.mark.parametrize(("statuses", "summary"), [
+    ({"a": "configured", "b": "configured"}, "all"), ({}, "all"), ({"a": "configured", "b": "missing"}, "some"),
+    ({"a": "missing", "b": "missing"}, "none"), ({"a": "configured", "b": "expired"}, "update"),
+    ({"a": "missing", "b": "invalid"}, "update"),
+])  # fmt: skip
+def test_a_principals_summary_across_servers(statuses: dict[str, str], summary: str) -> None:
+    assert summarize(statuses)["summary"] == summary
