@@ -390,7 +390,8 @@ async def test_a_manager_adds_edits_and_deletes_an_override_for_another_user(rig
 async def test_a_user_gets_403_from_the_auth_overrides_endpoints(rig: Rig) -> None:
     csrf = await rig.sign_in("alice")
     url = "/console/api/manage/servers"
-    for reply in (await rig.client.get(url), await rig.client.get("/console/api/manage/summary"), await rig.client.get(f"{url}/github/overrides"),
+    for reply in (await rig.client.get(url), await rig.client.get("/console/api/manage/summary"),
+                  await rig.client.get(f"{url}/github/overrides"),
                   await rig.client.put(f"{url}/github/overrides/admin", json={"values": {"API_KEY": "x"}},
                                        headers={CSRF_HEADER: csrf}),
                   await rig.client.delete(f"{url}/github/overrides/admin", headers={CSRF_HEADER: csrf})):  # fmt: skip
