@@ -198,3 +198,8 @@ def generate(gateway_url: str, server: str, client: str, key: Secret | None = No
 def generate_all(gateway_url: str, server: str, key: Secret | None = None) -> list[ClientConfig]:
     """Every client's configuration, in `CLIENTS` order."""
     return [generate(gateway_url, server, client, key) for client in CLIENTS]
+
+
+def title(client: str) -> str:
+    """A client kind's name for people, e.g. "Claude Desktop (through mcp-remote)"."""
+    return generate(DEFAULT_GATEWAY_URL, "example", client).title

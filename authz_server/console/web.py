@@ -16,6 +16,12 @@ checks as the admin API decide; the pages only hide what a role cannot use.
 - CSRF: a state-changing call needs `X-CSRF-Token` equal to the session's token
   (from `GET /console/api/me`); any call with an `Origin` header needs it to be
   this host. Else 403.
+- Connect a client: `GET /console/api/connect` answers console/clients.py's text for a server and
+  client at the gateway URL the page names (its origin); never with a key (see `KEY_SLOT`).
+- Auth Overrides (managers and admins): `/console/api/manage/servers[/{name}/overrides[/{principal}]]`,
+  run as `list_servers`/`show_server`, `list_overrides`, `credential_status`, `set_override` and
+  `delete_override` for the named principal, and `/console/api/manage/summary` (each principal across
+  servers); a user gets those use cases' 403.
 - Every answer carries a strict Content-Security-Policy and `no-store`; bodies are
   bounded (413); errors are `{"error": {"reason", "message"}}` with the statuses the
   admin API's JSON form gives them.
@@ -38,9 +44,10 @@ from aiohttp import web
 from authz_server.admin.api import authenticate, caller_source, grpc_status, request_id_of
 from authz_server.admin.ops import AdminOps
 from authz_server.admin.policy import Actor
+from authz_server.console import clients
 from authz_server.console.sessions import Session, Sessions
 from authz_server.errors import AuthzError, Denied, InvalidInput, PermissionDenied, Reason
-from authz_server.models import AuditEvent
+from authz_server.models import AuditEvent, Secret
 from authz_server.observability.batch import BatchWriter
 from authz_server.pipeline.authn import Authenticator, KeyExtractor
 
@@ -61,6 +68,9 @@ _HTTP_OF_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
 }  # fmt: skip
+# Where the key goes in a keyed configuration: key-shaped, so each client's keyed form is generated,
+# and never a real key (a real key's body is random base62; this one is all zeros).
+KEY_SLOT = "mgw_" + "0" * 32
 _SIGNED_OUT = "Not signed in, or the session ended. Sign in with your gateway key."
 
 
@@ -244,10 +254,7 @@ class _Api:
     async def set_credential(self, request: web.Request) -> web.StreamResponse:
         actor, _ = await self._signed_in(request)
         body = await _json_body(request)
-        values = body.get("values")
-        if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
-            raise InvalidInput("'values' must be an object of placeholder names to strings.")
-        view = await self.c.service.set_override(actor, None, request.match_info["name"], values,
+        view = await self.c.service.set_override(actor, None, request.match_info["name"], _values(body),
                                                  _time(body, "expires_at"))  # fmt: skip
         return web.json_response({"credential": view.to_json()})
 
@@ -262,10 +269,86 @@ class _Api:
         await self.c.service.delete_override(actor, None, request.match_info["name"])
         return web.json_response({})
 
+    # connect a client
+
+    async def connect(self, request: web.Request) -> web.StreamResponse:
+        """One client's configuration for one server (console/clients.py), never with the key: with
+        `keyed=1` the text holds `KEY_SLOT` where the key goes, and the page puts the key it holds there."""
+        actor, _ = await self._signed_in(request)
+        query = request.query
+        server = query.get("server", "")
+        await self.c.service.server_form(actor, server)  # the name's rule, then 404 for an unknown server
+        keyed = query.get("keyed", "0") == "1"
+        config = clients.generate(query.get("gateway_url", ""), server, query.get("client", ""),
+                                  Secret(KEY_SLOT) if keyed else None)  # fmt: skip
+        return web.json_response({**config.to_json(), "client": config.client, "title": config.title,
+                                  "key_slot": KEY_SLOT if keyed else None})  # fmt: skip
+
+    async def connect_choices(self, request: web.Request) -> web.StreamResponse:
+        """The clients, and the servers that ask this user for a credential (any other server's name may be typed)."""
+        actor, _ = await self._signed_in(request)
+        statuses = await self.c.service.credential_status(actor, None, await self._own_name(actor))
+        return web.json_response({"clients": [{"id": c, "title": clients.title(c)} for c in clients.CLIENTS],
+                                  "servers": sorted({s.server for s in statuses})})  # fmt: skip
+
+    # managers: a server's Auth Overrides (each call's use case refuses a user: 403)
+
+    async def managed_servers(self, request: web.Request) -> web.StreamResponse:
+        """The servers that take credentials, for the Auth Overrides tab. Managers and admins."""
+        actor, _ = await self._signed_in(request)
+        servers = [v.to_json() for v in await self.c.service.list_servers(actor) if v.placeholders]
+        return web.json_response({"servers": [{k: s[k] for k in ("name", "mode", "description", "placeholders",
+                                                                 "shared_status")} for s in servers]})  # fmt: skip
+
+    async def server_overrides(self, request: web.Request) -> web.StreamResponse:
+        """One server's overrides (masks, status, expiry) and the status of each principal the caller may see."""
+        actor, _ = await self._signed_in(request)
+        svc, name = self.c.service, request.match_info["name"]
+        server = (await svc.show_server(actor, name)).to_json()
+        overrides = [o.to_json() for o in await svc.list_overrides(actor, name)]
+        status = [{**s.to_json(), "indicator": s.indicator} for s in await svc.credential_status(actor, name)]
+        return web.json_response({"server": {k: server[k] for k in ("name", "mode", "description", "placeholders")},
+                                  "overrides": overrides, "status": status})  # fmt: skip
+
+    async def summary(self, request: web.Request) -> web.StreamResponse:
+        """Each principal the caller may see, across the servers that take credentials (see `summarize`)."""
+        actor, _ = await self._signed_in(request)
+        await self.c.service.list_servers(actor)  # managers and admins: a user gets its 403, not their own row
+        statuses: dict[str, dict[str, str]] = {}
+        for s in await self.c.service.credential_status(actor):
+            statuses.setdefault(s.principal, {})[s.server] = s.status
+        return web.json_response({"principals": [{"principal": name, "servers": by_server, **summarize(by_server)}
+                                                 for name, by_server in sorted(statuses.items())]})  # fmt: skip
+
+    async def set_principal_override(self, request: web.Request) -> web.StreamResponse:
+        actor, _ = await self._signed_in(request)
+        body = await _json_body(request)
+        view = await self.c.service.set_override(actor, request.match_info["principal"], request.match_info["name"],
+                                                 _values(body), _time(body, "expires_at"))  # fmt: skip
+        return web.json_response({"override": view.to_json()})
+
+    async def delete_principal_override(self, request: web.Request) -> web.StreamResponse:
+        actor, _ = await self._signed_in(request)
+        await self.c.service.delete_override(actor, request.match_info["principal"], request.match_info["name"])
+        return web.json_response({})
+
     async def principals(self, request: web.Request) -> web.StreamResponse:
         """Every principal: an admin's use case, refused to others by the same role check as the admin API."""
         actor, _ = await self._signed_in(request)
         return web.json_response({"principals": [p.to_json() for p in await self.c.service.list_principals(actor)]})
+
+
+def summarize(by_server: dict[str, str]) -> dict[str, str]:
+    """One principal's credentials across servers: ✅ all configured, 🔄 some invalid or expired (need
+    updating), ❌ none configured, ⚠️ some missing."""
+    states = set(by_server.values())
+    if states <= {"configured"}:
+        return {"summary": "all", "indicator": "✅"}
+    if states & {"invalid", "expired"}:
+        return {"summary": "update", "indicator": "🔄"}
+    if "configured" not in states:
+        return {"summary": "none", "indicator": "❌"}
+    return {"summary": "some", "indicator": "⚠️"}
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -277,6 +360,13 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidInput("The request body must be a JSON object.")
     return body
+
+
+def _values(body: dict[str, Any]) -> dict[str, str]:
+    values = body.get("values")
+    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        raise InvalidInput("'values' must be an object of placeholder names to strings.")
+    return values
 
 
 def _text(body: dict[str, Any], name: str) -> str:
@@ -333,6 +423,13 @@ def create_app(console: Console) -> web.Application:
     app.router.add_put(f"{PREFIX}/api/servers/{{name}}/credential", api.set_credential)
     app.router.add_delete(f"{PREFIX}/api/servers/{{name}}/credential", api.delete_credential)
     app.router.add_get(f"{PREFIX}/api/principals", api.principals)
+    app.router.add_get(f"{PREFIX}/api/manage/servers", api.managed_servers)
+    app.router.add_get(f"{PREFIX}/api/manage/summary", api.summary)
+    app.router.add_get(f"{PREFIX}/api/manage/servers/{{name}}/overrides", api.server_overrides)
+    app.router.add_put(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.set_principal_override)
+    app.router.add_delete(f"{PREFIX}/api/manage/servers/{{name}}/overrides/{{principal}}", api.delete_principal_override)
+    app.router.add_get(f"{PREFIX}/api/connect", api.connect)
+    app.router.add_get(f"{PREFIX}/api/connect/choices", api.connect_choices)
     app.router.add_get(PREFIX, _to_index)
     app.router.add_get(f"{PREFIX}/", _static)
     app.router.add_get(f"{PREFIX}/{{name}}", _static)

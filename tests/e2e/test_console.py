@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from authz_server.admin.probe import INITIALIZE
 
 from .harness import call_tool, run_example_server
 from .sidecar import Gateway, run_gateway
@@ -279,6 +282,151 @@ def test_regenerating_a_key_warns_then_the_old_key_fails_and_the_new_one_works(u
         eventually(lambda: works(new), 5, "the new key works")
 
 
+def initialize_status(url: str, authorization: str) -> int:
+    """The status of an MCP initialize through Envoy with this Authorization header."""
+    reply = httpx.post(url, json=INITIALIZE, timeout=10, headers={
+        "authorization": authorization, "accept": "application/json, text/event-stream"})  # fmt: skip
+    return reply.status_code
+
+
+def test_connect_a_client_fills_in_the_new_key_and_the_snippet_works_until_regenerated(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    def snippet_authorization() -> str:
+        ui.page.get_by_role("button", name="Show configuration").click()
+        text = ui.page.locator("#connect-text")
+        expect(text).to_contain_text("mcpServers")
+        entry = json.loads(text.text_content() or "")["mcpServers"]["linear"]
+        assert entry["args"][:3] == ["-y", "mcp-remote", ui.gw.envoy.url("linear")]
+        return str(entry["env"]["MCP_GATEWAY_AUTH"])
+
+    def works(authorization: str) -> bool:
+        try:
+            seen = run_async(lambda: call_tool(ui.gw.envoy.url("linear"), "echo_headers", {},
+                                               headers={"authorization": authorization}))  # fmt: skip
+        except Exception:
+            return False
+        return bool(seen["x-user-id"] == "carol")
+
+    with ui.screenshot_on_failure():
+        ui.sign_in("carol")
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_disabled()  # no key made in this page yet
+        ui.page.locator("#connect").get_by_label("Server", exact=True).fill("linear")
+        ui.page.locator("#connect").get_by_label("Client", exact=True).select_option(label="Claude Desktop (through mcp-remote)")
+        assert snippet_authorization() == "Bearer <YOUR_GATEWAY_KEY>"
+        expect(ui.page.locator("#connect-instruction")).to_contain_text("Replace <YOUR_GATEWAY_KEY>")
+        ui.picture("connect")  # with the placeholder: no key in a checked-in picture
+
+        ui.page.get_by_role("button", name="My keys").click()
+        ui.page.get_by_label("Label").fill("for-claude")
+        ui.page.get_by_role("button", name="Create key").click()
+        expect(ui.page.locator("#new-key-value")).to_contain_text("mgw_")
+        key = ui.page.locator("#new-key-value").text_content() or ""
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_checked()
+        ui.page.locator("#connect").get_by_label("Server", exact=True).fill("linear")
+        ui.page.locator("#connect").get_by_label("Client", exact=True).select_option("claude-desktop")
+        authorization = snippet_authorization()
+        assert authorization == f"Bearer {key}"
+        expect(ui.page.locator("#connect-instruction")).not_to_contain_text("Replace")
+        eventually(lambda: works(authorization), 5, "the key from the Claude Desktop snippet works through Envoy")
+        assert initialize_status(ui.gw.envoy.url("linear"), authorization) == 200
+
+        ui.page.get_by_role("button", name="My keys").click()
+        ui.page.get_by_role("button", name="Regenerate key for-claude").click()
+        ui.page.get_by_role("button", name="Regenerate now").click()
+        expect(ui.page.locator("#new-key-value")).not_to_have_text(key)
+        eventually(lambda: initialize_status(ui.gw.envoy.url("linear"), authorization) == 401, 2,
+                   "the snippet's old key is refused once regenerated (no grace period)")  # fmt: skip
+        new = ui.page.locator("#new-key-value").text_content() or ""
+        ui.page.get_by_role("button", name="Connect a client").click()
+        ui.page.locator("#connect").get_by_label("Server", exact=True).fill("linear")
+        assert snippet_authorization() == f"Bearer {new}"  # the page now offers the regenerated key
+
+        ui.page.reload()  # leaving the page forgets the key
+        ui.page.get_by_role("button", name="Connect a client").click()
+        expect(ui.page.get_by_label("Fill in my new key")).to_be_disabled()
+        assert new not in ui.page.content()
+        stored = ui.page.evaluate("() => JSON.stringify([localStorage, sessionStorage, document.cookie])")
+        assert "mgw_" not in stored
+
+
+def manager_key(gw: Gateway) -> str:
+    """`mona`, a manager (made once per module), and a key of hers that the sidecar already knows."""
+    if "mona" not in gw.world.keys:
+        added = gw.world.cli("principals", "add", "mona", "--team", "eng", "--roles", "manager")
+        assert added.returncode == 0, added.stderr
+        made = gw.world.cli("keys", "create", "mona", "--label", "console", "--json")
+        assert made.returncode == 0, made.stderr
+        gw.world.keys["mona"] = json.loads(made.stdout)["api_key"]
+    key = gw.world.keys["mona"]
+    session = f"{gw.envoy.base_url}/console/api/session"
+    eventually(lambda: httpx.post(session, json={"key": key}, timeout=5).status_code == 200, 5,
+               "the sidecar knows the manager's key")  # fmt: skip
+    return key
+
+
+def test_a_manager_adds_edits_and_deletes_an_override_in_the_auth_overrides_tab(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    first, second = "ghp_dave_set_by_mona_0001", "ghp_dave_edited_by_mona_0002"
+    page = ui.page
+
+    def dave_sends() -> str:
+        seen = run_async(lambda: call_tool(ui.gw.envoy.url("github"), "echo_headers", {}, headers=ui.gw.bearer("dave")))
+        return str(seen.get("authorization", ""))
+
+    def upstream_gets(value: str) -> bool:
+        try:
+            return dave_sends() == value
+        except Exception:
+            return False
+
+    with ui.screenshot_on_failure():
+        ui.sign_in("mona", manager_key(ui.gw))
+        page.get_by_role("button", name="Auth Overrides").click()
+        tab = page.locator("#overrides")
+        expect(tab.get_by_label("Server", exact=True)).to_have_value("github")
+        dave = page.locator('#ov-status tr[data-principal="dave"]')
+        expect(dave).to_have_attribute("data-status", "missing")
+        summary = page.locator('#ov-summary tr[data-principal="dave"]')
+        expect(summary).to_have_attribute("data-summary", "some")  # linear's shared value only
+        expect(page.locator('#ov-status tr[data-principal="alice"]')).to_have_attribute("data-status", "configured")
+        # Add, from the form the server's placeholders make.
+        tab.get_by_label("User or account").fill("dave")
+        tab.get_by_label("API_KEY (required)").fill(first)
+        page.get_by_role("button", name="Save override").click()
+        expect(ui.page.locator("#notice")).to_have_text("Saved dave's override on github.")
+        row = page.locator('#ov-table tr[data-principal="dave"]')
+        expect(row).to_contain_text("mona")
+        expect(row).to_contain_text(first[-4:])
+        expect(dave).to_have_attribute("data-status", "configured")
+        expect(dave).to_contain_text("🟢")
+        expect(summary).to_have_attribute("data-summary", "all")  # github's override and linear's shared value
+        assert first not in page.content()
+        eventually(lambda: upstream_gets(f"Bearer {first}"), 5, "the upstream gets the override mona set")
+        page.evaluate("window.scrollTo(0, 0)")
+        ui.picture("auth-overrides")
+        # Edit: new value and an expiry.
+        page.get_by_role("button", name="Edit the override of dave").click()
+        expect(tab.get_by_label("User or account")).to_have_value("dave")
+        tab.get_by_label("API_KEY (required)").fill(second)
+        tab.get_by_label("Expires (optional)").fill("2099-12-31")
+        page.get_by_role("button", name="Save override").click()
+        expect(row).to_contain_text(second[-4:])
+        expect(row).to_contain_text("2099")
+        expect(dave).to_have_attribute("data-status", "configured")
+        eventually(lambda: upstream_gets(f"Bearer {second}"), 5, "the upstream gets the edited override")
+        # Delete: dave falls back to github's default, which is none.
+        page.get_by_role("button", name="Delete the override of dave").click()
+        expect(page.locator("#notice")).to_contain_text("dave falls back to the server's default")
+        expect(row).to_have_count(0)
+        expect(dave).to_have_attribute("data-status", "missing")
+        expect(summary).to_have_attribute("data-summary", "some")
+        eventually(lambda: not upstream_gets(f"Bearer {second}"), 5, "the upstream no longer gets dave's override")
+
+
 # (3) ------------------------------------------------------------------------------------------
 def test_markup_in_user_supplied_strings_renders_as_text(ui: Ui) -> None:
     from playwright.sync_api import expect
@@ -291,6 +439,25 @@ def test_markup_in_user_supplied_strings_renders_as_text(ui: Ui) -> None:
         cell = ui.page.locator("#key-table tbody td", has_text="onerror")
         expect(cell).to_have_text(MARKUP)  # the characters, as typed
         assert ui.page.locator("#key-table img").count() == 0
+        assert ui.page.locator("img").count() == 0
+        ui.page.wait_for_timeout(300)  # an onerror would have fired by now
+    assert not [p for p in ui.problems if p.startswith("dialog")], ui.problems
+
+
+def test_markup_in_a_server_description_renders_as_text_in_the_auth_overrides_tab(ui: Ui) -> None:
+    """Names (principals, teams, servers) cannot hold markup (the name rule refuses it): the free-text
+    fields that can are a key's label (above) and a server's description, shown here."""
+    from playwright.sync_api import expect
+
+    refused = ui.gw.world.cli("principals", "add", "<img src=x onerror=alert(1)>")
+    assert refused.returncode != 0 and "name is invalid" in refused.stderr and "Traceback" not in refused.stderr
+    described = ui.gw.world.cli("servers", "update", "linear", "--description", MARKUP)
+    assert described.returncode == 0, described.stderr
+    with ui.screenshot_on_failure():
+        ui.sign_in("mona", manager_key(ui.gw))
+        ui.page.get_by_role("button", name="Auth Overrides").click()
+        ui.page.locator("#overrides").get_by_label("Server", exact=True).select_option("linear")
+        expect(ui.page.locator("#ov-description")).to_have_text(MARKUP)
         assert ui.page.locator("img").count() == 0
         ui.page.wait_for_timeout(300)  # an onerror would have fired by now
     assert not [p for p in ui.problems if p.startswith("dialog")], ui.problems
@@ -348,10 +515,17 @@ def test_a_user_sees_no_admin_controls_and_admin_calls_are_refused(ui: Ui) -> No
         ui.sign_in("bob")
         refused = ui.page.request.get(ui.api("/principals"))
         assert refused.status == 403 and refused.json()["error"]["reason"] == "permission_denied"
-        nav = [b.text_content() for b in ui.page.locator("#nav button").all()]
-        assert nav == ["My servers", "My keys", "Sign out"]
+        nav = [b.text_content() for b in ui.page.locator("#nav button:visible").all()]
+        assert nav == ["My servers", "My keys", "Connect a client", "Sign out"]
         for word in ("Principals", "Teams", "Audit", "Auth Overrides"):
-            assert ui.page.get_by_text(word).count() == 0, word
+            assert ui.page.locator(f"text={word} >> visible=true").count() == 0, word
+        csrf = ui.csrf()
+        manage = ui.api("/manage/servers")
+        for refused in (ui.page.request.get(manage), ui.page.request.get(f"{manage}/github/overrides"),
+                        ui.page.request.put(f"{manage}/github/overrides/dave", data={"values": {"API_KEY": "x"}},
+                                            headers={"X-CSRF-Token": csrf}),
+                        ui.page.request.delete(f"{manage}/github/overrides/alice", headers={"X-CSRF-Token": csrf})):  # fmt: skip
+            assert refused.status == 403 and refused.json()["error"]["reason"] == "permission_denied", refused.text()
 
 
 # (8) ------------------------------------------------------------------------------------------
@@ -395,6 +569,17 @@ def test_every_page_passes_an_automated_accessibility_check(stack: Gateway, brow
             page.get_by_role("button", name="My keys").click()
             expect(page.locator("#key-table tbody tr").first).to_be_visible()
             violations += audit("my keys")
+            page.get_by_role("button", name="Connect a client").click()
+            page.locator("#connect").get_by_label("Server", exact=True).fill("github")
+            page.get_by_role("button", name="Show configuration").click()
+            expect(page.locator("#connect-text")).to_contain_text("mcpServers")
+            violations += audit("connect a client")
+            page.get_by_role("button", name="Sign out").click()
+            expect(page.get_by_label("Gateway key")).to_be_visible()
+            ui.sign_in("mona", manager_key(stack))
+            page.get_by_role("button", name="Auth Overrides").click()
+            expect(page.locator("#ov-status tbody tr").first).to_be_visible()
+            violations += audit("auth overrides")
             assert not violations, "\n".join(violations)
     finally:
         context.close()

@@ -5,6 +5,11 @@
 const API = "/console/api";
 const INDICATORS = { configured: "🟢", missing: "🟡", invalid: "🔴", expired: "⏰" };
 let csrfToken = "";
+// The key made or regenerated last in "My keys", for "Connect a client": only in this module's memory,
+// never in storage or a cookie; forgotten on sign-out and when the page is left.
+let freshKey = "";
+const KEY_SHAPE = /^mgw_[A-Za-z0-9]{32}$/;
+const SECTIONS = ["servers", "keys", "connect", "overrides"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -60,7 +65,9 @@ function when(iso) {
 
 function showSignIn(message = "") {
   csrfToken = "";
-  for (const id of ["nav", "servers", "keys"]) $(id).hidden = true;
+  freshKey = "";
+  ovServer = null;
+  for (const id of ["nav", ...SECTIONS]) $(id).hidden = true;
   $("sign-in").hidden = false;
   $("sign-in-error").textContent = message;
   $("key").focus();
@@ -71,6 +78,9 @@ function signedIn(me) {
   $("sign-in").hidden = true;
   $("nav").hidden = false;
   $("who").textContent = `${me.name} (${me.roles.join(", ")}, team ${me.team})`;
+  // Only a page a role cannot use is hidden: the API's own role checks decide what each call may do.
+  document.querySelector('#nav [data-section="overrides"]').hidden =
+    !me.roles.some((role) => role === "manager" || role === "admin");
   show("servers");
 }
 
@@ -81,10 +91,11 @@ function show(section) {
   }
   $("new-key").hidden = true;
   $("new-key-value").textContent = "";
-  $("servers").hidden = section !== "servers";
-  $("keys").hidden = section !== "keys";
+  for (const id of SECTIONS) $(id).hidden = section !== id;
   notice("");
   if (section === "servers") loadServers().catch(report($("notice")));
+  else if (section === "connect") loadConnect().catch(report($("connect-error")));
+  else if (section === "overrides") loadOverrideServers().catch(report($("ov-error")));
   else loadKeys().catch(report($("keys-error")));
 }
 
@@ -226,6 +237,7 @@ async function loadKeys() {
 }
 
 function showNewKey(secret) {
+  freshKey = KEY_SHAPE.test(secret) ? secret : "";
   $("new-key-value").textContent = secret;
   $("new-key").hidden = false;
 }
@@ -277,17 +289,173 @@ $("create-key-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("copy-key").addEventListener("click", async () => {
-  const text = $("new-key-value").textContent;
+/** Copy a node's text; where the browser refuses the clipboard, select it for a copy by hand. */
+async function copyText(node, what) {
   try {
-    await navigator.clipboard.writeText(text);
-    notice("Copied the new key.");
+    await navigator.clipboard.writeText(node.textContent);
+    notice(`Copied the ${what}.`);
   } catch {
     const range = document.createRange();
-    range.selectNodeContents($("new-key-value"));
+    range.selectNodeContents(node);
     getSelection().removeAllRanges();
     getSelection().addRange(range);
-    notice("Select and copy the key by hand: the browser refused the clipboard.");
+    notice(`Select and copy the ${what} by hand: the browser refused the clipboard.`);
+  }
+}
+
+$("copy-key").addEventListener("click", () => copyText($("new-key-value"), "new key"));
+
+// --- connect a client ---------------------------------------------------------------------------
+
+async function loadConnect() {
+  const { clients, servers } = await call("GET", "/connect/choices");
+  $("connect-origin").textContent = location.origin;
+  $("connect-servers").replaceChildren(...servers.map((name) => el("option", { value: name })));
+  const chosen = $("connect-client").value;
+  $("connect-client").replaceChildren(...clients.map((c) => el("option", { value: c.id }, c.title)));
+  if (chosen) $("connect-client").value = chosen;
+  $("connect-keyed").disabled = !freshKey;
+  $("connect-keyed").checked = Boolean(freshKey);
+  clearConnect();
+}
+
+function clearConnect() {
+  $("connect-result").hidden = true;
+  $("connect-text").textContent = "";
+  $("connect-error").textContent = "";
+}
+
+$("connect-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearConnect();
+  const keyed = $("connect-keyed").checked && KEY_SHAPE.test(freshKey);
+  const query = new URLSearchParams({ server: $("connect-server").value.trim(), client: $("connect-client").value,
+                                      gateway_url: location.origin, keyed: keyed ? "1" : "0" });
+  try {
+    const config = await call("GET", `/connect?${query}`);
+    // The answer never holds the key: the page puts it where key_slot stands (a key is letters, digits and _ only).
+    const text = keyed ? config.text.split(config.key_slot).join(freshKey) : config.text;
+    $("connect-text").textContent = text;
+    $("connect-instruction").textContent = config.instruction;
+    $("connect-file").textContent = config.file ? `Where: ${config.file}` : "A command to run.";
+    $("connect-result").hidden = false;
+  } catch (error) {
+    $("connect-error").textContent = error.message;
+  }
+});
+
+$("copy-connect").addEventListener("click", () => copyText($("connect-text"), "configuration"));
+
+// --- auth overrides (managers and admins) -------------------------------------------------------
+
+const MANAGE = "/manage/servers";
+let ovServer = null; // the chosen server: name, placeholders, description
+
+async function loadOverrideServers() {
+  const { servers } = await call("GET", MANAGE);
+  const select = $("ov-server");
+  const chosen = select.value;
+  select.replaceChildren(...servers.map((s) => el("option", { value: s.name }, s.name)));
+  if (servers.some((s) => s.name === chosen)) select.value = chosen;
+  $("ov-error").textContent = "";
+  if (servers.length === 0) {
+    $("ov-description").textContent = "No server takes credentials.";
+    return;
+  }
+  await loadOverrides();
+}
+
+$("ov-server").addEventListener("change", () => loadOverrides().catch(report($("ov-error"))));
+
+async function loadOverrides() {
+  const name = $("ov-server").value;
+  const { server, overrides, status } = await call("GET", `${MANAGE}/${encodeURIComponent(name)}/overrides`);
+  if (!ovServer || ovServer.name !== server.name) overrideFields(server);
+  ovServer = server;
+  $("ov-description").textContent = server.description;
+  $("ov-table").caption.textContent = `Overrides on ${server.name}`;
+  $("ov-status").caption.textContent = `Credential status on ${server.name}`;
+  const body = $("ov-table").tBodies[0];
+  body.replaceChildren();
+  if (overrides.length === 0) body.append(el("tr", {}, el("td", { colspan: 8 }, "No overrides on this server.")));
+  for (const o of overrides) {
+    const edit = el("button", { type: "button", "aria-label": `Edit the override of ${o.principal}` }, "Edit");
+    const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete the override of ${o.principal}` },
+      "Delete");
+    edit.addEventListener("click", () => {
+      $("ov-principal").value = o.principal;
+      $("ov-expires").value = o.expires_at ? o.expires_at.slice(0, 10) : "";
+      const first = $("ov-fields").querySelector("input");
+      (first || $("ov-principal")).focus();
+      notice(`Editing ${o.principal}'s override on ${server.name}: enter each value again.`);
+    });
+    remove.addEventListener("click", () => deleteOverride(server.name, o.principal));
+    body.append(el("tr", { "data-principal": o.principal },
+      el("td", {}, o.principal), el("td", {}, o.kind),
+      el("td", {}, Object.entries(o.values).map(([k, mask]) => `${k} ${mask}`).join(", ")),
+      el("td", {}, o.updated_by), el("td", {}, when(o.updated_at)),
+      el("td", {}, `${INDICATORS[o.status] || "?"} ${o.status}`, o.status_reason ? ` — ${o.status_reason}` : ""),
+      el("td", {}, when(o.expires_at)), el("td", {}, el("div", { class: "actions" }, edit, remove))));
+  }
+  $("ov-principals").replaceChildren(...status.map((s) => el("option", { value: s.principal })));
+  const rows = $("ov-status").tBodies[0];
+  rows.replaceChildren(...status.map((s) => el("tr", { "data-principal": s.principal, "data-status": s.status },
+    el("td", {}, s.principal), el("td", {}, s.team), el("td", {}, `${s.indicator} ${s.status}`),
+    el("td", {}, { override: "override", shared: "the server's shared value" }[s.source] || "none"),
+    el("td", {}, s.reason || ""))));
+  await loadSummary();
+  return status;
+}
+
+const SUMMARIES = { all: "all configured", some: "some missing", none: "none configured", update: "need updating" };
+
+async function loadSummary() {
+  const { principals } = await call("GET", "/manage/summary");
+  $("ov-summary").tBodies[0].replaceChildren(...principals.map((p) => el("tr", { "data-principal": p.principal,
+      "data-summary": p.summary },
+    el("td", {}, p.principal), el("td", {}, `${p.indicator} ${SUMMARIES[p.summary] || p.summary}`),
+    el("td", {}, Object.entries(p.servers).map(([server, status]) => `${server} ${INDICATORS[status] || "?"}`).join(", ")))));
+}
+
+/** The form's value fields, from the server's placeholders (required and optional marked). */
+function overrideFields(server) {
+  $("ov-fields").replaceChildren(...server.placeholders.flatMap((p, i) => [
+    el("label", { for: `ov-value-${i}` }, p.name, " ", el("span", {}, p.required ? "(required)" : "(optional)")),
+    el("input", { id: `ov-value-${i}`, name: p.name, type: "password", autocomplete: "off", spellcheck: "false",
+                  required: p.required }),
+  ]));
+}
+
+async function deleteOverride(server, principal) {
+  $("ov-error").textContent = "";
+  try {
+    await call("DELETE", `${MANAGE}/${encodeURIComponent(server)}/overrides/${encodeURIComponent(principal)}`);
+    const status = await loadOverrides();
+    const row = status.find((s) => s.principal === principal);
+    const fallback = row && row.source === "shared" ? "its shared value"
+      : `none, so ${principal}'s status is ${row ? row.status : "missing"}`;
+    notice(`Deleted ${principal}'s override on ${server}: ${principal} falls back to the server's default (${fallback}).`);
+  } catch (error) {
+    $("ov-error").textContent = error.message;
+  }
+}
+
+$("ov-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("ov-error").textContent = "";
+  const server = $("ov-server").value;
+  const principal = $("ov-principal").value.trim();
+  const values = {};
+  for (const input of $("ov-fields").querySelectorAll("input")) if (input.value) values[input.name] = input.value;
+  const expires = $("ov-expires").value;
+  try {
+    await call("PUT", `${MANAGE}/${encodeURIComponent(server)}/overrides/${encodeURIComponent(principal)}`,
+               { values, expires_at: expires ? `${expires}T23:59:59Z` : "" });
+    event.target.reset();
+    await loadOverrides();
+    notice(`Saved ${principal}'s override on ${server}.`);
+  } catch (error) {
+    $("ov-error").textContent = error.message;
   }
 });
 

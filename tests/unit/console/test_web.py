@@ -4,6 +4,7 @@ headers, the body bound, and that the use cases' own role checks decide."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from authz_server.admin.policy import Actor
 from authz_server.admin.service import AdminService
 from authz_server.config import Settings
 from authz_server.console.sessions import Sessions
-from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, MAX_BODY, Console, create_app
+from authz_server.console import clients
+from authz_server.console.web import COOKIE, CSP, CSRF_HEADER, KEY_SLOT, MAX_BODY, Console, create_app, summarize
 from authz_server.crypto.cipher import Keyring
 from authz_server.crypto.keys import KeyHasher
+from authz_server.models import Secret
 from authz_server.pipeline.authn import KeyExtractor
 from authz_server.store.memory import MemoryStore
 
@@ -287,3 +290,119 @@ async def test_an_unexpected_failure_is_a_plain_500_without_details(rig: Rig, mo
     assert await reply.json() == {"error": {"reason": "internal",
                                             "message": "The console failed; operators see the sidecar's log."}}
     assert "internal detail" in caplog.text  # for operators, in the log
+
+
+async def test_connect_a_client_generates_each_clients_text_without_ever_a_key(rig: Rig) -> None:
+    await rig.sign_in("alice")
+    choices = await (await rig.client.get("/console/api/connect/choices")).json()
+    assert [c["id"] for c in choices["clients"]] == list(clients.CLIENTS) and choices["servers"] == ["github"]
+    assert choices["clients"][0]["title"] == "Claude Desktop (through mcp-remote)"
+    gateway = "http://127.0.0.1:10000"
+    for client in clients.CLIENTS:
+        reply = await rig.client.get("/console/api/connect", params={"server": "github", "client": client,
+                                                                     "gateway_url": gateway})  # fmt: skip
+        assert reply.status == 200, await reply.text()
+        plain = await reply.json()
+        assert plain == {**clients.generate(gateway, "github", client).to_json(), "client": client,
+                         "title": plain["title"], "key_slot": None}  # fmt: skip
+        keyed = await (await rig.client.get("/console/api/connect", params={
+            "server": "github", "client": client, "gateway_url": gateway, "keyed": "1"})).json()  # fmt: skip
+        assert keyed["key_slot"] == KEY_SLOT and KEY_SLOT in keyed["text"]
+        # The page's substitution gives exactly what the generator gives with the real key.
+        real = rig.keys["alice"]
+        assert keyed["text"].replace(KEY_SLOT, real) == clients.generate(gateway, "github", client, Secret(real)).text
+    desktop = await (await rig.client.get("/console/api/connect", params={
+        "server": "github", "client": "claude-desktop", "gateway_url": gateway, "keyed": "1"})).json()  # fmt: skip
+    env = json.loads(desktop["text"].replace(KEY_SLOT, rig.keys["alice"]))["mcpServers"]["github"]["env"]
+    assert env == {clients.AUTH_ENV: f"Bearer {rig.keys['alice']}"}
+
+
+@pytest.mark.parametrize(("params", "status"), [
+    ({"server": "nosuch", "client": "cursor", "gateway_url": "http://127.0.0.1:1"}, 404),
+    ({"server": "Bad Name!", "client": "cursor", "gateway_url": "http://127.0.0.1:1"}, 400),
+    ({"server": "github", "client": "emacs", "gateway_url": "http://127.0.0.1:1"}, 400),
+    ({"server": "github", "client": "cursor", "gateway_url": "javascript:alert(1)"}, 400),
+    ({"server": "github", "client": "cursor", "gateway_url": "http://h/x?a=\"b"}, 400),
+    ({"server": "github", "client": "cursor"}, 400),
+])  # fmt: skip
+async def test_connect_refuses_bad_input_in_one_json_error(rig: Rig, params: dict[str, str], status: int) -> None:
+    await rig.sign_in("alice")
+    reply = await rig.client.get("/console/api/connect", params=params)
+    assert reply.status == status
+    assert (await reply.json())["error"]["message"]
+
+
+async def test_connect_needs_a_session(rig: Rig) -> None:
+    for path in ("/console/api/connect?server=github&client=curl", "/console/api/connect/choices"):
+        assert (await rig.client.get(path)).status == 401
+
+
+async def _manager(rig: Rig) -> str:
+    """A manager, `mona`, signed in; returns the CSRF token."""
+    await rig.sidecar.admin.add_principal(OP, "mona", "eng", ["manager"])
+    rig.keys["mona"] = (await rig.sidecar.admin.create_key(OP, "mona", "laptop"))[1].reveal()
+    await rig.sync()
+    return await rig.sign_in("mona")
+
+
+async def test_a_manager_adds_edits_and_deletes_an_override_for_another_user(rig: Rig) -> None:
+    csrf = await _manager(rig)
+    servers = (await (await rig.client.get("/console/api/manage/servers")).json())["servers"]
+    assert [(s["name"], s["placeholders"]) for s in servers] == [
+        ("github", [{"name": "API_KEY", "required": True}, {"name": "ORG", "required": False}])]
+    url = "/console/api/manage/servers/github/overrides"
+
+    async def table() -> dict[str, Any]:
+        reply = await rig.client.get(url)
+        assert reply.status == 200, await reply.text()
+        return dict(await reply.json())
+
+    before = await table()
+    assert before["overrides"] == [] and before["server"]["name"] == "github"
+    assert {(s["principal"], s["status"], s["indicator"]) for s in before["status"]} >= {("alice", "missing", "🟡")}
+    assert "admin" not in {s["principal"] for s in before["status"]}  # an admin outranks a manager
+    secret = "ghp_setByTheManager0123456789"
+    put = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret}, "expires_at": "2099-01-01T00:00:00Z"},
+                               headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert put.status == 200, await put.text()
+    assert_no_key(await put.text(), secret)
+    after = await table()
+    (row,) = after["overrides"]
+    assert (row["principal"], row["updated_by"], row["status"]) == ("alice", "mona", "configured")
+    assert row["values"]["API_KEY"].endswith(secret[-4:]) and secret not in json.dumps(after)
+    assert row["expires_at"].startswith("2099-01-01")
+    assert ("alice", "configured", "override") in {(s["principal"], s["status"], s["source"]) for s in after["status"]}
+    summary = (await (await rig.client.get("/console/api/manage/summary")).json())["principals"]
+    assert {"principal": "alice", "servers": {"github": "configured"}, "summary": "all", "indicator": "✅"} in summary
+    edited = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret, "ORG": "acme"}},
+                                  headers={CSRF_HEADER: csrf})  # fmt: skip
+    assert edited.status == 200
+    assert set((await table())["overrides"][0]["values"]) == {"API_KEY", "ORG"}
+    assert (await rig.client.delete(f"{url}/alice", headers={CSRF_HEADER: csrf})).status == 200
+    gone = await table()
+    assert gone["overrides"] == [] and ("alice", "missing") in {(s["principal"], s["status"]) for s in gone["status"]}
+    no_csrf = await rig.client.put(f"{url}/alice", json={"values": {"API_KEY": secret}})
+    assert no_csrf.status == 403
+    admins = await rig.client.put(f"{url}/admin", json={"values": {"API_KEY": secret}}, headers={CSRF_HEADER: csrf})
+    assert admins.status == 403  # never an override of someone who outranks the manager
+
+
+async def test_a_user_gets_403_from_the_auth_overrides_endpoints(rig: Rig) -> None:
+    csrf = await rig.sign_in("alice")
+    url = "/console/api/manage/servers"
+    for reply in (await rig.client.get(url), await rig.client.get("/console/api/manage/summary"),
+                  await rig.client.get(f"{url}/github/overrides"),
+                  await rig.client.put(f"{url}/github/overrides/admin", json={"values": {"API_KEY": "x"}},
+                                       headers={CSRF_HEADER: csrf}),
+                  await rig.client.delete(f"{url}/github/overrides/admin", headers={CSRF_HEADER: csrf})):  # fmt: skip
+        assert reply.status == 403, await reply.text()
+        assert (await reply.json())["error"]["reason"] == "permission_denied"
+
+
+@pytest.mark.parametrize(("statuses", "summary"), [
+    ({"a": "configured", "b": "configured"}, "all"), ({}, "all"), ({"a": "configured", "b": "missing"}, "some"),
+    ({"a": "missing", "b": "missing"}, "none"), ({"a": "configured", "b": "expired"}, "update"),
+    ({"a": "missing", "b": "invalid"}, "update"),
+])  # fmt: skip
+def test_a_principals_summary_across_servers(statuses: dict[str, str], summary: str) -> None:
+    assert summarize(statuses)["summary"] == summary
