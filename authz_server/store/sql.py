@@ -98,6 +98,13 @@ def load_migrations(dialect: str) -> list[tuple[int, str]]:
     return found
 
 
+async def _update(tx: Tx, table: str, columns: Sequence[str], values: dict[str, Any], key: str, at: Any) -> int:
+    """UPDATE `columns` (from `values`) of the row of `table` whose `key` column is `at`; rows changed."""
+    return await tx.execute(
+        f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in columns)} WHERE {key} = ?", *(values[c] for c in columns), at
+    )
+
+
 def append_once(columns: Sequence[str]) -> str:
     """The append-only tables keep one row per record uid (migration 0004): a write-behind batch
     written again after an outage, or replayed from the spool, adds nothing it added before."""
@@ -324,12 +331,7 @@ class SqlStore(abc.ABC):
                 raise NotFound(f"There is no team named {principal.team!r}.")
             values = dict(zip(PRINCIPAL_COLUMNS, self._codec.encode_principal(principal), strict=True))
             columns = ("kind", "team", "roles", "rate_limit_per_minute")
-            changed = await tx.execute(
-                f"UPDATE principals SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-                *(values[c] for c in columns),
-                principal.id,
-            )
-            if not changed:
+            if not await _update(tx, "principals", columns, values, "id", principal.id):
                 raise NotFound(f"There is no principal with id {principal.id!r}.")
             await self._log(tx, Entity.PRINCIPAL, principal.id)
             return await self._must(self._principal(tx, principal.id))
@@ -377,12 +379,7 @@ class SqlStore(abc.ABC):
         values = dict(zip(SERVER_COLUMNS, self._codec.encode_server(server), strict=True))
         columns = [c for c in SERVER_COLUMNS if c not in ("name", "created_at")]
         async with self._write() as tx:
-            changed = await tx.execute(
-                f"UPDATE servers SET {', '.join(f'{c} = ?' for c in columns)} WHERE name = ?",
-                *(values[c] for c in columns),
-                server.name,
-            )
-            if not changed:
+            if not await _update(tx, "servers", columns, values, "name", server.name):
                 raise NotFound(f"There is no server named {server.name!r}.")
             await self._log(tx, Entity.SERVER, server.name)
             return await self._must(self._server(tx, server.name))
