@@ -202,7 +202,7 @@ class Settings:
             return Path(self.store_url[len("sqlite:///"):] + ".spool")
         if self.store_url.startswith(("postgres://", "postgresql://")):
             parts = urlsplit(self.store_url)
-            where = f"{parts.hostname}:{parts.port}{parts.path}?{parts.query}"  # no user or password
+            where = f"{parts.netloc.rpartition('@')[2].lower()}{parts.path}?{parts.query}"  # no user or password
             try:
                 state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
             except RuntimeError:  # no home directory: set MCP_AUTHZ_SPOOL_DIR

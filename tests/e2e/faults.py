@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .harness import LOOPBACK, LoopServer
@@ -75,9 +76,11 @@ class FaultProxy(LoopServer):
     def restore(self) -> None:
         self._call(self._restore)
 
-    def _call(self, fn: object) -> None:
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the proxy's loop and wait for it."""
+
         async def run() -> None:
-            fn()  # type: ignore[operator]
+            fn()
 
         asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
